@@ -1,0 +1,1406 @@
+"""One self-contained HTML report of a CST integrity run (research use only).
+
+Plain functions, no Nipype.  Figures are drawn with matplotlib's Agg canvas
+(no pyplot, so no global backend state is touched) and embedded as base64 PNG
+data URIs; the CSS is inline; the page needs no JavaScript, no network and no
+external font.
+
+Everything spatial is done in world RAS+ millimetres: image slices are
+resampled on a world-aligned grid through the inverse affine, so the figures
+are correct whatever the storage orientation of the FA image (LAS, RAS,
+oblique).  Slices are shown in the neurological convention: the subject's
+left is on the left of the image.
+
+Public functions
+----------------
+write_report(out_html, *, metrics, profiles_tsv, fa_file, tract_files, mask_file=None,
+             rois_file=None) -> Path
+plot_tract_slices(fa_img, streamlines, *, center, peak=None, ...) -> Figure
+plot_profiles(profiles, *, metric="fa", segments=(), peak_node=None, ...) -> Figure
+plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, ...) -> Figure
+plot_diffusivity_profiles(profiles, *, metrics=("md", "rd", "ad"), ...) -> Figure
+plot_mask_overlay(fa_img, mask_img, ...) -> Figure
+plot_roi_overlay(fa_img, rois_img, ...) -> Figure
+figure_to_data_uri(fig) -> str
+sample_world_slice(img, plane, position, extent, *, step=1.0, order=1) -> ndarray
+read_profiles_tsv(path) -> dict
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from scipy import ndimage
+
+from . import __version__
+
+LOGGER = logging.getLogger(__name__)
+
+#: Tract colours (Okabe-Ito, colour-blind safe); both stand out from a grey FA map.
+COLORS = {"left": "#E69F00", "right": "#0072B2"}
+PEAK_COLOR = "#D7191C"
+SEGMENT_COLOR = "#D7191C"
+TRACT_NAMES = {"left": "CST_L", "right": "CST_R"}
+SIDES = ("left", "right")
+
+LEVELS = ("medulla", "pons", "cerebral_peduncle", "internal_capsule", "corona_radiata",
+          "cortex")
+LEVEL_COLORS = {"medulla": "#c6dbef", "pons": "#c7e9c0", "cerebral_peduncle": "#fdd0a2",
+                "internal_capsule": "#dadaeb", "corona_radiata": "#fff2ae",
+                "cortex": "#d9d9d9"}
+LEVEL_SHORT = {"medulla": "medulla", "pons": "pons", "cerebral_peduncle": "peduncle",
+               "internal_capsule": "int. capsule", "corona_radiata": "corona rad.",
+               "cortex": "cortex"}
+
+ROI_LABELS = {1: "motor_L", 2: "motor_R", 3: "plic_L", 4: "plic_R", 5: "peduncle_L",
+              6: "peduncle_R", 7: "pons_L", 8: "pons_R"}
+
+#: Axes of each display plane: (horizontal world axis, vertical world axis, fixed axis).
+#: Horizontal axes increase to the right, so the subject's left (-x) is on the image
+#: left (neurological convention) and anterior (+y) is on the right of sagittal views.
+PLANES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+_AXIS_NAME = "xyz"
+_ORIENT = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
+
+REFERENCES = {
+    "garyfallidis2014": ("Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the "
+                         "analysis of diffusion MRI data. Front Neuroinform 2014;8:8. "
+                         "doi:10.3389/fninf.2014.00008"),
+    "veraart2016": ("Veraart J, Novikov DS, Christiaens D, Ades-Aron B, Sijbers J, Fieremans E. "
+                    "Denoising of diffusion MRI using random matrix theory. NeuroImage "
+                    "2016;142:394–406. doi:10.1016/j.neuroimage.2016.08.016"),
+    "avants2008": ("Avants BB, Epstein CL, Grossman M, Gee JC. Symmetric diffeomorphic image "
+                   "registration with cross-correlation: evaluating automated labeling of "
+                   "elderly and neurodegenerative brain. Med Image Anal 2008;12:26–41. "
+                   "doi:10.1016/j.media.2007.06.004"),
+    "yeatman2012": ("Yeatman JD, Dougherty RF, Myall NJ, Wandell BA, Feldman HM. Tract profiles "
+                    "of white matter properties: automating fiber-tract quantification. PLoS One "
+                    "2012;7:e49790. doi:10.1371/journal.pone.0049790"),
+    "stinear2007": ("Stinear CM, Barber PA, Smale PR, Coxon JP, Fleming MK, Byblow WD. "
+                    "Functional potential in chronic stroke patients depends on corticospinal "
+                    "tract integrity. Brain 2007;130:170–180. doi:10.1093/brain/awl333"),
+    "stinear2012": ("Stinear CM, Barber PA, Petoe M, Anwar S, Byblow WD. The PREP algorithm "
+                    "predicts potential for upper limb recovery after stroke. Brain "
+                    "2012;135:2527–2535. doi:10.1093/brain/aws146"),
+}
+
+DISCLAIMER = ("Research use only — not a medical device. Not for diagnosis or treatment "
+              "decisions.")
+
+_DPI = 110
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+def _esc(value) -> str:
+    """HTML-escape anything (``None`` → empty string)."""
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def _get(mapping, *keys, default=None):
+    """Nested ``dict.get`` that tolerates missing levels and non-dict values."""
+    current = mapping
+    for key in keys:
+        if not isinstance(current, dict) or key not in current:
+            return default
+        current = current[key]
+    return default if current is None else current
+
+
+def _num(value):
+    """float, or NaN for None / 'n/a' / anything not a number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def _fmt_num(value, digits=3) -> str:
+    value = _num(value)
+    if not math.isfinite(value):
+        return "n/a"
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+        return f"{value:.{digits}g}"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def _fmt_mm(value) -> str:
+    value = _num(value)
+    if not math.isfinite(value):
+        return "?"
+    value = round(value, 1)
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _fmt_value(value) -> str:
+    """Human string for a table cell (numbers compact, lists joined)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return _fmt_num(value, 4)
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (int, float, str, bool, type(None), np.generic)) for v in value):
+            shown = ", ".join(_fmt_value(v) for v in value[:12])
+            return f"[{shown}{', …' if len(value) > 12 else ''}]" + (
+                f" ({len(value)} values)" if len(value) > 12 else "")
+        return json.dumps(value, default=str)[:400]
+    return str(value)
+
+
+def _flatten(obj, prefix="") -> list[tuple[str, object]]:
+    """Nested dict → [(dotted key, leaf value)]."""
+    rows = []
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            rows.append((prefix, "{}"))
+        for key, value in obj.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                rows.extend(_flatten(value, name))
+            else:
+                rows.append((name, value))
+    else:
+        rows.append((prefix or "value", obj))
+    return rows
+
+
+def _kv_table(rows, *, headers=("Key", "Value"), css="kv") -> str:
+    if not rows:
+        return '<p class="muted">(none)</p>'
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt_value(v))}</td></tr>"
+                   for k, v in rows)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+_ACRONYMS = {"umn": "UMN", "lmn": "LMN", "plic": "PLIC", "prep": "PREP", "cst": "CST",
+             "fa": "FA", "mep": "MEP", "qc": "QC"}
+
+
+def _humanise(text) -> str:
+    """'umn_damage_plic_asymmetry' → 'UMN damage PLIC asymmetry'."""
+    words = ("" if text is None else str(text)).replace("_", " ").split()
+    words = [_ACRONYMS.get(w.lower(), w) for w in words]
+    if words and words[0] == words[0].lower():
+        words[0] = words[0][:1].upper() + words[0][1:]
+    return " ".join(words)
+
+
+def _new_figure(width, height) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_to_data_uri(fig, *, dpi=_DPI) -> str:
+    """Render a matplotlib Figure (Agg) to a ``data:image/png;base64,…`` URI."""
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor=fig.get_facecolor(),
+                bbox_inches="tight", pad_inches=0.08)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------
+# Loading inputs (never raise: return None plus a note)
+# --------------------------------------------------------------------------------------
+
+def _load_image(path, what, notes):
+    if path is None:
+        notes.append(f"No {what} was given.")
+        return None
+    path = Path(path)
+    if not path.exists():
+        notes.append(f"The {what} file is missing: {path.name}.")
+        return None
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) < 3:
+            raise ValueError(f"expected a 3D image, got shape {img.shape}")
+        return img
+    except Exception as exc:  # noqa: BLE001 - report must render regardless
+        notes.append(f"The {what} file could not be read ({path.name}: {exc}).")
+        return None
+
+
+def _volume(img, dtype=np.float32):
+    data = np.asanyarray(img.dataobj)
+    while data.ndim > 3:
+        data = data[..., 0]
+    return np.asarray(data, dtype=dtype)
+
+
+def _load_tracts(tract_files, notes):
+    """{side: list of (n, 3) float arrays in world RAS mm}, and {side: count or None}."""
+    tract_files = tract_files or {}
+    streamlines, counts = {}, {}
+    for side in SIDES:
+        name = TRACT_NAMES[side]
+        path = next((tract_files[k] for k in (side, name, side[0].upper()) if k in tract_files),
+                    None)
+        streamlines[side], counts[side] = [], None
+        if path is None:
+            notes.append(f"No {side} tract file ({name}) was given.")
+            continue
+        path = Path(path)
+        if not path.exists():
+            notes.append(f"The {side} tract file ({name}) is missing: {path.name}.")
+            continue
+        try:
+            # ``.streamlines`` are in world RAS mm (nibabel applies the file's affine).
+            streamlines[side] = nib.streamlines.load(str(path)).streamlines
+            counts[side] = len(streamlines[side])
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"The {side} tract file ({name}) could not be read "
+                         f"({path.name}: {exc}).")
+            continue
+        if counts[side] == 0:
+            notes.append(f"The {side} tract ({name}) has 0 streamlines.")
+    return streamlines, counts
+
+
+def read_profiles_tsv(path) -> dict:
+    """Read the profiles TSV.
+
+    Returns
+    -------
+    dict side → dict with ``node`` (int array), ``fa, md, rd, ad, x, y, z`` (float
+    arrays, NaN where 'n/a') and ``level`` (list of str or None), sorted by node.
+    Sides absent from the file are absent from the dict.
+    """
+    by_tract = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            by_tract.setdefault((row.get("tract") or "").strip(), []).append(row)
+    profiles = {}
+    for side in SIDES:
+        rows = by_tract.get(TRACT_NAMES[side])
+        if not rows:
+            continue
+        rows.sort(key=lambda r: int(_num(r.get("node")) if math.isfinite(_num(r.get("node")))
+                                    else 0))
+        prof = {"node": np.array([int(_num(r.get("node")) if math.isfinite(_num(r.get("node")))
+                                      else i) for i, r in enumerate(rows)])}
+        for column in ("fa", "md", "rd", "ad", "x", "y", "z"):
+            prof[column] = np.array([_num(r.get(column)) for r in rows], dtype=float)
+        levels = []
+        for r in rows:
+            level = (r.get("level") or "").strip()
+            levels.append(None if level in ("", "n/a", "None", "nan") else level)
+        prof["level"] = levels
+        profiles[side] = prof
+    return profiles
+
+
+# --------------------------------------------------------------------------------------
+# World-space geometry
+# --------------------------------------------------------------------------------------
+
+def _world_bbox(img, data=None, threshold=0.0):
+    """(3, 2) world RAS mm bounding box of voxels above ``threshold`` (whole grid if none)."""
+    shape = np.array(img.shape[:3])
+    lo, hi = np.zeros(3), shape - 1.0
+    if data is not None:
+        nz = data > threshold
+        if nz.any():
+            for axis in range(3):
+                other = tuple(a for a in range(3) if a != axis)
+                idx = np.nonzero(nz.any(axis=other))[0]
+                lo[axis], hi[axis] = idx[0], idx[-1]
+    corners = np.array([[i, j, k] for i in (lo[0], hi[0]) for j in (lo[1], hi[1])
+                        for k in (lo[2], hi[2])])
+    world = nib.affines.apply_affine(img.affine, corners)
+    return np.stack([world.min(axis=0), world.max(axis=0)], axis=1)
+
+
+def sample_world_slice(img, plane, position, extent, *, step=1.0, order=1, data=None):
+    """Resample a 3D image on a world-aligned plane.
+
+    Parameters
+    ----------
+    img : nibabel image (any storage orientation, possibly oblique)
+    plane : 'axial' | 'coronal' | 'sagittal'
+    position : float, world mm of the fixed axis (z, y or x)
+    extent : (h_min, h_max, v_min, v_max) world mm of the horizontal and vertical
+        display axes (x,y for axial; x,z coronal; y,z sagittal)
+    step : grid spacing in mm
+    order : interpolation order (0 for labels)
+    data : optional 3D array to sample instead of the image's data (same grid)
+
+    Returns
+    -------
+    ndarray (n_vertical, n_horizontal); row 0 at ``v_min`` and column 0 at
+    ``h_min`` (draw with ``origin='lower'`` and ``extent``).  Outside the image: 0.
+    """
+    h_axis, v_axis, f_axis = PLANES[plane]
+    h_min, h_max, v_min, v_max = extent
+    hs = np.arange(h_min, h_max + step / 2, step)
+    vs = np.arange(v_min, v_max + step / 2, step)
+    hh, vv = np.meshgrid(hs, vs)  # (n_v, n_h)
+    world = np.zeros((hh.size, 3))
+    world[:, h_axis] = hh.ravel()
+    world[:, v_axis] = vv.ravel()
+    world[:, f_axis] = position
+    voxel = nib.affines.apply_affine(np.linalg.inv(img.affine), world).T
+    volume = _volume(img) if data is None else data
+    values = ndimage.map_coordinates(volume, voxel, order=order, mode="constant", cval=0.0,
+                                     prefilter=False)
+    return values.reshape(hh.shape)
+
+
+def _all_points(streamlines):
+    if streamlines is None or len(streamlines) == 0:
+        return np.zeros((0, 3), dtype=np.float32)
+    if isinstance(streamlines, nib.streamlines.ArraySequence):
+        return np.asarray(streamlines.get_data(), dtype=np.float32).reshape(-1, 3)
+    return np.concatenate([np.asarray(s, dtype=np.float32).reshape(-1, 3)
+                           for s in streamlines], axis=0)
+
+
+def project_points(points, plane, position, slab_mm):
+    """Points within ±``slab_mm`` of the plane → (n, 2) display coordinates (world mm).
+
+    Horizontal coordinate first; for axial/coronal it is world x, so the subject's
+    left (negative x) lies on the left of the display (neurological convention).
+    """
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    h_axis, v_axis, f_axis = PLANES[plane]
+    keep = np.abs(points[:, f_axis] - position) <= slab_mm
+    return points[keep][:, [h_axis, v_axis]]
+
+
+def _display_step(bbox, max_pixels=400):
+    span = float(np.max(bbox[:, 1] - bbox[:, 0]))
+    return max(1.0, span / max_pixels)
+
+
+def _voxel_step(img):
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    return float(np.clip(zooms.min(), 0.5, 2.0))
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+def _orientation_labels(ax, plane, color="white"):
+    h_axis, v_axis, _ = PLANES[plane]
+    style = dict(color=color, fontsize=11, fontweight="bold", transform=ax.transAxes,
+                 ha="center", va="center")
+    ax.text(0.035, 0.5, _ORIENT[h_axis][0], **style)
+    ax.text(0.965, 0.5, _ORIENT[h_axis][1], **style)
+    ax.text(0.5, 0.04, _ORIENT[v_axis][0], **style)
+    ax.text(0.5, 0.96, _ORIENT[v_axis][1], **style)
+
+
+def _panel_extent(bbox, plane, margin=4.0):
+    h_axis, v_axis, _ = PLANES[plane]
+    return (bbox[h_axis, 0] - margin, bbox[h_axis, 1] + margin,
+            bbox[v_axis, 0] - margin, bbox[v_axis, 1] + margin)
+
+
+def _draw_slice(ax, img, plane, position, extent, *, step, data=None, cmap="gray",
+                vmin=0.0, vmax=1.0):
+    if img is None:
+        ax.set_facecolor("black")
+        ax.text(0.5, 0.13, "no FA image", transform=ax.transAxes, ha="center", color="#bbb",
+                fontsize=8)
+        return None
+    slab = sample_world_slice(img, plane, position, extent, step=step, data=data)
+    ax.imshow(slab, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", extent=extent,
+              interpolation="bilinear", aspect="equal")
+    return slab
+
+
+def _style_panel(ax, plane, position, extent):
+    h_axis, v_axis, f_axis = PLANES[plane]
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_facecolor("black")
+    ax.set_title(f"{plane.capitalize()}  {_AXIS_NAME[f_axis]} = {_fmt_mm(position)} mm",
+                 fontsize=10)
+    _orientation_labels(ax, plane)
+
+
+def _mark_peak(ax, plane, peak):
+    if peak is None:
+        return
+    h_axis, v_axis, _ = PLANES[plane]
+    ax.plot([peak[h_axis]], [peak[v_axis]], marker="o", markersize=13, markerfacecolor="none",
+            markeredgecolor=PEAK_COLOR, markeredgewidth=2.0, zorder=6)
+    ax.plot([peak[h_axis]], [peak[v_axis]], marker="+", markersize=8, color=PEAK_COLOR,
+            markeredgewidth=1.5, zorder=6)
+
+
+def plot_tract_slices(fa_img, streamlines, *, center, peak=None, slab_mm=4.0,
+                      planes=("axial", "coronal", "sagittal"), sagittal_x=None,
+                      bbox=None, max_points=30000, title=None) -> Figure:
+    """FA slices through ``center`` (world RAS mm) with both CSTs overlaid.
+
+    Parameters
+    ----------
+    fa_img : nibabel image or None (then a black background)
+    streamlines : dict side → sequence of (n, 3) arrays in world RAS mm
+    center : (3,) world mm; the axial plane is at ``center[2]``, coronal at
+        ``center[1]``, sagittal at ``center[0]`` (or ``sagittal_x`` if given)
+    peak : (3,) world mm or None; drawn as a red ring
+    slab_mm : streamline points within ± this distance of a plane are drawn
+    planes : which panels, in order
+    bbox : (3, 2) world-mm display box (default: non-zero FA plus the tracts)
+
+    Notes
+    -----
+    Each panel's data coordinates are world millimetres (horizontal: x for
+    axial/coronal, y for sagittal), increasing to the right: neurological
+    convention, subject left on the image left.  ``fig.axes[i]`` is the panel
+    for ``planes[i]``.
+    """
+    center = np.asarray(center, dtype=float)
+    points = {side: _all_points(streamlines.get(side, [])) for side in SIDES}
+    fa_data = _volume(fa_img) if fa_img is not None else None
+    if bbox is None:
+        boxes = []
+        if fa_img is not None:
+            boxes.append(_world_bbox(fa_img, fa_data, threshold=0.02))
+        for pts in points.values():
+            if len(pts):
+                boxes.append(np.stack([pts.min(axis=0), pts.max(axis=0)], axis=1))
+        if peak is not None:
+            boxes.append(np.stack([np.asarray(peak, float)] * 2, axis=1))
+        if not boxes:
+            boxes.append(np.stack([center - 60, center + 60], axis=1))
+        boxes = np.stack(boxes)
+        bbox = np.stack([boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)], axis=1)
+        if fa_img is None:  # no brain to frame the tracts: show at least a brain-sized box
+            mid, half = bbox.mean(axis=1), np.maximum((bbox[:, 1] - bbox[:, 0]) / 2, 70.0)
+            bbox = np.stack([mid - half, mid + half], axis=1)
+    bbox = np.asarray(bbox, dtype=float)
+    step = min(_voxel_step(fa_img) if fa_img is not None else 1.0, 2.0)
+    step = max(step, _display_step(bbox))
+
+    widths = []
+    for plane in planes:
+        h_axis, v_axis, _ = PLANES[plane]
+        widths.append((bbox[h_axis, 1] - bbox[h_axis, 0] + 8) /
+                      max(bbox[v_axis, 1] - bbox[v_axis, 0] + 8, 1))
+    fig = _new_figure(max(3.2 * sum(widths), 3.5) + 0.4, 3.8)
+    fig.set_facecolor("white")
+    gs = fig.add_gridspec(1, len(planes), width_ratios=widths, wspace=0.04)
+    rng = np.random.default_rng(0)
+    for i, plane in enumerate(planes):
+        ax = fig.add_subplot(gs[0, i])
+        _, _, f_axis = PLANES[plane]
+        position = float(center[f_axis])
+        if plane == "sagittal" and sagittal_x is not None:
+            position = float(sagittal_x)
+        extent = _panel_extent(bbox, plane)
+        _draw_slice(ax, fa_img, plane, position, extent, step=step, data=fa_data)
+        for side in SIDES:
+            xy = project_points(points[side], plane, position, slab_mm)
+            if len(xy) > max_points:
+                xy = xy[rng.choice(len(xy), max_points, replace=False)]
+            if len(xy):
+                ax.scatter(xy[:, 0], xy[:, 1], s=2.0, c=COLORS[side], alpha=0.55,
+                           linewidths=0, zorder=4, rasterized=True)
+        _mark_peak(ax, plane, peak)
+        _style_panel(ax, plane, position, extent)
+    handles = [Line2D([], [], marker="o", linestyle="", color=COLORS[s], markersize=7,
+                      label=f"{TRACT_NAMES[s]} ({s})") for s in SIDES]
+    if peak is not None:
+        handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none",
+                              markeredgecolor=PEAK_COLOR, markeredgewidth=2, markersize=9,
+                              label="peak"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               fontsize=9, bbox_to_anchor=(0.5, -0.01))
+    fig.text(0.5, 0.965 if title else 0.985,
+             "Neurological convention: subject left on image left", ha="center",
+             va="top", fontsize=8, color="#555")
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.04)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+    return fig
+
+
+def _level_runs(levels):
+    """[(level, first node, last node)] runs of equal level (None kept as a run)."""
+    runs = []
+    for i, level in enumerate(levels):
+        if runs and runs[-1][0] == level:
+            runs[-1][2] = i
+        else:
+            runs.append([level, i, i])
+    return [tuple(r) for r in runs]
+
+
+def _shade_levels(ax, levels, nodes, *, alpha=0.35, annotate=True):
+    if not levels:
+        return
+    for level, first, last in _level_runs(levels):
+        if level is None:
+            continue
+        x0, x1 = nodes[first] - 0.5, nodes[last] + 0.5
+        ax.axvspan(x0, x1, color=LEVEL_COLORS.get(level, "#eeeeee"), alpha=alpha, lw=0,
+                   zorder=0)
+        if annotate:
+            width = x1 - x0
+            label = LEVEL_SHORT.get(level, str(level).replace("_", " "))
+            rotate = width < 9
+            ax.text((x0 + x1) / 2, 0.985, label, transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=7, color="#333",
+                    rotation=90 if rotate else 0, clip_on=True)
+
+
+def _shade_segments(ax, segments, *, label=True):
+    used = False
+    for seg in segments or ():
+        start, end = _num(seg.get("start_node")), _num(seg.get("end_node"))
+        if not (math.isfinite(start) and math.isfinite(end)):
+            continue
+        ax.axvspan(start - 0.5, end + 0.5, facecolor=SEGMENT_COLOR, alpha=0.13,
+                   edgecolor=SEGMENT_COLOR, hatch="///", lw=0.0, zorder=1,
+                   label="detected segment" if (label and not used) else None)
+        used = True
+    return used
+
+
+def _band_levels(profiles):
+    """Per-node level names for the background bands: left tract's, filled from the right."""
+    left = (profiles.get("left") or {}).get("level")
+    right = (profiles.get("right") or {}).get("level")
+    if left is None and right is None:
+        return None
+    n = max(len(left or []), len(right or []))
+    out = []
+    for i in range(n):
+        value = left[i] if left is not None and i < len(left) else None
+        if value is None and right is not None and i < len(right):
+            value = right[i]
+        out.append(value)
+    return out
+
+
+def _node_axis(ax):
+    ax.set_xlabel("Node (0 = inferior, brainstem  →  99 = superior, cortex)", fontsize=9)
+    ax.grid(True, axis="y", color="#e5e5e5", lw=0.6)
+    ax.set_axisbelow(True)
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
+
+
+def plot_profiles(profiles, *, metric="fa", segments=(), peak_node=None, ylabel=None,
+                  title=None) -> Figure:
+    """Left vs right profile of one metric along the nodes, level bands and segments shaded.
+
+    ``profiles`` is :func:`read_profiles_tsv`'s dict (side → columns).
+    """
+    fig = _new_figure(8.6, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    levels = _band_levels(profiles)
+    n_nodes = 100
+    for side in SIDES:
+        prof = profiles.get(side)
+        if prof is None or metric not in prof:
+            continue
+        values = np.asarray(prof[metric], dtype=float)
+        n_nodes = max(n_nodes, len(values))
+        ax.plot(prof["node"], values, color=COLORS[side], lw=2.0,
+                label=f"{TRACT_NAMES[side]} ({side})")
+    nodes = np.arange(n_nodes)
+    if levels:
+        _shade_levels(ax, levels, nodes)
+    _shade_segments(ax, segments)
+    if peak_node is not None and math.isfinite(_num(peak_node)):
+        ax.axvline(_num(peak_node), color=PEAK_COLOR, lw=1.2, ls="--", label="peak node")
+    ax.set_xlim(-0.5, n_nodes - 0.5)
+    ax.set_ylabel(ylabel or metric.upper())
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + (hi - lo) * 0.18)  # room for level names
+    _node_axis(ax)
+    ax.legend(loc="lower right", fontsize=8, frameon=True, framealpha=0.9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, peak_node=None,
+                           title=None) -> Figure:
+    """FA asymmetry index AI = (L − R)/(L + R) along the nodes, ± detection threshold."""
+    ai = np.array([_num(v) for v in ai], dtype=float)
+    nodes = np.arange(len(ai))
+    fig = _new_figure(8.6, 3.3)
+    ax = fig.add_subplot(1, 1, 1)
+    if levels:
+        _shade_levels(ax, levels, nodes)
+    _shade_segments(ax, segments)
+    ax.axhline(0, color="#555", lw=0.8)
+    ax.plot(nodes, ai, color="#333", lw=2.0, label="FA AI")
+    finite = np.isfinite(ai)
+    ax.fill_between(nodes, 0, ai, where=finite & (ai > 0), color=COLORS["left"], alpha=0.25,
+                    lw=0, label="left FA higher")
+    ax.fill_between(nodes, 0, ai, where=finite & (ai < 0), color=COLORS["right"], alpha=0.25,
+                    lw=0, label="right FA higher")
+    limit = np.nanmax(np.abs(ai)) if finite.any() else 0.1
+    thr = _num(threshold)
+    if math.isfinite(thr):
+        ax.axhline(thr, color=PEAK_COLOR, lw=1.0, ls="--", label=f"± threshold ({thr:g})")
+        ax.axhline(-thr, color=PEAK_COLOR, lw=1.0, ls="--")
+        limit = max(limit, thr)
+    if peak_node is not None and math.isfinite(_num(peak_node)):
+        ax.axvline(_num(peak_node), color=PEAK_COLOR, lw=1.2, ls=":", label="peak node")
+    limit = max(limit * 1.35, 0.05)
+    ax.set_ylim(-limit, limit)
+    ax.set_xlim(-0.5, max(len(ai), 1) - 0.5)
+    ax.set_ylabel("AI = (L − R) / (L + R)")
+    ax.text(1.005, 0.97, "left FA\nhigher", transform=ax.transAxes, fontsize=7, va="top",
+            color="#555")
+    ax.text(1.005, 0.03, "right FA\nhigher", transform=ax.transAxes, fontsize=7,
+            va="bottom", color="#555")
+    _node_axis(ax)
+    ax.legend(loc="lower left", fontsize=7.5, ncol=3, frameon=True, framealpha=0.9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+_DIFF_LABELS = {"md": "MD", "rd": "RD", "ad": "AD", "fa": "FA"}
+
+
+def plot_diffusivity_profiles(profiles, *, metrics=("md", "rd", "ad"), segments=(),
+                              title=None) -> Figure:
+    """Small multiples of left vs right diffusivity profiles (MD, RD, AD)."""
+    fig = _new_figure(3.0 * len(metrics) + 0.6, 3.0)
+    levels = _band_levels(profiles)
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        values = {s: np.asarray(profiles[s][metric], float) for s in SIDES
+                  if s in profiles and metric in profiles[s]}
+        finite = [v[np.isfinite(v)] for v in values.values()]
+        finite = np.concatenate(finite) if finite else np.array([])
+        scale, unit = 1.0, ""
+        if finite.size and 0 < np.nanmax(np.abs(finite)) < 0.05:
+            scale, unit = 1e3, " (×10⁻³ mm²/s)"
+        n_nodes = 100
+        for side, v in values.items():
+            n_nodes = max(n_nodes, len(v))
+            ax.plot(profiles[side]["node"], v * scale, color=COLORS[side], lw=1.6,
+                    label=TRACT_NAMES[side])
+        if levels:
+            _shade_levels(ax, levels, np.arange(len(levels)), annotate=False)
+        _shade_segments(ax, segments, label=False)
+        ax.set_xlim(-0.5, n_nodes - 0.5)
+        ax.set_title(_DIFF_LABELS.get(metric, metric.upper()) + unit, fontsize=9)
+        ax.set_xlabel("Node (inferior → superior)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, axis="y", color="#e5e5e5", lw=0.6)
+        for spine in ("top", "right"):
+            ax.spines[spine].set_visible(False)
+        if i == 0:
+            ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _centroid_world(img, data, value=None):
+    mask = data > 0 if value is None else data == value
+    if not mask.any():
+        return None
+    ijk = np.array(ndimage.center_of_mass(mask))
+    return nib.affines.apply_affine(img.affine, ijk)
+
+
+def plot_mask_overlay(fa_img, mask_img, *, planes=("axial", "coronal", "sagittal")) -> Figure:
+    """Brain-mask outline (red) on world-aligned FA slices through the mask centroid."""
+    mask = _volume(mask_img) > 0
+    center = _centroid_world(mask_img, mask.astype(np.float32))
+    if center is None:
+        center = nib.affines.apply_affine(mask_img.affine, np.array(mask_img.shape[:3]) / 2)
+    bbox = _world_bbox(mask_img)
+    if fa_img is not None:
+        fa_box = _world_bbox(fa_img, _volume(fa_img), 0.02)
+        bbox = np.stack([np.minimum(bbox[:, 0], fa_box[:, 0]),
+                         np.maximum(bbox[:, 1], fa_box[:, 1])], axis=1)
+    step = max(min(_voxel_step(mask_img), 2.0), _display_step(bbox))
+    widths = [(bbox[PLANES[p][0], 1] - bbox[PLANES[p][0], 0] + 8)
+              / max(bbox[PLANES[p][1], 1] - bbox[PLANES[p][1], 0] + 8, 1) for p in planes]
+    fig = _new_figure(max(3.0 * sum(widths), 3.5), 3.4)
+    gs = fig.add_gridspec(1, len(planes), width_ratios=widths, wspace=0.04)
+    fa_data = _volume(fa_img) if fa_img is not None else None
+    mask_f = mask.astype(np.float32)
+    for i, plane in enumerate(planes):
+        ax = fig.add_subplot(gs[0, i])
+        position = float(center[PLANES[plane][2]])
+        extent = _panel_extent(bbox, plane)
+        _draw_slice(ax, fa_img, plane, position, extent, step=step, data=fa_data)
+        m = sample_world_slice(mask_img, plane, position, extent, step=step, order=0,
+                               data=mask_f)
+        if m.any() and not m.all():
+            hs = np.linspace(extent[0], extent[1], m.shape[1])
+            vs = np.linspace(extent[2], extent[3], m.shape[0])
+            ax.contour(hs, vs, m, levels=[0.5], colors=[PEAK_COLOR], linewidths=1.2)
+        _style_panel(ax, plane, position, extent)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.02)
+    return fig
+
+
+_ROI_COLORS = {1: "#e41a1c", 2: "#ff7f00", 3: "#4daf4a", 4: "#984ea3", 5: "#377eb8",
+               6: "#a65628", 7: "#f781bf", 8: "#ffff33"}
+
+
+def plot_roi_overlay(fa_img, rois_img) -> Figure:
+    """CST ROI labels on axial FA slices, one panel per ROI pair (through their centroid)."""
+    from matplotlib.colors import ListedColormap
+
+    labels = np.rint(_volume(rois_img)).astype(np.int16)
+    pairs = (("motor", 1, 2), ("PLIC", 3, 4), ("peduncle", 5, 6), ("pons", 7, 8))
+    panels = []
+    for name, left, right in pairs:
+        present = [v for v in (left, right) if (labels == v).any()]
+        if present:
+            centers = [_centroid_world(rois_img, labels, v) for v in present]
+            panels.append((name, float(np.mean([c[2] for c in centers]))))
+    if not panels:
+        raise ValueError("the ROI image holds none of the labels 1–8")
+    bbox = _world_bbox(rois_img)
+    fa_data = _volume(fa_img) if fa_img is not None else None
+    if fa_img is not None:
+        bbox = _world_bbox(fa_img, fa_data, 0.02)
+    step = max(min(_voxel_step(rois_img), 2.0), _display_step(bbox))
+    cmap = ListedColormap([_ROI_COLORS[k] for k in range(1, 9)])
+    fig = _new_figure(2.6 * len(panels), 3.5)
+    for i, (name, z) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        extent = _panel_extent(bbox, "axial")
+        _draw_slice(ax, fa_img, "axial", z, extent, step=step, data=fa_data)
+        lab = sample_world_slice(rois_img, "axial", z, extent, step=step, order=0,
+                                 data=labels.astype(np.float32))
+        shown = np.ma.masked_where((lab < 1) | (lab > 8), lab)
+        ax.imshow(shown, cmap=cmap, vmin=0.5, vmax=8.5, origin="lower", extent=extent,
+                  interpolation="nearest", alpha=0.75, aspect="equal")
+        _style_panel(ax, "axial", z, extent)
+        ax.set_title(f"{name}: z = {_fmt_mm(z)} mm", fontsize=9)
+    handles = [Patch(color=_ROI_COLORS[k], label=v) for k, v in ROI_LABELS.items()
+               if (labels == k).any()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7.5,
+               frameon=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.12, wspace=0.04)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Report text
+# --------------------------------------------------------------------------------------
+
+def _entities_label(subject, entities) -> str:
+    parts = []
+    if subject:
+        parts.append(f"sub-{subject}" if not str(subject).startswith("sub-") else str(subject))
+    if isinstance(entities, dict):
+        for key, value in entities.items():
+            if value not in (None, "") and key not in ("subject", "sub"):
+                parts.append(f"{key}-{value}")
+    return "_".join(parts)
+
+
+def _peak_words(peak) -> str:
+    if peak is None or len(peak) < 3:
+        return ""
+    x, y, z = (_fmt_mm(v) for v in peak[:3])
+    return f"x={x}, y={y}, z={z} mm RAS"
+
+
+def _level_words(level) -> str:
+    if not level:
+        return "an unknown level"
+    text = str(level).replace("_", " ")
+    return f"the {text}"
+
+
+def verdict(metrics) -> dict:
+    """Plain-words verdict from the metrics.
+
+    Returns dict with ``status`` ('yes' | 'no' | 'not_assessable'), ``headline``,
+    ``sentence``, ``side``, ``level``, ``peak`` and ``reasons`` (list of str).
+    """
+    loc = _get(metrics, "localization")
+    reasons = [str(w) for w in (_get(metrics, "qc", "warnings", default=[]) or [])]
+    out = {"status": "not_assessable", "side": None, "level": None, "peak": None,
+           "reasons": reasons, "confidence": None}
+    if not isinstance(loc, dict):
+        out["headline"] = "Upper-motor-neuron (UMN) damage shown: not assessable"
+        out["sentence"] = "No localisation result is available in the metrics."
+        return out
+    if not loc.get("assessable", True):
+        out["headline"] = "Upper-motor-neuron (UMN) damage shown: not assessable"
+        out["sentence"] = ("Quality control found that the corticospinal tracts could not be "
+                           "assessed; no statement on upper-motor-neuron damage is made.")
+        if not reasons:  # fall back on the prognosis rationale (QC reasons there too)
+            rationale = _get(metrics, "prognosis", "rationale")
+            if isinstance(rationale, str):
+                rationale = [rationale]
+            if isinstance(rationale, list):
+                reasons.extend(str(r) for r in rationale)
+        return out
+    if loc.get("umn_damage"):
+        side = loc.get("affected_side") or "unknown"
+        peak = loc.get("peak_ras_mm")
+        out.update(status="yes", side=side, level=loc.get("level"), peak=peak,
+                   confidence=loc.get("confidence"))
+        where = f" (peak at {_peak_words(peak)})" if peak is not None else ""
+        out["headline"] = "Upper-motor-neuron (UMN) damage shown: yes"
+        out["sentence"] = (f"Reduced FA along the {side} CST at {_level_words(loc.get('level'))}"
+                           f"{where}.")
+        if side in SIDES:
+            body = "right" if side == "left" else "left"
+            out["sentence"] += (f" A lesion of the {side} CST would affect the {body} side of "
+                                f"the body.")
+        return out
+    thr = _get(loc, "thresholds") or {}
+    detail = ""
+    if "node_ai" in thr and "min_nodes" in thr:
+        detail = (f": no segment of the FA asymmetry profile reached |AI| ≥ "
+                  f"{_fmt_num(thr['node_ai'])} over ≥ {_fmt_num(thr['min_nodes'])} "
+                  f"consecutive nodes")
+    out.update(status="no", side="none")
+    out["headline"] = "Upper-motor-neuron (UMN) damage shown: no"
+    out["sentence"] = f"No imaging evidence of upper-motor-neuron damage along either CST{detail}."
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------
+
+_CSS = """
+:root { --ink:#1f2328; --muted:#5b636d; --line:#d8dee4; --bg:#ffffff; --soft:#f6f8fa;
+        --red:#b3261e; --green:#1a7f37; --amber:#9a6700; --blue:#0969da; }
+* { box-sizing: border-box; }
+body { margin:0; color:var(--ink); background:var(--bg);
+       font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+                    sans-serif;
+       font-size: 15px; line-height: 1.5; }
+nav { position: sticky; top:0; background:#24292f; color:#fff; padding:6px 24px; z-index:2;
+      font-size:13px; }
+nav a { color:#e6edf3; margin-right:16px; text-decoration:none; }
+nav a:hover { text-decoration:underline; }
+main { max-width: 1100px; margin: 0 auto; padding: 8px 24px 48px; }
+h1 { font-size: 26px; margin: 18px 0 4px; }
+h2 { font-size: 20px; border-bottom: 2px solid var(--line); padding-bottom: 4px;
+     margin-top: 36px; }
+h3 { font-size: 16px; margin: 22px 0 6px; }
+.subtitle { color: var(--muted); margin: 0 0 12px; font-size: 14px; }
+.banner { background: var(--red); color: #fff; font-weight: 700; font-size: 18px;
+          padding: 12px 18px; border-radius: 6px; margin: 12px 0 18px; text-align:center;
+          letter-spacing: .2px; }
+.banner small { display:block; font-weight: 400; font-size: 13px; opacity: .95; }
+.verdict { border: 2px solid var(--line); border-left-width: 10px; border-radius: 6px;
+           padding: 12px 18px; margin: 12px 0; background: var(--soft); }
+.verdict.yes { border-color: var(--red); }
+.verdict.no { border-color: var(--green); }
+.verdict.not_assessable { border-color: var(--amber); }
+.verdict .headline { font-size: 21px; font-weight: 700; margin: 0 0 4px; }
+.verdict .sentence { font-size: 17px; margin: 0 0 8px; }
+.facts { display:flex; flex-wrap:wrap; gap: 8px 26px; margin: 6px 0 0; padding:0;
+         list-style:none; font-size: 14px; }
+.facts li b { color: var(--muted); font-weight: 600; margin-right: 4px; }
+.alert { border:1px solid #d4a72c; background:#fff8c5; border-radius:6px;
+         padding:8px 14px; margin: 10px 0; font-size: 14px; }
+.alert ul { margin: 4px 0; padding-left: 20px; }
+.warn { border-color:#cf222e; background:#ffebe9; }
+figure { margin: 14px 0 22px; }
+figure img { max-width: 100%; height: auto; border:1px solid var(--line); border-radius:4px;
+             display:block; background:#fff; }
+figcaption { color: var(--muted); font-size: 13.5px; margin-top: 6px; max-width: 980px; }
+figcaption b { color: var(--ink); }
+.placeholder { border:1px dashed #afb8c1; border-radius:4px; padding: 18px; color: var(--muted);
+               background: var(--soft); font-size: 14px; }
+table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13.5px; }
+th, td { border: 1px solid var(--line); padding: 4px 10px; text-align: left;
+         vertical-align: top; }
+thead th { background: var(--soft); }
+table.kv tbody th { font-weight: 500; color: var(--muted); background: #fbfcfd;
+                    font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+                    font-size: 12.5px; }
+table.kv td { word-break: break-all; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.muted { color: var(--muted); }
+.refs li { margin-bottom: 4px; font-size: 14px; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12.5px;
+         border-top:1px solid var(--line); padding-top: 8px; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 90%;
+       background: var(--soft); padding: 0 3px; border-radius: 3px; }
+"""
+
+
+def _figure_html(uri, caption, *, alt) -> str:
+    return (f'<figure><img src="{uri}" alt="{_esc(alt)}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _placeholder(message) -> str:
+    return f'<div class="placeholder">{_esc(message)}</div>'
+
+
+def _render_figure(make, caption, alt, *, missing=None):
+    """Draw a figure with ``make()``; a placeholder (with the reason) if it cannot be."""
+    if missing:
+        return _placeholder(missing)
+    try:
+        fig = make()
+        return _figure_html(figure_to_data_uri(fig), caption, alt=alt)
+    except Exception as exc:  # noqa: BLE001 - one bad figure must not sink the report
+        LOGGER.exception("report figure %r failed", alt)
+        return _placeholder(f"{alt}: figure could not be drawn ({type(exc).__name__}: {exc}).")
+
+
+def _list_html(items, css=None) -> str:
+    items = [i for i in items if i not in (None, "")]
+    if not items:
+        return ""
+    cls = f' class="{css}"' if css else ""
+    return f"<ul{cls}>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
+
+
+def _verdict_html(metrics) -> str:
+    v = verdict(metrics)
+    loc = _get(metrics, "localization") or {}
+    facts = []
+    if v["status"] == "yes":
+        facts = [("UMN damage shown", "yes"), ("Affected side", v["side"]),
+                 ("Level", (v["level"] or "unknown").replace("_", " ")),
+                 ("Peak (RAS mm)", _peak_words(v["peak"]) or "n/a")]
+        if loc.get("peak_node") is not None:
+            facts.append(("Peak node", loc.get("peak_node")))
+        if v.get("confidence"):
+            facts.append(("Confidence", v["confidence"]))
+    elif v["status"] == "no":
+        facts = [("UMN damage shown", "no"), ("Affected side", "none")]
+    else:
+        facts = [("UMN damage shown", "not assessable")]
+    facts_html = "".join(f"<li><b>{_esc(k)}:</b> {_esc(val)}</li>" for k, val in facts)
+    reasons = ""
+    if v["status"] == "not_assessable":
+        if v["reasons"]:
+            reasons = "<p><b>Why not assessable (QC):</b></p>" + _list_html(v["reasons"])
+        else:
+            reasons = '<p class="muted">No QC reason was recorded.</p>'
+    segments = loc.get("segments") or []
+    seg_html = ""
+    if segments:
+        head = ("<tr><th>Lower-FA side</th><th>Nodes</th><th>Levels</th><th>Peak node</th>"
+                "<th>Peak level</th><th>Peak (RAS mm)</th><th>Peak AI</th><th>Mean AI</th>"
+                "</tr>")
+        rows = []
+        for s in segments:
+            if not isinstance(s, dict):
+                continue
+            levels = " → ".join(str(x).replace("_", " ")
+                                for x in (s.get("start_level"), s.get("end_level")) if x)
+            rows.append(
+                "<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in (
+                    s.get("side"), f"{s.get('start_node')}–{s.get('end_node')}", levels or "n/a",
+                    s.get("peak_node"), str(s.get("peak_level") or "n/a").replace("_", " "),
+                    _peak_words(s.get("peak_ras_mm")) or "n/a", _fmt_num(s.get("peak_ai")),
+                    _fmt_num(s.get("mean_ai")))) + "</tr>")
+        seg_html = ("<h3>Detected segments</h3><table><thead>" + head + "</thead><tbody>"
+                    + "".join(rows) + "</tbody></table>")
+    return (f'<section id="verdict"><h2>Verdict</h2><div class="verdict {v["status"]}">'
+            f'<p class="headline">{_esc(v["headline"])}</p>'
+            f'<p class="sentence">{_esc(v["sentence"])}</p>'
+            f'<ul class="facts">{facts_html}</ul>{reasons}</div>{seg_html}</section>')
+
+
+def _prognosis_html(metrics) -> str:
+    prog = _get(metrics, "prognosis")
+    if not isinstance(prog, dict):
+        return ('<section id="prognosis"><h2>Prognosis</h2>'
+                + _placeholder("No prognosis is available in the metrics.") + "</section>")
+    rationale = prog.get("rationale") or []
+    if isinstance(rationale, str):
+        rationale = [rationale]
+    refs = prog.get("references") or []
+    if isinstance(refs, str):
+        refs = [refs]
+    parts = ['<section id="prognosis"><h2>Prognosis</h2>',
+             f'<p><b>Category:</b> {_esc(_humanise(prog.get("category") or "n/a"))}</p>',
+             f'<p>{_esc(prog.get("summary") or "")}</p>']
+    if rationale:
+        parts.append("<h3>Rationale</h3>" + _list_html(rationale))
+    thr = prog.get("thresholds")
+    if isinstance(thr, dict) and thr:
+        parts.append("<p class=\"muted\">Thresholds: " + _esc(", ".join(
+            f"{k} = {_fmt_value(v)}" for k, v in thr.items())) + "</p>")
+    if refs:
+        parts.append("<h3>References</h3>" + _list_html(refs, "refs"))
+    parts.append(f'<p class="muted"><i>{_esc(prog.get("disclaimer") or DISCLAIMER)}</i></p>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _summary_table(metrics, counts) -> str:
+    cst = _get(metrics, "cst") or {}
+    rows = [("Streamlines (metrics)", "n_streamlines"), ("Mean length (mm)", "length_mm_mean"),
+            ("Mean FA", "fa_mean"), ("Mean MD", "md_mean"), ("Mean RD", "rd_mean"),
+            ("Mean AD", "ad_mean")]
+    body = []
+    body.append("<tr><th>Streamlines (tract file)</th>" + "".join(
+        f'<td class="num">{_esc("missing" if counts.get(s) is None else counts[s])}</td>'
+        for s in SIDES) + "</tr>")
+    for label, key in rows:
+        cells = "".join(f'<td class="num">{_esc(_fmt_value(_get(cst, s, key)))}</td>'
+                        for s in SIDES)
+        body.append(f"<tr><th>{_esc(label)}</th>{cells}</tr>")
+    table = ("<table><thead><tr><th></th><th>CST_L (left)</th><th>CST_R (right)</th></tr>"
+             "</thead><tbody>" + "".join(body) + "</tbody></table>")
+    asym = _get(metrics, "asymmetry") or {}
+    arows = [(k, v) for k, v in asym.items() if k != "fa_ai_profile"]
+    if arows:
+        table += "<h3>Asymmetry</h3>" + _kv_table(_flatten(dict(arows)))
+    return table
+
+
+def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes) -> str:
+    qc = _get(metrics, "qc") or {}
+    parts = ['<section id="qc"><h2>Quality control</h2>']
+    parts.append("<h3>Tract summary</h3>" + _summary_table(metrics, counts))
+    warnings = qc.get("warnings") if isinstance(qc, dict) else None
+    parts.append("<h3>QC warnings</h3>")
+    if warnings:
+        if isinstance(warnings, str):
+            warnings = [warnings]
+        parts.append('<div class="alert warn">' + _list_html(warnings) + "</div>")
+    else:
+        parts.append('<p class="muted">No QC warnings.</p>')
+    other = {k: v for k, v in qc.items() if k != "warnings"} if isinstance(qc, dict) else {}
+    if other:
+        parts.append("<h3>QC values</h3>" + _kv_table(_flatten(other)))
+    parts.append("<h3>Brain mask</h3>")
+    if mask_img is not None:
+        parts.append(_render_figure(
+            lambda: plot_mask_overlay(fa_img, mask_img),
+            "<b>Brain mask.</b> Outline of the brain mask (red) on world-aligned FA slices "
+            "through the mask centroid. The mask should cover the whole brain including the "
+            "brainstem down to the medulla; a cut-off brainstem or cortex limits the CST.",
+            "Brain mask outline"))
+    else:
+        parts.append(_placeholder("Brain mask not available: " + (
+            next((n for n in notes if "brain mask" in n), "not given."))))
+    parts.append("<h3>CST regions of interest</h3>")
+    if rois_img is not None:
+        parts.append(_render_figure(
+            lambda: plot_roi_overlay(fa_img, rois_img),
+            "<b>CST ROIs in subject space.</b> Template ROIs (motor cortex, posterior limb of "
+            "the internal capsule, cerebral peduncle, pons) warped to the subject, on axial FA "
+            "slices through each ROI pair. Each ROI should sit on the corresponding structure; "
+            "a shifted ROI points to a registration failure.",
+            "CST ROI overlay"))
+    else:
+        parts.append(_placeholder("ROI image not available: " + (
+            next((n for n in notes if "ROI" in n), "not given."))))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+_METHODS = (
+    "Diffusion-weighted images were denoised (MP-PCA; Veraart et al. 2016) and the "
+    "diffusion tensor was fitted with DIPY (Garyfallidis et al. 2014), giving FA, MD, RD and "
+    "AD maps. The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
+    "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior limb of "
+    "the internal capsule, cerebral peduncle, pons) were warped to the subject. Deterministic "
+    "tensor tractography selected, per hemisphere, the streamlines joining the brainstem ROIs "
+    "to the motor cortex (the corticospinal tract, CST). Each CST was resampled to 100 nodes "
+    "from the brainstem (node 0) to the cortex (node 99) and diffusion metrics were averaged "
+    "at each node with weights decreasing with distance from the bundle core (tract profiles; "
+    "Yeatman et al. 2012). Upper-motor-neuron damage was localised as a run of consecutive "
+    "nodes where the FA asymmetry index AI = (FA<sub>L</sub> − FA<sub>R</sub>) / "
+    "(FA<sub>L</sub> + FA<sub>R</sub>) exceeds a threshold; the side with the lower FA is "
+    "reported as affected. The prognosis statement follows the imaging step of the PREP "
+    "algorithm (Stinear et al. 2007; Stinear et al. 2012) and requires the patient's "
+    "motor-evoked-potential status to be applied. The actual steps and parameters of this run "
+    "are listed below.")
+
+
+def _methods_html(metrics) -> str:
+    prov = _get(metrics, "provenance") or {}
+    parts = ['<section id="methods"><h2>Methods and provenance</h2>', f"<p>{_METHODS}</p>"]
+    if not isinstance(prov, dict) or not prov:
+        parts.append(_placeholder("No provenance is recorded in the metrics."))
+    else:
+        software = prov.get("software")
+        if isinstance(software, dict) and software:
+            parts.append("<h3>Software versions</h3>" + _kv_table(
+                _flatten(software), headers=("Package", "Version")))
+        params = prov.get("parameters")
+        if isinstance(params, dict) and params:
+            parts.append("<h3>Parameters</h3>" + _kv_table(_flatten(params),
+                                                           headers=("Parameter", "Value")))
+        inputs = prov.get("inputs")
+        if isinstance(inputs, dict) and inputs:
+            rows = []
+            for name, info in inputs.items():
+                if isinstance(info, dict):
+                    rows.append(f"<tr><td>{_esc(name)}</td><td><code>{_esc(info.get('path'))}"
+                                f"</code></td><td><code>{_esc(info.get('sha256'))}</code></td>"
+                                "</tr>")
+                else:
+                    rows.append(f"<tr><td>{_esc(name)}</td><td colspan=\"2\">"
+                                f"<code>{_esc(_fmt_value(info))}</code></td></tr>")
+            parts.append("<h3>Inputs</h3><table><thead><tr><th>Input</th><th>Path</th>"
+                         "<th>SHA-256</th></tr></thead><tbody>" + "".join(rows)
+                         + "</tbody></table>")
+        elif isinstance(inputs, list) and inputs:
+            parts.append("<h3>Inputs</h3>" + _list_html([_fmt_value(i) for i in inputs]))
+        rest = {k: v for k, v in prov.items() if k not in ("software", "parameters", "inputs")}
+        if rest:
+            parts.append("<h3>Other provenance</h3>" + _kv_table(_flatten(rest)))
+    parts.append("<h3>References</h3>" + _list_html(REFERENCES.values(), "refs"))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Main entry point
+# --------------------------------------------------------------------------------------
+
+def _tracts_center(streamlines):
+    pts = [_all_points(streamlines[s]) for s in SIDES]
+    pts = [p for p in pts if len(p)]
+    if not pts:
+        return None
+    return np.concatenate(pts).mean(axis=0)
+
+
+def _valid_peak(peak):
+    if peak is None:
+        return None
+    try:
+        arr = np.asarray(peak, dtype=float).ravel()
+    except (TypeError, ValueError):
+        return None
+    return arr[:3] if arr.size >= 3 and np.all(np.isfinite(arr[:3])) else None
+
+
+def _atomic_write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=None,
+                      rois_file=None) -> str:
+    """The report as an HTML string (see :func:`write_report`)."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    notes = []
+    fa_img = _load_image(fa_file, "FA image", notes)
+    mask_img = _load_image(mask_file, "brain mask", notes) if mask_file is not None else None
+    rois_img = _load_image(rois_file, "ROI image", notes) if rois_file is not None else None
+    streamlines, counts = _load_tracts(tract_files, notes)
+
+    profiles = {}
+    if profiles_tsv is None:
+        notes.append("No profiles TSV was given.")
+    elif not Path(profiles_tsv).exists():
+        notes.append(f"The profiles TSV is missing: {Path(profiles_tsv).name}.")
+    else:
+        try:
+            profiles = read_profiles_tsv(profiles_tsv)
+            for side in SIDES:
+                if side not in profiles:
+                    notes.append(f"The profiles TSV has no {TRACT_NAMES[side]} rows.")
+                elif not np.isfinite(profiles[side]["fa"]).any():
+                    notes.append(f"The {TRACT_NAMES[side]} profile has no FA values.")
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"The profiles TSV could not be read ({exc}).")
+    if not isinstance(metrics.get("localization"), dict):
+        notes.append("The metrics have no localisation result.")
+
+    loc = _get(metrics, "localization") or {}
+    segments = [s for s in (loc.get("segments") or []) if isinstance(s, dict)]
+    peak = _valid_peak(loc.get("peak_ras_mm")) if loc.get("umn_damage") else None
+    peak_node = loc.get("peak_node") if loc.get("umn_damage") else None
+    thresholds = loc.get("thresholds") or {}
+
+    subject = metrics.get("subject")
+    label = _entities_label(subject, metrics.get("entities")) or "unknown subject"
+    created = _get(metrics, "provenance", "created") or datetime.now(timezone.utc).isoformat(
+        timespec="seconds")
+
+    # ---- figures ----
+    figs = []
+    center = peak if peak is not None else _tracts_center(streamlines)
+    sagittal_x, sagittal_side = None, None
+    if center is None and fa_img is not None:
+        fa_box = _world_bbox(fa_img, _volume(fa_img), 0.02)
+        center = fa_box.mean(axis=1)
+    if peak is None and center is not None:
+        # Through the tracts' centre the sagittal plane would be the midline, between the
+        # tracts: cut through the left CST (or the right one) instead.
+        for side in SIDES:
+            pts = _all_points(streamlines[side])
+            if len(pts):
+                sagittal_x, sagittal_side = float(np.median(pts[:, 0])), side
+                break
+    if center is None:
+        slices_html = _placeholder("No FA image and no streamlines: the tract slices cannot be "
+                                   "drawn.")
+    else:
+        missing_bits = [n for n in notes if "FA image" in n or "tract" in n.lower()]
+        where = ("through the peak of the FA asymmetry (red ring)" if peak is not None
+                 else "through the centre of the tracts (no asymmetry peak was found)")
+        caption = (f"<b>CST reconstruction.</b> World-aligned FA slices {where}; CST_L "
+                   f"<span style=\"color:{COLORS['left']}\">■</span> and CST_R "
+                   f"<span style=\"color:{COLORS['right']}\">■</span> streamline points within "
+                   f"±4 mm of each plane are overlaid. Neurological convention: the subject's "
+                   f"left is on the image left; orientation letters L/R, A/P, S/I mark the "
+                   f"world (RAS) directions.")
+        if peak is None and sagittal_x is not None:
+            caption += (f" The sagittal plane cuts through the {TRACT_NAMES[sagittal_side]} "
+                        f"(x = {_fmt_mm(sagittal_x)} mm), not the midline.")
+        if missing_bits:
+            caption += " <b>Missing:</b> " + _esc(" ".join(missing_bits))
+        slices_html = _render_figure(
+            lambda: plot_tract_slices(fa_img, streamlines, center=center, peak=peak,
+                                      sagittal_x=sagittal_x),
+            caption, "CST tract slices")
+    figs.append(("CST on FA slices", slices_html))
+
+    levels = _band_levels(profiles)
+    have_fa = any(np.isfinite(profiles[s]["fa"]).any() for s in profiles)
+    figs.append(("FA profiles", _render_figure(
+        lambda: plot_profiles(profiles, metric="fa", segments=segments, peak_node=peak_node,
+                              ylabel="FA"),
+        "<b>FA profiles.</b> Fractional anisotropy along the left (orange) and right (blue) "
+        "CST, from the brainstem (node 0) to the cortex (node 99). Background bands show the "
+        "anatomical level of each node (from the <code>level</code> column); hatched red spans "
+        "are the segments detected as asymmetric; the dashed red line is the peak node.",
+        "FA profiles", missing=None if have_fa else "FA profiles not available: "
+        + (" ".join(n for n in notes if "profile" in n.lower() or "TSV" in n) or "no data."))))
+
+    ai = _get(metrics, "asymmetry", "fa_ai_profile")
+    if not ai and "left" in profiles and "right" in profiles:
+        left, right = profiles["left"]["fa"], profiles["right"]["fa"]
+        n = min(len(left), len(right))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = left[:n] + right[:n]
+            ai = np.where(total > 0, (left[:n] - right[:n]) / total, np.nan).tolist()
+    thr = thresholds.get("node_ai") if isinstance(thresholds, dict) else None
+    ai_ok = bool(ai) and any(math.isfinite(_num(v)) for v in ai)
+    thr_text = (f"± detection threshold |AI| = {_fmt_num(thr)} (dashed red)"
+                if thr is not None else "no detection threshold recorded")
+    min_nodes = thresholds.get("min_nodes") if isinstance(thresholds, dict) else None
+    figs.append(("FA asymmetry", _render_figure(
+        lambda: plot_asymmetry_profile(ai, threshold=thr, segments=segments, levels=levels,
+                                       peak_node=peak_node),
+        f"<b>FA asymmetry index.</b> AI = (FA<sub>L</sub> − FA<sub>R</sub>) / "
+        f"(FA<sub>L</sub> + FA<sub>R</sub>) per node; positive where the left FA is higher. "
+        f"{_esc(thr_text)}"
+        + (f"; a finding needs ≥ {_esc(_fmt_num(min_nodes))} consecutive nodes beyond it"
+           if min_nodes is not None else "")
+        + ". Hatched red spans: detected segments. Healthy CSTs stay within a few hundredths.",
+        "FA asymmetry profile", missing=None if ai_ok else "FA asymmetry profile not available "
+        "(no AI profile in the metrics and no left/right FA profiles).")))
+
+    have_diff = any(np.isfinite(profiles[s][m]).any() for s in profiles
+                    for m in ("md", "rd", "ad"))
+    figs.append(("Diffusivity profiles", _render_figure(
+        lambda: plot_diffusivity_profiles(profiles, segments=segments),
+        "<b>Diffusivity profiles.</b> Mean (MD), radial (RD) and axial (AD) diffusivity "
+        "along the left (orange) and right (blue) CST. Wallerian degeneration typically raises "
+        "RD and MD where FA drops.",
+        "Diffusivity profiles",
+        missing=None if have_diff else "Diffusivity profiles not available.")))
+
+    # ---- assemble ----
+    notes_html = ""
+    if notes:
+        notes_html = ('<div class="alert"><b>Missing or incomplete inputs</b> — the report '
+                      "shows what is available:" + _list_html(notes) + "</div>")
+    figures_html = "".join(f"<h3>{_esc(t)}</h3>{h}" for t, h in figs)
+    head = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>CST integrity report: {_esc(label)}</title><style>{_CSS}</style></head>")
+    nav = ('<nav><a href="#top">Top</a><a href="#verdict">Verdict</a>'
+           '<a href="#prognosis">Prognosis</a><a href="#figures">Figures</a>'
+           '<a href="#qc">Quality control</a><a href="#methods">Methods</a></nav>')
+    body = [
+        head, "<body>", nav, '<main id="top">',
+        f"<h1>CST integrity report: {_esc(label)}</h1>",
+        f'<p class="subtitle">Subject <b>{_esc(subject or "unknown")}</b>'
+        + "".join(f" · {_esc(k)}: <b>{_esc(v)}</b>"
+                  for k, v in (metrics.get("entities") or {}).items()
+                  if isinstance(metrics.get("entities"), dict))
+        + f" · generated {_esc(created)} · cst-integrity {_esc(__version__)}</p>",
+        '<div class="banner">Research use only — not a medical device'
+        "<small>Not for diagnosis or treatment decisions. Findings must be interpreted by a "
+        "qualified clinician together with the clinical examination.</small></div>",
+        notes_html,
+        _verdict_html(metrics),
+        _prognosis_html(metrics),
+        '<section id="figures"><h2>Figures</h2>', figures_html, "</section>",
+        _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes),
+        _methods_html(metrics),
+        f"<footer>cst-integrity {_esc(__version__)} · {_esc(DISCLAIMER)}</footer>",
+        "</main></body></html>\n",
+    ]
+    return "".join(body)
+
+
+def write_report(out_html, *, metrics: dict, profiles_tsv, fa_file, tract_files: dict,
+                 mask_file=None, rois_file=None) -> Path:
+    """Write the self-contained HTML report, atomically; return its path.
+
+    Parameters
+    ----------
+    out_html : path of the HTML file to write (its folder is created)
+    metrics : the metrics dict (``pipeline.steps.assess``); any key may be missing
+    profiles_tsv : path of the profiles TSV (``tract, node, fa, md, rd, ad, x, y, z, level``)
+    fa_file : subject FA NIfTI, any storage orientation
+    tract_files : {"left": path, "right": path} of tractograms (world RAS mm)
+    mask_file, rois_file : optional brain mask and CST ROI label NIfTIs (subject space)
+
+    Any input may be None, missing or empty: the report still renders and says so.
+    """
+    text = build_report_html(metrics=metrics, profiles_tsv=profiles_tsv, fa_file=fa_file,
+                             tract_files=tract_files, mask_file=mask_file, rois_file=rois_file)
+    return _atomic_write_text(out_html, text)

@@ -1,0 +1,337 @@
+"""Pipeline stages as file-in/file-out functions.
+
+Each stage reads its inputs from files, writes its outputs into ``out_dir``
+(a Nipype node's working folder when run from ``workflows``) and returns the
+paths. Keeping the stages file-based is what lets Nipype cache them, resume a
+killed run and ship them to other processes or cluster nodes.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+import atlases
+
+from . import localization, outputs, preprocess, prognosis, registration, tracking, tractometry
+from .dwi import load_dwi
+
+SIDES = ("left", "right")
+HEMI = {"left": "L", "right": "R"}
+
+
+def _load(path, dtype=np.float32):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=dtype), img
+
+
+def preprocess_dwi(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0,
+                   denoise="mppca", n_jobs=1):
+    """Mean b0, brain mask and denoised DWI.
+
+    Returns dict of paths: ``b0, mask, dwi`` and ``qc`` (JSON: noise estimate, mask volume).
+    """
+    out_dir = Path(out_dir)
+    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
+    data = scan.img.get_fdata(dtype=np.float32)
+    b0 = preprocess.mean_b0(data, scan.b0_mask)
+    mask = preprocess.brain_mask(b0)
+    denoised, sigma = preprocess.denoise_dwi(data, mask, scan.bvals, method=denoise, n_jobs=n_jobs)
+    voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
+    qc = {"denoise": denoise, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
+          "noise_sigma_median": (round(float(np.median(sigma[mask])), 3)
+                                 if sigma is not None else None)}
+    paths = {
+        "b0": outputs.save_nifti(out_dir / "b0.nii.gz", b0, scan.affine),
+        "mask": outputs.save_nifti(out_dir / "mask.nii.gz", mask, scan.affine, dtype=np.uint8),
+        # Uncompressed: this large intermediate is read once, by the tensor fit.
+        "dwi": outputs.save_nifti(out_dir / "dwi_denoised.nii", denoised, scan.affine),
+        "qc": outputs.write_json(out_dir / "preprocess_qc.json", qc),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, b0_threshold=50.0):
+    """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame)."""
+    out_dir = Path(out_dir)
+    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
+    mask, _ = _load(mask_file, dtype=np.uint8)
+    maps = preprocess.fit_dti(scan.img.get_fdata(dtype=np.float32), scan.gradient_table(),
+                              mask.astype(bool))
+    return {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
+            for name, value in maps.items()}
+
+
+def register_atlas(fa_file, mask_file, *, out_dir):
+    """Register FA to the MNI FA template; bring the CST ROIs and level bands to the subject.
+
+    Returns dict of paths: ``rois`` and ``levels`` (subject grid, int16) and
+    ``qc`` (JSON: template correlation, per-ROI coverage).
+    """
+    out_dir = Path(out_dir)
+    fa, fa_img = _load(fa_file)
+    mask, _ = _load(mask_file, dtype=np.uint8)
+    template_fa, template_img = _load(atlases.template_fa_path())
+    template_mask, _ = _load(atlases.brain_mask_path(), dtype=np.uint8)
+    template_rois, _ = _load(atlases.cst_rois_path(), dtype=np.int16)
+    template_levels, _ = _load(atlases.levels_path(), dtype=np.int16)
+
+    mapping, affine_matrix = registration.register_fa_to_template(
+        fa, fa_img.affine, template_fa, template_img.affine)
+    warped_fa = registration.subject_to_template(mapping, fa)
+    mask_in_template = registration.subject_to_template(mapping, mask, interpolation="nearest")
+    qc = {
+        "template_fa_correlation": round(registration.registration_quality(
+            warped_fa, template_fa, template_mask), 3),
+        "roi_coverage": {name: round(value, 3) for name, value in registration.roi_coverage(
+            mask_in_template, template_rois, atlases.CST_ROI_LABELS).items()},
+        "affine_template_to_subject": np.round(affine_matrix, 5).tolist(),
+    }
+    rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
+    levels = registration.labels_to_subject(mapping, template_levels) * (mask > 0)
+    paths = {
+        "rois": outputs.save_nifti(out_dir / "cst_rois.nii.gz", rois, fa_img.affine, dtype=np.int16),
+        "levels": outputs.save_nifti(out_dir / "levels.nii.gz", levels, fa_img.affine,
+                                     dtype=np.int16),
+        "warped_fa": outputs.save_nifti(out_dir / "fa_in_template.nii.gz", warped_fa,
+                                        template_img.affine),
+        "qc": outputs.write_json(out_dir / "registration_qc.json", qc),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _landmarks(coverage, min_coverage):
+    """Inferior landmark for both sides: the pons when scanned on both sides, else the peduncle."""
+    pons_ok = all(coverage.get(f"pons_{HEMI[s]}", 0) >= min_coverage for s in SIDES)
+    return "pons" if pons_ok else "peduncle"
+
+
+def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
+              fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
+              min_coverage=0.6, n_jobs=1, seed=0):
+    """Track, select, orient, clip and clean CST_L and CST_R.
+
+    Returns dict of paths: ``left``, ``right`` (.trk, world mm, inferior end
+    first, clipped from the inferior landmark to the motor target) and ``qc``.
+    """
+    out_dir = Path(out_dir)
+    fa, fa_img = _load(fa_file)
+    v1, _ = _load(v1_file)
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    rois, _ = _load(rois_file, dtype=np.int16)
+    coverage = json.loads(Path(registration_qc_file).read_text())["roi_coverage"]
+    labels = atlases.CST_ROI_LABELS
+    lower = _landmarks(coverage, min_coverage)
+    affine = fa_img.affine
+
+    seed_region = np.zeros(mask.shape, dtype=bool)
+    for side in SIDES:
+        for roi in {lower, "peduncle", "plic"}:
+            seed_region |= rois == labels[f"{roi}_{HEMI[side]}"]
+    seed_region &= fa >= fa_stop
+    seeds = tracking.seeds_in_mask(seed_region, affine, seeds_per_voxel=seeds_per_voxel,
+                                   random_seed=seed)
+    streamlines = tracking.track_dti_deterministic(
+        seeds, v1, fa, mask, affine, fa_stop=fa_stop, max_angle_deg=max_angle_deg,
+        step_mm=step_mm, n_jobs=n_jobs, random_seed=seed)
+
+    qc = {"n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
+          "inferior_landmark": lower, "sides": {}}
+    paths = {}
+    for side in SIDES:
+        h, other = HEMI[side], HEMI["right" if side == "left" else "left"]
+        required = [labels[f"{r}_{h}"] for r in (lower, "peduncle", "plic", "motor")]
+        forbidden = [labels[f"{r}_{other}"] for r in ("peduncle", "plic", "motor")]
+        selected = tracking.select_tract(streamlines, rois, affine, required=required,
+                                         forbidden=forbidden)
+        clipped = tracking.clip_between(tracking.orient_inferior_first(selected), rois, affine,
+                                        lower=labels[f"{lower}_{h}"], upper=labels[f"motor_{h}"])
+        cleaned = tracking.clean_bundle(clipped)
+        qc["sides"][side] = {"selected": len(selected), "clipped": len(clipped),
+                             "cleaned": len(cleaned)}
+        paths[side] = outputs.save_trk(out_dir / f"cst_{h}.trk", cleaned, fa_img)
+    paths["qc"] = outputs.write_json(out_dir / "tracking_qc.json", qc)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
+                   rois_file, *, out_dir):
+    """100-node profiles of both CSTs (TSV), per-side summaries and asymmetry (JSON)."""
+    out_dir = Path(out_dir)
+    maps = {}
+    for name, path in zip(tractometry.PROFILE_METRICS, (fa_file, md_file, rd_file, ad_file)):
+        maps[name], img = _load(path)
+    affine = img.affine
+    levels, _ = _load(levels_file, dtype=np.int16)
+    rois, _ = _load(rois_file, dtype=np.int16)
+    level_names = atlases.LEVEL_LABELS
+
+    rows, summary, node_levels, node_xyz, fa_profiles = [], {}, {}, {}, {}
+    for side, trk in zip(SIDES, (left_trk, right_trk)):
+        bundle = outputs.load_streamlines(trk)
+        prof = tractometry.tract_profiles(bundle, maps, affine)
+        summary[side] = tractometry.bundle_summary(bundle, prof)
+        xyz = prof["xyz"]
+        finite = np.all(np.isfinite(xyz), axis=1)
+        node_label = np.zeros(len(xyz), dtype=int)
+        if finite.any():
+            node_label[finite] = tracking.labels_along(xyz[finite], levels, affine)
+        node_levels[side] = [level_names.get(int(v)) for v in node_label]
+        node_xyz[side] = xyz
+        fa_profiles[side] = prof["fa"]
+        for node in range(tractometry.N_NODES):
+            row = {"tract": f"CST_{HEMI[side]}", "node": node}
+            row.update({m: _fmt(prof[m][node]) for m in tractometry.PROFILE_METRICS})
+            row.update({"x": _fmt(xyz[node, 0], 2), "y": _fmt(xyz[node, 1], 2),
+                        "z": _fmt(xyz[node, 2], 2), "level": node_levels[side][node] or "n/a"})
+            rows.append(row)
+
+    plic = {side: tractometry.roi_mean(maps["fa"], rois, atlases.CST_ROI_LABELS[f"plic_{HEMI[side]}"])
+            for side in SIDES}
+    ai_profile = tractometry.asymmetry_index(fa_profiles["left"], fa_profiles["right"])
+    result = {
+        "cst": summary,
+        "plic_fa": plic,
+        "fa_ai_tract": _finite_or_none(tractometry.asymmetry_index(
+            summary["left"]["fa_mean"] or np.nan, summary["right"]["fa_mean"] or np.nan)),
+        "fa_ai_plic": _finite_or_none(tractometry.asymmetry_index(plic["left"], plic["right"])),
+        "fa_ai_profile": [_finite_or_none(v) for v in ai_profile],
+        "node_levels": node_levels,
+        "node_xyz": {s: np.round(node_xyz[s], 2).tolist() for s in SIDES},
+    }
+    tsv = out_dir / "profiles.tsv"
+    with outputs.atomic_path(tsv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"tsv": str(tsv),
+            "json": str(outputs.write_json(out_dir / "profiles.json", result))}
+
+
+def _fmt(value, digits=6):
+    return "n/a" if not np.isfinite(value) else round(float(value), digits)
+
+
+def _finite_or_none(value, digits=5):
+    value = float(value)
+    return round(value, digits) if np.isfinite(value) else None
+
+
+#: Quality-control limits below which the CST is reported as not assessable.
+DEFAULT_QC_LIMITS = {"min_streamlines": 20, "min_roi_coverage": 0.6,
+                     "min_template_correlation": 0.4}
+
+
+def quality_control(registration_qc, tracking_qc, summary, limits):
+    """Known silent-failure patterns → (assessable, reasons)."""
+    reasons = []
+    coverage = registration_qc["roi_coverage"]
+    for roi, where in (("peduncle", "the brainstem (cerebral peduncles)"),
+                       ("plic", "the internal capsules"), ("motor", "the motor cortex")):
+        low = [s for s in SIDES if coverage.get(f"{roi}_{HEMI[s]}", 0) < limits["min_roi_coverage"]]
+        if low:
+            reasons.append(f"The field of view or brain mask does not cover {where} "
+                           f"({', '.join(low)}): the CST cannot be followed along its course.")
+    r = registration_qc["template_fa_correlation"]
+    if r < limits["min_template_correlation"]:
+        reasons.append(f"Registration to the MNI FA template looks failed (FA correlation "
+                       f"{r:.2f} < {limits['min_template_correlation']}).")
+    for side in SIDES:
+        n = summary[side]["n_streamlines"]
+        if n < limits["min_streamlines"]:
+            reasons.append(f"Too few {side} CST streamlines ({n} < {limits['min_streamlines']}).")
+    return not reasons, reasons
+
+
+def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
+           out_dir, subject, entities, input_files, parameters, thresholds=None,
+           qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI):
+    """Localisation, prognosis, QC and provenance → the metrics JSON (public contract)."""
+    profiles = json.loads(Path(profiles_json).read_text())
+    reg_qc = json.loads(Path(registration_qc_file).read_text())
+    trk_qc = json.loads(Path(tracking_qc_file).read_text())
+    pre_qc = json.loads(Path(preprocess_qc_file).read_text())
+    limits = {**DEFAULT_QC_LIMITS, **(qc_limits or {})}
+    assessable, reasons = quality_control(reg_qc, trk_qc, profiles["cst"], limits)
+    ai_profile = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]])
+    loc = localization.localize_damage(
+        ai_profile, profiles["node_levels"],
+        {s: np.asarray(profiles["node_xyz"][s]) for s in SIDES},
+        thresholds=thresholds, assessable=assessable)
+    fa_ai_plic = profiles["fa_ai_plic"]
+    prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
+                                       prep_plic_ai=prep_plic_ai, qc_reasons=reasons)
+    coverage = reg_qc["roi_coverage"]
+    metrics = {
+        "subject": subject,
+        "entities": entities,
+        "cst": profiles["cst"],
+        "asymmetry": {
+            "definition": "AI = (FA_L - FA_R) / (FA_L + FA_R); positive: left FA higher",
+            "fa_ai_tract": profiles["fa_ai_tract"],
+            "fa_ai_plic": fa_ai_plic,
+            "plic_fa": profiles["plic_fa"],
+            "fa_ai_profile": profiles["fa_ai_profile"],
+        },
+        "localization": loc,
+        "prognosis": prog,
+        "qc": {
+            "assessable": assessable,
+            "warnings": reasons,
+            "limits": limits,
+            "brainstem_covered": all(coverage.get(f"peduncle_{HEMI[s]}", 0) >= limits["min_roi_coverage"]
+                                     for s in SIDES),
+            "pons_covered": trk_qc["inferior_landmark"] == "pons",
+            "registration": reg_qc,
+            "tracking": trk_qc,
+            "preprocessing": pre_qc,
+        },
+        "provenance": outputs.provenance(inputs=input_files, parameters=parameters),
+    }
+    return str(outputs.write_json(Path(out_dir) / "metrics.json", metrics))
+
+
+#: Derivative file names (after the ``sub-X[_entities]`` stem) and what each holds.
+DERIVATIVES = {
+    "fa": ("_model-tensor_param-fa_dwimap.nii.gz", "Fractional anisotropy (DTI, WLS)"),
+    "md": ("_model-tensor_param-md_dwimap.nii.gz", "Mean diffusivity, mm^2/s (DTI, WLS)"),
+    "rd": ("_model-tensor_param-rd_dwimap.nii.gz", "Radial diffusivity, mm^2/s (DTI, WLS)"),
+    "ad": ("_model-tensor_param-ad_dwimap.nii.gz", "Axial diffusivity, mm^2/s (DTI, WLS)"),
+    "mask": ("_desc-brain_mask.nii.gz", "Brain mask (median Otsu on the mean b0)"),
+    "rois": ("_desc-CSTrois_dseg.nii.gz", "CST ROIs warped from the MNI atlas (see atlases/)"),
+    "left": ("_hemi-L_desc-CST_tractography.trk",
+             "Left CST streamlines, world RAS mm, inferior end first"),
+    "right": ("_hemi-R_desc-CST_tractography.trk",
+              "Right CST streamlines, world RAS mm, inferior end first"),
+    "profiles_tsv": ("_desc-profiles_tractometry.tsv",
+                     "100-node CST profiles; node 0 at the brainstem end"),
+}
+
+
+def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, parameters):
+    """Copy a run's results into the BIDS-Derivatives tree, each file atomically,
+    each with a JSON sidecar; the metrics JSON is written last, so its presence
+    means the run's outputs are complete.
+
+    Returns the list of written paths.
+    """
+    import shutil
+
+    derivatives_dir = Path(derivatives_dir)
+    written = []
+
+    def copy(source, target):
+        with outputs.atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        written.append(str(target))
+
+    for key, (suffix, description) in DERIVATIVES.items():
+        target = derivatives_dir / f"{stem}{suffix}"
+        copy(files[key], target)
+        written.append(str(outputs.write_sidecar(target, description=description,
+                                                 sources=source_files, parameters=parameters)))
+    copy(files["report"], Path(out_dir) / f"{stem}.html")
+    copy(files["metrics"], derivatives_dir / f"{stem}_desc-cst_metrics.json")
+    return written

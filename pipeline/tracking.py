@@ -1,0 +1,195 @@
+"""CST tractography: tensor peaks, seeding, parallel deterministic tracking,
+anatomical selection, orientation, clipping and outlier cleaning.
+
+All streamlines are in world RAS+ millimetres.
+"""
+
+import numpy as np
+from dipy.direction.peaks import PeaksAndMetrics
+from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+from dipy.tracking.streamline import Streamlines
+from dipy.tracking.tracker import eudx_tracking
+from dipy.tracking.utils import length
+from nibabel.affines import apply_affine
+
+from .parallel import parallel_map
+from .tractometry import core_mahalanobis, resample_bundle
+
+#: Seeds per tracking chunk. The chunk layout (hence the output) never depends on n_jobs.
+SEED_CHUNK_SIZE = 4000
+
+
+def tensor_peak_arrays(v1, fa, mask):
+    """Arrays for DIPY's peak-based (EuDX) tracker built from the tensor's principal direction.
+
+    Each brain voxel's exact eigenvector becomes one "vertex", so no direction
+    is rounded to a sphere (and no ODF has to be sampled).
+
+    Returns
+    -------
+    peak_indices : int32 (X, Y, Z, 1)
+    peak_values : float64 (X, Y, Z, 1), the FA
+    vertices : float64 (n_voxels, 3), voxel-frame unit vectors
+    """
+    mask = np.asarray(mask, dtype=bool)
+    peak_indices = np.zeros(mask.shape + (1,), dtype=np.int32)
+    peak_values = np.zeros(mask.shape + (1,), dtype=np.float64)
+    peak_indices[mask, 0] = np.arange(int(mask.sum()), dtype=np.int32)
+    peak_values[mask, 0] = fa[mask]
+    vertices = np.ascontiguousarray(v1[mask], dtype=np.float64)
+    if len(vertices) == 0:
+        vertices = np.array([[1.0, 0.0, 0.0]])
+    return peak_indices, peak_values, vertices
+
+
+def seeds_in_mask(mask, affine, *, seeds_per_voxel, random_seed):
+    """Random seeds (world mm), ``seeds_per_voxel`` uniformly inside each voxel of ``mask``.
+
+    Seeds are generated in world terms: voxels are visited in world-coordinate
+    order and the in-voxel offsets use the voxel axes re-ordered and re-signed
+    to point along +x, +y, +z. The same scan stored with flipped or permuted
+    axes therefore gets the same seeds, and so the same streamlines.
+    """
+    ijk = np.argwhere(np.asarray(mask, dtype=bool))
+    if len(ijk) == 0:
+        return np.zeros((0, 3))
+    centres = apply_affine(affine, ijk)
+    centres = centres[np.lexsort(np.round(centres, 3).T[::-1])]  # by x, then y, then z
+    linear = affine[:3, :3]
+    dominant = np.abs(linear).argmax(axis=0)  # world axis each voxel axis runs along
+    canonical = np.zeros((3, 3))
+    for axis in range(3):
+        column = linear[:, axis]
+        canonical[:, dominant[axis]] = column * np.sign(column[dominant[axis]])
+    offsets = np.random.default_rng(random_seed).uniform(
+        -0.5, 0.5, size=(len(centres), seeds_per_voxel, 3))
+    return (centres[:, None, :] + offsets @ canonical.T).reshape(-1, 3)
+
+
+def _track_chunk(seeds, peak_indices, peak_values, vertices, fa, affine, params, random_seed):
+    pam = PeaksAndMetrics()
+    pam.peak_indices = peak_indices
+    pam.peak_values = peak_values
+    pam.odf_vertices = vertices
+    stopping = ThresholdStoppingCriterion(np.asarray(fa, dtype=np.float64), params["fa_stop"])
+    generated = eudx_tracking(
+        np.asarray(seeds, dtype=np.float64), stopping, affine, pam=pam,
+        step_size=params["step_mm"], max_angle=params["max_angle_deg"],
+        pmf_threshold=params["fa_stop"], min_len=params["min_length_mm"],
+        max_len=params["max_length_mm"], nbr_threads=1, random_seed=random_seed)
+    return [np.asarray(s, dtype=np.float32) for s in generated]
+
+
+def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,
+                            step_mm=0.5, min_length_mm=20.0, max_length_mm=250.0,
+                            n_jobs=1, random_seed=0):
+    """Deterministic tensor tracking (EuDX on the principal eigenvector), parallel over seed chunks.
+
+    Parameters
+    ----------
+    seeds : ndarray (N, 3), world mm
+    v1 : ndarray (X, Y, Z, 3), principal eigenvector in the voxel frame
+    fa : ndarray (X, Y, Z)
+    mask : bool ndarray (X, Y, Z)
+    affine : ndarray (4, 4), voxel → world
+    fa_stop : float
+        Tracking stops where FA falls below this.
+    max_angle_deg, step_mm, min_length_mm, max_length_mm : float
+    n_jobs : int
+        joblib workers. Chunks are fixed by :data:`SEED_CHUNK_SIZE` and each
+        gets its own seed (``random_seed + chunk index``), so the streamlines are
+        identical for any ``n_jobs``.
+
+    Returns
+    -------
+    list of float32 ndarray (n_points, 3), world mm, in seed order.
+    """
+    peak_indices, peak_values, vertices = tensor_peak_arrays(v1, fa, mask)
+    params = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm,
+                  min_length_mm=min_length_mm, max_length_mm=max_length_mm)
+    chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
+    results = parallel_map(_track_chunk, [
+        (chunk, peak_indices, peak_values, vertices, fa, affine, params, random_seed + 1 + i)
+        for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
+    return [s for chunk in results for s in chunk]
+
+
+def labels_along(points, labels, affine):
+    """Label value at each world-mm point (nearest voxel; 0 outside the grid)."""
+    ijk = np.rint(apply_affine(np.linalg.inv(affine), points)).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape)), axis=1)
+    values = np.zeros(len(points), dtype=labels.dtype)
+    values[inside] = labels[tuple(ijk[inside].T)]
+    return values
+
+
+def _labels_per_streamline(streamlines, labels, affine):
+    """Labels along all streamlines at once: (values of all points, start offsets)."""
+    lengths = np.array([len(s) for s in streamlines])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return labels_along(np.concatenate(streamlines), labels, affine), offsets
+
+
+def select_tract(streamlines, labels, affine, *, required, forbidden):
+    """Streamlines that pass every label in ``required`` and touch none in ``forbidden``."""
+    if len(streamlines) == 0:
+        return []
+    values, offsets = _labels_per_streamline(streamlines, labels, affine)
+    keep = np.ones(len(streamlines), dtype=bool)
+    for value in required:
+        keep &= np.logical_or.reduceat(values == value, offsets)
+    for value in forbidden:
+        keep &= ~np.logical_or.reduceat(values == value, offsets)
+    return [s for s, k in zip(streamlines, keep) if k]
+
+
+def orient_inferior_first(streamlines):
+    """Flip streamlines so that each starts at its inferior (lowest world z) end."""
+    return [s if s[0, 2] <= s[-1, 2] else s[::-1].copy() for s in streamlines]
+
+
+def clip_between(streamlines, labels, affine, *, lower, upper):
+    """Keep the part of each (inferior-first) streamline from its first point in the
+    ``lower`` ROI to its first point in the ``upper`` ROI after that.
+
+    Streamlines that do not enter both in that order are dropped. Clipping both
+    sides at the same landmarks makes their profiles comparable node by node.
+    """
+    if len(streamlines) == 0:
+        return []
+    all_values, offsets = _labels_per_streamline(streamlines, labels, affine)
+    clipped = []
+    for s, values in zip(streamlines, np.split(all_values, offsets[1:])):
+        in_lower = np.flatnonzero(values == lower)
+        if len(in_lower) == 0:
+            continue
+        start = in_lower[0]
+        in_upper = np.flatnonzero(values[start:] == upper)
+        if len(in_upper) == 0:
+            continue
+        stop = start + in_upper[0]
+        if stop - start >= 3:
+            clipped.append(np.ascontiguousarray(s[start:stop + 1]))
+    return clipped
+
+
+def clean_bundle(streamlines, *, n_points=100, distance_threshold=3.0, length_threshold=4.0,
+                 max_rounds=5, min_streamlines=20):
+    """Remove outlier streamlines (pyAFQ-style): far from the bundle core or of odd length.
+
+    A streamline goes when, at any of ``n_points`` nodes, its Mahalanobis distance
+    to the core exceeds ``distance_threshold``, or its length z-score exceeds
+    ``length_threshold``. Stops early rather than leave fewer than ``min_streamlines``.
+    """
+    bundle = list(streamlines)
+    if len(bundle) < min_streamlines:
+        return bundle
+    for _ in range(max_rounds):
+        distance = core_mahalanobis(resample_bundle(bundle, n_points))
+        lengths = np.asarray(list(length(Streamlines(bundle))))
+        length_z = np.abs(lengths - lengths.mean()) / (lengths.std() or 1.0)
+        keep = np.all(np.nan_to_num(distance) < distance_threshold, axis=1) & (length_z < length_threshold)
+        if keep.all() or keep.sum() < min_streamlines:
+            break
+        bundle = [s for s, k in zip(bundle, keep) if k]
+    return bundle

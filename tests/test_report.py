@@ -1,0 +1,314 @@
+"""The HTML report: self-contained, correct orientation, robust to missing inputs."""
+
+import base64
+import csv
+import io
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from pipeline import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+LEVELS = (["medulla"] * 10 + ["pons"] * 15 + ["cerebral_peduncle"] * 15
+          + ["internal_capsule"] * 20 + ["corona_radiata"] * 25 + ["cortex"] * 15)
+
+# LAS storage: voxel i grows towards the subject's left (world x decreases).
+SHAPE = (40, 48, 44)
+LAS_AFFINE = np.array([[-2.0, 0, 0, 39.0],
+                       [0, 2.0, 0, -47.0],
+                       [0, 0, 2.0, -43.0],
+                       [0, 0, 0, 1]])
+
+
+def _world_grid(affine, shape):
+    ijk = np.indices(shape).reshape(3, -1).T
+    return nib.affines.apply_affine(affine, ijk).reshape(shape + (3,))
+
+
+def _fa_data(affine, shape):
+    """Brain-like ellipsoid (FA 0.25) with a bright column (FA 0.9) at world x = -20 only."""
+    xyz = _world_grid(affine, shape)
+    x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
+    fa = np.where((x / 36) ** 2 + (y / 44) ** 2 + (z / 40) ** 2 < 1, 0.25, 0.0)
+    fa[(np.hypot(x + 20, y) < 5) & (np.abs(z) < 35)] = 0.9
+    return fa.astype(np.float32)
+
+
+def _tract(x0, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    z = np.linspace(-30, 30, 61)
+    out = []
+    for _ in range(n):
+        dx, dy = rng.normal(0, 1.0, 2)
+        out.append(np.stack([np.full_like(z, x0 + dx), np.full_like(z, dy), z], 1)
+                   .astype(np.float32))
+    return out
+
+
+def _save_trk(path, streamlines, affine, shape):
+    tractogram = nib.streamlines.Tractogram(streamlines, affine_to_rasmm=np.eye(4))
+    header = {nib.streamlines.Field.VOXEL_TO_RASMM: affine,
+              nib.streamlines.Field.VOXEL_SIZES: (2.0, 2.0, 2.0),
+              nib.streamlines.Field.DIMENSIONS: shape,
+              nib.streamlines.Field.VOXEL_ORDER: "".join(nib.aff2axcodes(affine))}
+    nib.streamlines.save(tractogram, str(path), header=header)
+    return path
+
+
+def _metrics():
+    ai = [0.0] * 100
+    for i in range(50, 60):
+        ai[i] = -0.15
+    return {
+        "subject": "philips01", "entities": {"dir": "AP"},
+        "cst": {s: {"n_streamlines": 40, "fa_mean": 0.5, "md_mean": 7e-4, "rd_mean": 5e-4,
+                    "ad_mean": 1.2e-3, "length_mm_mean": 60.0} for s in ("left", "right")},
+        "asymmetry": {"fa_ai_tract": -0.02, "fa_ai_plic": -0.14, "fa_ai_profile": ai},
+        "localization": {
+            "assessable": True, "umn_damage": True, "affected_side": "left",
+            "level": "internal_capsule", "peak_ras_mm": [-20.0, 0.0, 8.0], "peak_node": 55,
+            "segments": [{"side": "left", "start_node": 50, "end_node": 59, "peak_node": 55,
+                          "peak_level": "internal_capsule", "peak_ras_mm": [-20.0, 0.0, 8.0],
+                          "peak_ai": -0.15, "mean_ai": -0.15, "start_level": "internal_capsule",
+                          "end_level": "internal_capsule"}],
+            "thresholds": {"node_ai": 0.1, "min_nodes": 6, "tract_ai": 0.05}},
+        "prognosis": {"category": "umn_damage_plic_asymmetry_below_prep_cutoff",
+                      "summary": "UMN damage <b>shows</b> along the left CST.",
+                      "rationale": ["Reduced FA along the left CST."],
+                      "references": ["Stinear CM et al. Brain 2012;135:2527–2535."],
+                      "disclaimer": "Research use only."},
+        "qc": {"assessable": True, "warnings": ["Low SNR in the pons <check>"],
+               "registration": {"template_fa_correlation": 0.81,
+                                "roi_coverage": {"plic_L": 1.0, "plic_R": 0.95}}},
+        "provenance": {"software": {"dipy": "1.12.0", "numpy": "2.1.0"},
+                       "parameters": {"denoise": "mppca", "thresholds": {"node_ai": 0.1}},
+                       "inputs": {"dwi.nii.gz": {"path": "/data/dwi.nii.gz", "sha256": "0" * 64}},
+                       "created": "2024-01-01T00:00:00+00:00"},
+    }
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    fa_file = tmp_path / "fa.nii.gz"
+    nib.save(nib.Nifti1Image(_fa_data(LAS_AFFINE, SHAPE), LAS_AFFINE), str(fa_file))
+    mask_file = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image((_fa_data(LAS_AFFINE, SHAPE) > 0).astype(np.uint8), LAS_AFFINE),
+             str(mask_file))
+    xyz = _world_grid(LAS_AFFINE, SHAPE)
+    rois = np.zeros(SHAPE, np.int16)
+    for label, (x0, z0) in {3: (-20, 8), 4: (20, 8), 5: (-15, -12), 6: (15, -12)}.items():
+        rois[(np.hypot(xyz[..., 0] - x0, xyz[..., 1]) < 4) & (np.abs(xyz[..., 2] - z0) < 3)] = label
+    rois_file = tmp_path / "rois.nii.gz"
+    nib.save(nib.Nifti1Image(rois, LAS_AFFINE), str(rois_file))
+    left = _save_trk(tmp_path / "cst_L.trk", _tract(-20, seed=1), LAS_AFFINE, SHAPE)
+    right = _save_trk(tmp_path / "cst_R.trk", _tract(20, seed=2), LAS_AFFINE, SHAPE)
+    tsv = tmp_path / "profiles.tsv"
+    with open(tsv, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["tract", "node", "fa", "md", "rd", "ad", "x", "y", "z", "level"])
+        for tract, x0 in (("CST_L", -20), ("CST_R", 20)):
+            for node in range(100):
+                fa = 0.55 - (0.15 if tract == "CST_L" and 50 <= node < 60 else 0.0)
+                writer.writerow([tract, node, fa, 7e-4, 5e-4, 1.2e-3, x0, 0.0,
+                                 -30 + 0.6 * node, LEVELS[node]])
+    return {"fa_file": fa_file, "mask_file": mask_file, "rois_file": rois_file,
+            "tract_files": {"left": left, "right": right}, "profiles_tsv": tsv}
+
+
+def _images(text):
+    images = []
+    for payload in IMG_RE.findall(text):
+        raw = base64.b64decode(payload, validate=True)
+        assert raw.startswith(PNG_SIGNATURE)
+        pixels = imread(io.BytesIO(raw), format="png")
+        assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
+        images.append(pixels)
+    return images
+
+
+def _assert_self_contained(text):
+    refs = re.findall(r'(?:src|href)\s*=\s*["\']?\s*([^"\'\s>]+)', text, flags=re.I)
+    assert refs
+    assert not [r for r in refs if re.match(r"(https?:)?//", r, flags=re.I)]
+    assert "<script" not in text.lower()
+    assert "@import" not in text and "url(" not in text
+
+
+def test_full_report(inputs, tmp_path):
+    out = tmp_path / "out" / "sub-philips01_dir-AP_report.html"
+    path = report.write_report(out, metrics=_metrics(), **inputs)
+    assert path == out and out.is_file()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left
+    text = out.read_text(encoding="utf-8")
+    assert text.lstrip().startswith("<!DOCTYPE html>")
+    assert "sub-philips01_dir-AP" in text
+    assert "Research use only — not a medical device" in text
+    assert "UMN) damage shown: yes" in text
+    assert ("Reduced FA along the left CST at the internal capsule "
+            "(peak at x=-20, y=0, z=8 mm RAS)") in text
+    # Order: banner, verdict, prognosis, figures, QC, methods.
+    order = [text.index(s) for s in ('class="banner"', 'id="verdict"', 'id="prognosis"',
+                                     'id="figures"', 'id="qc"', 'id="methods"')]
+    assert order == sorted(order)
+    # Strings from the metrics are escaped.
+    assert "&lt;b&gt;shows&lt;/b&gt;" in text and "<b>shows</b>" not in text
+    assert "Low SNR in the pons &lt;check&gt;" in text
+    # Generic QC and provenance tables; citations.
+    assert "registration.roi_coverage.plic_L" in text
+    assert "thresholds.node_ai" in text and "0" * 64 in text
+    for cite in ("Garyfallidis", "Veraart", "Avants", "Yeatman", "Stinear"):
+        assert cite in text
+    images = _images(text)
+    assert len(images) >= 6  # slices, FA, AI, MD/RD, mask, ROIs
+    assert "could not be drawn" not in text
+    _assert_self_contained(text)
+
+
+def test_write_is_atomic_and_overwrites(inputs, tmp_path):
+    out = tmp_path / "report.html"
+    out.write_text("old")
+    report.write_report(out, metrics=_metrics(), profiles_tsv=inputs["profiles_tsv"],
+                        fa_file=inputs["fa_file"], tract_files=inputs["tract_files"])
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _colour_columns(fig, ax, rgb, tol=0.5):
+    """Column indices (display pixels) of the pixels whose hue is closest to ``rgb``."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float) / 255
+    target = np.array(rgb, float)
+    # Remove the grey level so alpha-blended points on the grey FA still match.
+    chroma = pixels - pixels.mean(axis=-1, keepdims=True)
+    tchroma = target - target.mean()
+    cos = (chroma @ tchroma) / (np.linalg.norm(chroma, axis=-1) * np.linalg.norm(tchroma) + 1e-9)
+    strong = np.linalg.norm(chroma, axis=-1) > 0.08
+    rows, cols = np.nonzero((cos > 1 - tol / 5) & strong)
+    bbox = ax.get_window_extent()
+    inside = (cols >= bbox.x0) & (cols <= bbox.x1)
+    return cols[inside]
+
+
+def test_axial_panel_neurological_left_on_left(inputs):
+    from matplotlib.colors import to_rgb
+
+    fa_img = nib.load(str(inputs["fa_file"]))
+    assert nib.aff2axcodes(fa_img.affine)[0] == "L"  # stored LAS
+    streamlines = {side: list(nib.streamlines.load(str(p)).streamlines)
+                   for side, p in inputs["tract_files"].items()}
+    fig = report.plot_tract_slices(fa_img, streamlines, center=[0.0, 0.0, 8.0],
+                                   planes=("axial",))
+    ax = fig.axes[0]
+    left = _colour_columns(fig, ax, to_rgb(report.COLORS["left"]))
+    right = _colour_columns(fig, ax, to_rgb(report.COLORS["right"]))
+    assert len(left) > 20 and len(right) > 20
+    midline = ax.transData.transform((0.0, 0.0))[0]
+    bbox = ax.get_window_extent()
+    assert abs(midline - (bbox.x0 + bbox.x1) / 2) < 0.1 * bbox.width
+    assert left.max() < midline < right.min()
+    # The tract points are placed at their world x (subject left = negative x = figure left).
+    x_left = ax.transData.transform((-20.0, 0.0))[0]
+    assert abs(np.median(left) - x_left) < 0.05 * bbox.width
+
+
+def test_world_slice_independent_of_storage_orientation(inputs):
+    """LAS, RAS and axis-swapped storage of the same world image give the same slice."""
+    las = nib.load(str(inputs["fa_file"]))
+    data = np.asarray(las.dataobj)
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, SHAPE[0] - 1
+    ras = nib.Nifti1Image(np.ascontiguousarray(data[::-1]), LAS_AFFINE @ flip)
+    swap = np.eye(4)[[1, 0, 2, 3]]  # voxel (j, i, k) → (i, j, k)
+    swapped = nib.Nifti1Image(np.ascontiguousarray(data.transpose(1, 0, 2)), LAS_AFFINE @ swap)
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    assert nib.aff2axcodes(swapped.affine) == ("A", "L", "S")
+    extent = (-38.0, 38.0, -46.0, 46.0)
+    slices = [report.sample_world_slice(img, "axial", 0.0, extent, step=2.0)
+              for img in (las, ras, swapped)]
+    np.testing.assert_allclose(slices[0], slices[1], atol=1e-5)
+    np.testing.assert_allclose(slices[0], slices[2], atol=1e-5)
+    # The bright column at world x = -20 lies in the left half (columns run from x = -38).
+    column = np.argmax(slices[0].max(axis=0))
+    assert -38.0 + 2.0 * column == pytest.approx(-20.0, abs=4.0)
+
+
+def test_missing_tract_file(inputs, tmp_path):
+    tracts = {"left": tmp_path / "does_not_exist.trk", "right": inputs["tract_files"]["right"]}
+    out = report.write_report(tmp_path / "r.html", metrics=_metrics(),
+                              profiles_tsv=inputs["profiles_tsv"], fa_file=inputs["fa_file"],
+                              tract_files=tracts)
+    text = out.read_text()
+    assert "left tract file (CST_L) is missing" in text
+    assert len(_images(text)) >= 4
+    _assert_self_contained(text)
+
+
+def test_empty_tract_and_no_fa(inputs, tmp_path):
+    empty = _save_trk(tmp_path / "empty.trk", [], LAS_AFFINE, SHAPE)
+    metrics = _metrics()
+    metrics["cst"]["right"]["n_streamlines"] = 0
+    out = report.write_report(tmp_path / "r.html", metrics=metrics,
+                              profiles_tsv=inputs["profiles_tsv"], fa_file=None,
+                              tract_files={"left": inputs["tract_files"]["left"],
+                                           "right": empty},
+                              mask_file=tmp_path / "nope.nii.gz")
+    text = out.read_text()
+    assert "right tract (CST_R) has 0 streamlines" in text
+    assert "No FA image was given" in text
+    assert "brain mask file is missing" in text
+    assert len(_images(text)) >= 4
+
+
+def test_metrics_without_localization(inputs, tmp_path):
+    metrics = _metrics()
+    del metrics["localization"]
+    del metrics["asymmetry"]
+    del metrics["prognosis"]
+    out = report.write_report(tmp_path / "r.html", metrics=metrics, **inputs)
+    text = out.read_text()
+    assert "damage shown: not assessable" in text
+    assert "no localisation result" in text.lower()
+    # The AI profile falls back on the left/right FA profiles of the TSV.
+    assert len(_images(text)) >= 6
+    assert "could not be drawn" not in text
+
+
+def test_not_assessable_lists_qc_reasons(inputs, tmp_path):
+    metrics = _metrics()
+    metrics["localization"] = {"assessable": False, "umn_damage": False, "affected_side": None,
+                               "level": None, "peak_ras_mm": None, "segments": [],
+                               "thresholds": {"node_ai": 0.1, "min_nodes": 6}}
+    metrics["qc"]["warnings"] = ["Too few left CST streamlines (3 < 20)."]
+    out = report.write_report(tmp_path / "r.html", metrics=metrics, **inputs)
+    text = out.read_text()
+    assert "damage shown: not assessable" in text
+    assert "Too few left CST streamlines (3 &lt; 20)." in text
+
+
+def test_no_damage_verdict_and_minimal_metrics(tmp_path):
+    metrics = {"localization": {"assessable": True, "umn_damage": False, "affected_side": "none",
+                                "thresholds": {"node_ai": 0.1, "min_nodes": 6}}}
+    v = report.verdict(metrics)
+    assert v["status"] == "no" and "No imaging evidence" in v["sentence"]
+    out = report.write_report(tmp_path / "r.html", metrics={}, profiles_tsv=None, fa_file=None,
+                              tract_files={})
+    text = out.read_text()
+    assert "Research use only — not a medical device" in text
+    assert "not assessable" in text
+    _assert_self_contained(text)
+
+
+def test_figure_helpers_return_figures(inputs):
+    profiles = report.read_profiles_tsv(inputs["profiles_tsv"])
+    assert set(profiles) == {"left", "right"}
+    assert profiles["left"]["level"][0] == "medulla" and len(profiles["left"]["fa"]) == 100
+    fig = report.plot_profiles(profiles, metric="fa",
+                               segments=[{"start_node": 50, "end_node": 59}], peak_node=55)
+    uri = report.figure_to_data_uri(fig)
+    assert uri.startswith("data:image/png;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]).startswith(PNG_SIGNATURE)

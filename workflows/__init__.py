@@ -1,0 +1,1 @@
+"""Nipype workflows wiring the ``pipeline`` stages, and the command-line entry points."""
