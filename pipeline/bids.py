@@ -15,7 +15,7 @@ _ENTITY_ORDER = ("sub", "ses", "acq", "rec", "dir", "run", "part", "chunk")
 def normalize_subject_label(subject):
     """Return the bare BIDS label of ``subject`` (``sub-01`` and ``01`` give ``01``)."""
     label = subject[4:] if subject.startswith("sub-") else subject
-    if not _LABEL.match(label):
+    if not _LABEL.fullmatch(label):
         raise InputError(
             f"'{subject}' is not a BIDS subject label (letters and digits only).",
             fix="Pass the label as it appears in the folder name, e.g. 'sub-01' or '01'.",

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 from dipy.core.gradients import gradient_table
-from dipy.io.gradients import read_bvals_bvecs
 
 from .errors import InputError
 
@@ -48,6 +47,14 @@ def voxel_directions_to_world(vectors, affine):
     world = vectors @ linear.T
     norm = np.linalg.norm(world, axis=-1, keepdims=True)
     return np.divide(world, norm, out=np.zeros_like(world), where=norm > 0)
+
+
+def world_directions_to_voxel(vectors, affine):
+    """Inverse of :func:`voxel_directions_to_world` (unit vectors, voxel-axis frame)."""
+    linear = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    voxel = vectors @ np.linalg.inv(linear).T
+    norm = np.linalg.norm(voxel, axis=-1, keepdims=True)
+    return np.divide(voxel, norm, out=np.zeros_like(voxel), where=norm > 0)
 
 
 def count_unique_directions(bvecs, bvals, b0_threshold, angle_deg=5.0):
@@ -86,16 +93,24 @@ class DwiScan:
                               b0_threshold=self.b0_threshold)
 
 
-def _read_gradients(bval_path, bvec_path):
+def _read_table(path, what):
     try:
-        bvals, bvecs = read_bvals_bvecs(str(bval_path), str(bvec_path))
-    except (OSError, ValueError, IndexError) as exc:
-        raise InputError(f"The gradient files cannot be read: {exc}", path=bvec_path,
+        return np.atleast_1d(np.loadtxt(str(path), dtype=float, ndmin=1))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"The {what} file cannot be read: {exc}", path=path,
                          fix="bval: one row of numbers; bvec: three rows (FSL format).") from exc
-    if bvals is None or bvecs is None:
-        raise InputError("The gradient files are empty.", path=bval_path,
-                         fix="bval: one row of numbers; bvec: three rows (FSL format).")
-    return np.asarray(bvals, dtype=float), np.asarray(bvecs, dtype=float)
+
+
+def read_fsl_gradients(bval_path, bvec_path):
+    """b-values (N,) in s/mm² and FSL b-vectors (N, 3) from FSL-format files."""
+    bvals = _read_table(bval_path, "b-value").ravel()
+    bvecs = _read_table(bvec_path, "b-vector")
+    if bvecs.ndim == 2 and bvecs.shape[0] == 3:
+        bvecs = bvecs.T
+    elif not (bvecs.ndim == 2 and bvecs.shape[1] == 3):
+        raise InputError(f"The b-vector file has shape {bvecs.shape}; three rows are expected.",
+                         path=bvec_path, fix="Write the b-vectors as three rows (FSL format).")
+    return bvals, bvecs
 
 
 def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=True):
@@ -140,13 +155,13 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
         raise InputError(f"The image grid {img.shape[:3]} is too small for a brain.",
                          path=dwi_path, fix="Pass the whole-brain DWI series.")
 
-    bvals, bvecs = _read_gradients(bval_path, bvec_path)
+    bvals, bvecs = read_fsl_gradients(bval_path, bvec_path)
     n_vols = img.shape[3]
-    if len(bvals) != n_vols or len(bvecs) != n_vols:
-        raise InputError(
-            f"The image has {n_vols} volumes but the gradient files list "
-            f"{len(bvals)} b-values and {len(bvecs)} b-vectors.", path=bval_path,
-            fix="Use the .bval/.bvec written together with this image.")
+    for table, path, what in ((bvals, bval_path, "b-values"), (bvecs, bvec_path, "b-vectors")):
+        if len(table) != n_vols:
+            raise InputError(
+                f"The image has {n_vols} volumes but the file lists {len(table)} {what}.",
+                path=path, fix="Use the .bval/.bvec written together with this image.")
     if not (np.all(np.isfinite(bvals)) and np.all(np.isfinite(bvecs))):
         raise InputError("The gradient files contain non-numbers.", path=bvec_path,
                          fix="Regenerate the .bval/.bvec files.")

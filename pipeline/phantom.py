@@ -39,6 +39,9 @@ from scipy.spatial import cKDTree
 
 import atlases
 
+from .dwi import (fsl_bvecs_to_voxel_frame, voxel_directions_to_world, voxel_frame_to_fsl_bvecs,
+                  world_directions_to_voxel)
+
 MD_TISSUE = 0.75e-3
 MD_CSF = 3.0e-3
 FA_TUBE = 0.7
@@ -77,22 +80,12 @@ def fa_of(lpar, lperp):
 
 def world_to_fsl_bvecs(g_world: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """World (RAS) unit gradient directions (N,3) -> FSL/BIDS bvecs (3,N) for ``affine``."""
-    m = affine[:3, :3]
-    rot = m / np.linalg.norm(m, axis=0)
-    v = g_world @ np.linalg.inv(rot).T  # voxel-axis frame
-    if np.linalg.det(m) > 0:
-        v[:, 0] *= -1.0
-    return v.T
+    return voxel_frame_to_fsl_bvecs(world_directions_to_voxel(g_world, affine), affine).T
 
 
 def fsl_bvecs_to_world(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Inverse of :func:`world_to_fsl_bvecs`: (3,N) FSL bvecs -> (N,3) world directions."""
-    v = np.array(bvecs, float).T.copy()
-    m = affine[:3, :3]
-    if np.linalg.det(m) > 0:
-        v[:, 0] *= -1.0
-    rot = m / np.linalg.norm(m, axis=0)
-    return v @ rot.T
+    return voxel_directions_to_world(fsl_bvecs_to_voxel_frame(np.asarray(bvecs).T, affine), affine)
 
 
 def gradient_directions(n: int, seed: int) -> np.ndarray:

@@ -72,7 +72,12 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
     side = localization["affected_side"]
     level = (localization.get("level") or "unknown level").replace("_", " ")
     rationale = [f"Reduced FA along the {side} CST, peak at the {level}.", plic_text]
-    if magnitude is not None and magnitude >= prep_plic_ai:
+    if magnitude is None:
+        category = "umn_damage_plic_asymmetry_not_measurable"
+        summary = (f"UMN damage shows along the {side} CST (affecting the "
+                   f"{'right' if side == 'left' else 'left'} body side). The PLIC FA asymmetry "
+                   f"could not be measured, so the PREP MRI step cannot be applied.")
+    elif magnitude >= prep_plic_ai:
         category = "umn_damage_plic_asymmetry_at_or_above_prep_cutoff"
         summary = (f"UMN damage shows along the {side} CST (affecting the "
                    f"{'right' if side == 'left' else 'left'} body side). The PLIC FA asymmetry "

@@ -35,8 +35,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,7 +46,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from . import __version__
+from . import __version__, prognosis
+from .outputs import write_text
+from .prognosis import DISCLAIMER
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,16 +92,9 @@ REFERENCES = {
     "yeatman2012": ("Yeatman JD, Dougherty RF, Myall NJ, Wandell BA, Feldman HM. Tract profiles "
                     "of white matter properties: automating fiber-tract quantification. PLoS One "
                     "2012;7:e49790. doi:10.1371/journal.pone.0049790"),
-    "stinear2007": ("Stinear CM, Barber PA, Smale PR, Coxon JP, Fleming MK, Byblow WD. "
-                    "Functional potential in chronic stroke patients depends on corticospinal "
-                    "tract integrity. Brain 2007;130:170–180. doi:10.1093/brain/awl333"),
-    "stinear2012": ("Stinear CM, Barber PA, Petoe M, Anwar S, Byblow WD. The PREP algorithm "
-                    "predicts potential for upper limb recovery after stroke. Brain "
-                    "2012;135:2527–2535. doi:10.1093/brain/aws146"),
+    "stinear2007": prognosis.REFERENCES["stinear2007"],
+    "stinear2012": prognosis.REFERENCES["stinear2012"],
 }
-
-DISCLAIMER = ("Research use only — not a medical device. Not for diagnosis or treatment "
-              "decisions.")
 
 _DPI = 110
 
@@ -1213,20 +1206,6 @@ def _valid_peak(peak):
     return arr[:3] if arr.size >= 3 and np.all(np.isfinite(arr[:3])) else None
 
 
-def _atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=None,
                       rois_file=None) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
@@ -1403,4 +1382,4 @@ def write_report(out_html, *, metrics: dict, profiles_tsv, fa_file, tract_files:
     """
     text = build_report_html(metrics=metrics, profiles_tsv=profiles_tsv, fa_file=fa_file,
                              tract_files=tract_files, mask_file=mask_file, rois_file=rois_file)
-    return _atomic_write_text(out_html, text)
+    return write_text(out_html, text)

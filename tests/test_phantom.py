@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.phantom import fsl_bvecs_to_world, make_phantom_dataset  # noqa: E402
+from pipeline.phantom import fsl_bvecs_to_world, make_phantom_dataset
 
 LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
 

@@ -159,7 +159,7 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
         nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "left_trk", "right_trk",
                        "mask_file", "rois_file"], ["html"], "report")
 
-    to_dict = _function_node(_files_dict, ["fa", "md", "rd", "ad", "mask", "rois", "left",
+    to_dict = _function_node(nodes.collect_outputs, ["fa", "md", "rd", "ad", "mask", "rois", "left",
                                            "right", "profiles_tsv", "metrics", "report"],
                              ["files"], "files_dict")
     write = _function_node(
@@ -197,11 +197,6 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
         (to_dict, write, [("files", "files")]),
     ])
     return wf
-
-
-def _files_dict(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report):
-    return {"fa": fa, "md": md, "rd": rd, "ad": ad, "mask": mask, "rois": rois, "left": left,
-            "right": right, "profiles_tsv": profiles_tsv, "metrics": metrics, "report": report}
 
 
 def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, name="single_subject_wf"):

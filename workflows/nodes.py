@@ -82,6 +82,11 @@ def report(metrics_json, profiles_tsv, fa_file, left_trk, right_trk, mask_file, 
                             mask_file=mask_file, rois_file=rois_file))
 
 
+def collect_outputs(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report):
+    return {"fa": fa, "md": md, "rd": rd, "ad": ad, "mask": mask, "rois": rois, "left": left,
+            "right": right, "profiles_tsv": profiles_tsv, "metrics": metrics, "report": report}
+
+
 def write_derivatives(out_dir, stem, derivatives_dir, source_files, parameters, files):
     from pipeline.steps import write_derivatives as write
 

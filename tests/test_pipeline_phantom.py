@@ -1,0 +1,116 @@
+"""The whole command line on the demo phantom, whose CSTs and lesion are known."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.phantom import make_phantom_dataset
+
+from .conftest import load_metrics, run_cst_report
+
+pytestmark = pytest.mark.slow
+
+LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
+STEM = "sub-subject01"
+
+
+@pytest.fixture(scope="module")
+def lesion_phantom(tmp_path_factory):
+    bids = tmp_path_factory.mktemp("lesion") / "bids"
+    truth = make_phantom_dataset(bids, subject="subject01", lesion=LESION, seed=0)
+    return bids, truth
+
+
+@pytest.fixture(scope="module")
+def lesion_run(lesion_phantom, tmp_path_factory):
+    bids, truth = lesion_phantom
+    out = tmp_path_factory.mktemp("lesion_out")
+    result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    return out, truth, result
+
+
+def test_lesion_side_level_and_peak(lesion_run):
+    out, truth, result = lesion_run
+    metrics = load_metrics(out, STEM)
+    loc = metrics["localization"]
+    assert metrics["cst"]["left"]["n_streamlines"] >= 100
+    assert metrics["cst"]["right"]["n_streamlines"] >= 100
+    assert loc["umn_damage"] is True
+    assert loc["affected_side"] == truth["lesion"]["side"]
+    assert loc["level"] == truth["lesion"]["level"]
+    error = np.linalg.norm(np.subtract(loc["peak_ras_mm"], truth["lesion"]["centre_ras_mm"]))
+    assert error <= 12.0, f"peak {loc['peak_ras_mm']} is {error:.1f} mm from the lesion"
+    # The lesioned (left) side has the lower FA, so the asymmetry is negative.
+    assert metrics["asymmetry"]["fa_ai_tract"] < 0
+    assert "UMN damage shows along the left CST" in result.stdout
+
+
+def test_tracts_are_on_their_own_side_in_world_coordinates(lesion_run):
+    out, _, _ = lesion_run
+    for hemi, sign in (("L", -1), ("R", 1)):
+        trk = out / "sub-subject01" / "dwi" / f"{STEM}_hemi-{hemi}_desc-CST_tractography.trk"
+        points = np.concatenate(list(nib.streamlines.load(str(trk)).streamlines))
+        assert np.sign(np.median(points[:, 0])) == sign
+
+
+def test_outputs_are_bids_derivatives_with_provenance(lesion_run, lesion_phantom):
+    out, _, _ = lesion_run
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "cst-integrity"
+    dwi = out / "sub-subject01" / "dwi"
+    for name in ("_desc-profiles_tractometry.tsv", "_model-tensor_param-fa_dwimap.nii.gz",
+                 "_model-tensor_param-md_dwimap.nii.gz", "_hemi-L_desc-CST_tractography.trk",
+                 "_hemi-R_desc-CST_tractography.trk"):
+        assert (dwi / f"{STEM}{name}").is_file(), name
+        sidecar = json.loads((dwi / f"{STEM}{name.split('.')[0]}.json").read_text())
+        assert sidecar["GeneratedBy"][0]["Name"] == "cst-integrity"
+    with open(dwi / f"{STEM}_desc-profiles_tractometry.tsv") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert len(rows) == 200
+    assert {"tract", "node", "fa", "md", "rd", "ad", "x", "y", "z"} <= set(rows[0])
+    left = [r for r in rows if r["tract"] == "CST_L"]
+    assert float(left[0]["z"]) < float(left[-1]["z"])  # node 0 at the brainstem end
+    metrics = load_metrics(out, STEM)
+    provenance = metrics["provenance"]
+    assert provenance["software"]["dipy"]
+    assert set(provenance["inputs"]) == {"sub-subject01_dwi.nii.gz", "sub-subject01_dwi.bval",
+                                         "sub-subject01_dwi.bvec"}
+    assert len(metrics["asymmetry"]["fa_ai_profile"]) == 100
+    html = (out / f"{STEM}.html").read_text()
+    assert "not a medical device" in html.lower()
+    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+
+
+def test_n_jobs_does_not_change_the_result(lesion_run, lesion_phantom, tmp_path):
+    out2, _, _ = lesion_run
+    bids, _ = lesion_phantom
+    result = run_cst_report("subject01", bids, tmp_path, "--n-jobs", "1")
+    assert result.returncode == 0, result.stderr
+    one, two = load_metrics(tmp_path, STEM), load_metrics(out2, STEM)
+    for metrics in (one, two):
+        metrics["provenance"].pop("created")
+        metrics["provenance"]["parameters"].pop("n_jobs")
+    assert one == two
+    for hemi in ("L", "R"):
+        name = f"sub-subject01/dwi/{STEM}_hemi-{hemi}_desc-CST_tractography.trk"
+        a = nib.streamlines.load(str(tmp_path / name)).streamlines
+        b = nib.streamlines.load(str(out2 / name)).streamlines
+        assert len(a) == len(b) > 0
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_lesion_free_phantom_reports_no_damage(tmp_path):
+    bids = tmp_path / "bids"
+    make_phantom_dataset(bids, subject="subject01", lesion=None, seed=1)
+    result = run_cst_report("sub-subject01", bids, tmp_path / "out", "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    metrics = load_metrics(tmp_path / "out", STEM)
+    assert metrics["localization"]["affected_side"] == "none"
+    assert metrics["localization"]["umn_damage"] is False
+    assert metrics["prognosis"]["category"] == "no_imaging_evidence_of_umn_damage"
+    assert abs(metrics["asymmetry"]["fa_ai_tract"]) < 0.02

@@ -1,0 +1,112 @@
+"""Real healthy-volunteer scans from ../shared/data/bids (skipped when absent).
+
+Four vendors; all healthy, so both CSTs must be found and no damage reported.
+"""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline.errors import EXIT_NOT_ASSESSABLE
+
+from .conftest import SHARED_BIDS, load_metrics, run_cst_report
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+HEALTHY_FULL_COVERAGE = ("philips01", "philips02", "siemens01", "toshiba01")
+
+
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("real")
+
+
+def _run(subject, out_root, bids=SHARED_BIDS):
+    out = out_root / subject
+    if not (out / f"sub-{subject}.html").exists():
+        result = run_cst_report(subject, bids, out, "--n-jobs", "2")
+        assert result.returncode in (0, EXIT_NOT_ASSESSABLE), result.stderr
+    return out
+
+
+def _brain_z_range(out, stem):
+    img = nib.load(str(out / stem.split("_")[0] / "dwi" / f"{stem}_desc-brain_mask.nii.gz"))
+    ijk = np.argwhere(np.asarray(img.dataobj) > 0)
+    z = nib.affines.apply_affine(img.affine, ijk)[:, 2]
+    return z.min(), z.max()
+
+
+@pytest.mark.parametrize("subject", HEALTHY_FULL_COVERAGE)
+def test_healthy_scan_both_csts_no_damage(subject, out_root):
+    out = _run(subject, out_root)
+    stem = f"sub-{subject}"
+    metrics = load_metrics(out, stem)
+    assert metrics["qc"]["assessable"], metrics["qc"]["warnings"]
+    z_min, z_max = _brain_z_range(out, stem)
+    upper_third = z_min + 2 * (z_max - z_min) / 3
+    for side, hemi in (("left", "L"), ("right", "R")):
+        assert metrics["cst"][side]["n_streamlines"] >= 100, side
+        trk = out / stem / "dwi" / f"{stem}_hemi-{hemi}_desc-CST_tractography.trk"
+        streamlines = nib.streamlines.load(str(trk)).streamlines
+        bottoms = np.array([s[0, 2] for s in streamlines])
+        tops = np.array([s[-1, 2] for s in streamlines])
+        # From the brainstem (pons or peduncle) up to the upper third of the brain.
+        assert np.median(tops) >= upper_third, (side, np.median(tops), upper_third)
+        assert np.median(bottoms) <= z_min + (z_max - z_min) / 3, (side, np.median(bottoms))
+        x = np.median(np.concatenate(list(streamlines))[:, 0])
+        assert (x < 0) if side == "left" else (x > 0)
+    assert abs(metrics["asymmetry"]["fa_ai_tract"]) < 0.05
+    assert metrics["localization"]["umn_damage"] is False
+    assert metrics["localization"]["affected_side"] == "none"
+
+
+def test_scan_without_brainstem_is_not_assessable(out_root):
+    out = out_root / "uih01"
+    result = run_cst_report("uih01", SHARED_BIDS, out, "--n-jobs", "2")
+    assert result.returncode == EXIT_NOT_ASSESSABLE, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "NOT ASSESSABLE" in result.stdout
+    metrics = load_metrics(out, "sub-uih01")
+    assert metrics["qc"]["assessable"] is False
+    assert metrics["qc"]["brainstem_covered"] is False
+    assert any("brainstem" in w for w in metrics["qc"]["warnings"])
+    assert metrics["localization"]["umn_damage"] is False
+    assert metrics["localization"]["affected_side"] is None
+    assert metrics["prognosis"]["category"] == "not_assessable"
+    assert (out / "sub-uih01.html").is_file()
+
+
+def test_x_flipped_storage_gives_same_cst(out_root, tmp_path):
+    """Same scan, x storage axis reversed (data flipped, affine adjusted, FSL bvecs unchanged)."""
+    subject = "toshiba01"
+    reference = load_metrics(_run(subject, out_root), f"sub-{subject}")
+    src = SHARED_BIDS / f"sub-{subject}" / "dwi"
+    bids = tmp_path / "bids"
+    dst = bids / f"sub-{subject}" / "dwi"
+    dst.mkdir(parents=True)
+    shutil.copy(SHARED_BIDS / "dataset_description.json", bids)
+    img = nib.load(str(src / f"sub-{subject}_dwi.nii.gz"))
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, img.shape[0] - 1  # new voxel i' = n-1-i
+    flipped = nib.Nifti1Image(np.asarray(img.dataobj)[::-1], img.affine @ flip, img.header)
+    flipped.set_sform(img.affine @ flip, code=1)
+    flipped.set_qform(img.affine @ flip, code=1)
+    assert np.sign(np.linalg.det(flipped.affine)) != np.sign(np.linalg.det(img.affine))
+    nib.save(flipped, str(dst / f"sub-{subject}_dwi.nii.gz"))
+    for ext in ("bval", "bvec", "json"):  # FSL bvecs do not change under an x storage flip
+        shutil.copy(src / f"sub-{subject}_dwi.{ext}", dst)
+    out = tmp_path / "out"
+    result = run_cst_report(subject, bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    metrics = load_metrics(out, f"sub-{subject}")
+    for side in ("left", "right"):
+        assert metrics["cst"][side]["fa_mean"] == pytest.approx(
+            reference["cst"][side]["fa_mean"], abs=0.005)
+        hemi = "L" if side == "left" else "R"
+        trk = out / f"sub-{subject}" / "dwi" / f"sub-{subject}_hemi-{hemi}_desc-CST_tractography.trk"
+        x = np.median(np.concatenate(list(nib.streamlines.load(str(trk)).streamlines))[:, 0])
+        assert (x < 0) if side == "left" else (x > 0)
+    assert metrics["localization"]["affected_side"] == reference["localization"]["affected_side"]

@@ -1,0 +1,323 @@
+"""Unit tests of tractography (pipeline/tracking.py) and tractometry
+(pipeline/tractometry.py) on synthetic fields and hand-built streamlines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nibabel.affines import apply_affine
+
+import pipeline.tracking as tracking
+from pipeline.tracking import (
+    clean_bundle,
+    clip_between,
+    orient_inferior_first,
+    seeds_in_mask,
+    select_tract,
+    track_dti_deterministic,
+)
+from pipeline.tractometry import asymmetry_index, core_mahalanobis, tract_profiles
+
+# LAS storage: voxel +x runs to world −x.
+SHAPE = (20, 20, 40)
+AFFINE = np.array([[-2.0, 0, 0, 19.0],
+                   [0, 2.0, 0, -21.0],
+                   [0, 0, 2.0, -40.0],
+                   [0, 0, 0, 1.0]])
+CENTRE_IJ = (10, 9)
+TUBE_RADIUS_VOX = 3.0
+
+
+def _tube_field():
+    i, j, _ = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    tube = (i - CENTRE_IJ[0]) ** 2 + (j - CENTRE_IJ[1]) ** 2 <= TUBE_RADIUS_VOX ** 2
+    fa = np.where(tube, 0.7, 0.05)
+    v1 = np.zeros(SHAPE + (3,))
+    v1[..., 2] = 1.0  # voxel z everywhere
+    mask = np.ones(SHAPE, dtype=bool)
+    return v1, fa, mask, tube
+
+
+@pytest.fixture(scope="module")
+def tube_tracks():
+    """Streamlines of the tube for n_jobs = 1, 2, 3 with 5 seed chunks."""
+    v1, fa, mask, tube = _tube_field()
+    seeds = seeds_in_mask(tube, AFFINE, seeds_per_voxel=1, random_seed=7)
+    calls = []
+    original = tracking.parallel_map
+
+    def spy(function, argument_tuples, *, n_jobs):
+        argument_tuples = list(argument_tuples)
+        calls.append((n_jobs, [len(args[0]) for args in argument_tuples]))
+        return original(function, argument_tuples, n_jobs=n_jobs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tracking, "SEED_CHUNK_SIZE", int(np.ceil(len(seeds) / 5)))
+    mp.setattr(tracking, "parallel_map", spy)
+    try:
+        out = {n: track_dti_deterministic(seeds, v1, fa, mask, AFFINE, n_jobs=n, random_seed=3)
+               for n in (1, 2, 3)}
+    finally:
+        mp.undo()
+    return seeds, tube, out, calls
+
+
+def test_seed_chunking_gives_several_chunks(tube_tracks):
+    seeds, tube, _, calls = tube_tracks
+    assert len(seeds) == int(tube.sum())  # one seed per tube voxel
+    assert [n for n, _ in calls] == [1, 2, 3]
+    for _, sizes in calls:
+        assert len(sizes) == 5 and sum(sizes) == len(seeds)
+    # the patches were undone
+    assert tracking.SEED_CHUNK_SIZE == 4000
+
+
+def test_tracking_follows_the_tube_along_world_z(tube_tracks):
+    seeds, tube, out, _ = tube_tracks
+    streamlines = out[1]
+    inv = np.linalg.inv(AFFINE)
+    centre_world = apply_affine(AFFINE, [CENTRE_IJ[0], CENTRE_IJ[1], 0])[:2]
+    for s in streamlines:
+        assert s.dtype == np.float32 and s.ndim == 2 and s.shape[1] == 3
+        # straight along world z, spanning (almost) the whole tube length of 80 mm
+        assert np.ptp(s[:, 0]) < 1e-3 and np.ptp(s[:, 1]) < 1e-3
+        assert np.ptp(s[:, 2]) > 70.0
+        # inside the tube (in voxel terms) everywhere
+        ijk = np.rint(apply_affine(inv, s)).astype(int)
+        assert np.all((ijk >= 0) & (ijk < np.array(SHAPE)))
+        assert tube[tuple(ijk.T)].all()
+        assert np.hypot(*(s[0, :2] - centre_world)) <= TUBE_RADIUS_VOX * 2.0 + 1.0
+    # Streamlines come in seed order: match each to its seed by world (x, y).
+    kept = np.zeros(len(seeds), dtype=bool)
+    j = 0
+    for i, seed in enumerate(seeds):
+        if j < len(streamlines) and np.allclose(streamlines[j][0, :2], seed[:2], atol=1e-4):
+            kept[i] = True
+            j += 1
+    assert j == len(streamlines)
+    # Seeds in the tube's core all give a streamline; only some at the rim (where the
+    # interpolated FA falls towards fa_stop) do not.
+    seed_ijk = apply_affine(inv, seeds)
+    r = np.hypot(seed_ijk[:, 0] - CENTRE_IJ[0], seed_ijk[:, 1] - CENTRE_IJ[1])
+    assert kept[r <= 2.0].all()
+    assert kept.mean() > 0.9
+
+
+def test_tracking_is_identical_for_any_n_jobs(tube_tracks):
+    _, _, out, _ = tube_tracks
+    ref = out[1]
+    for n in (2, 3):
+        assert len(out[n]) == len(ref)
+        assert all(np.array_equal(a, b) for a, b in zip(ref, out[n]))
+
+
+def test_tracking_stops_at_low_fa():
+    v1, fa, mask, tube = _tube_field()
+    fa = fa.copy()
+    fa[:, :, 25:] = 0.05  # tube ends at voxel z 24
+    seeds = apply_affine(AFFINE, np.array([[CENTRE_IJ[0], CENTRE_IJ[1], 10.0]]))
+    (s,) = track_dti_deterministic(seeds, v1, fa, mask, AFFINE, min_length_mm=5.0)
+    zmax_world = apply_affine(AFFINE, [0, 0, 25])[2]
+    assert s[:, 2].max() <= zmax_world
+    assert s[:, 2].max() >= zmax_world - 2.0
+    assert s[:, 2].min() <= AFFINE[2, 3] + 1.0  # ran to the bottom of the grid
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _world(points_ijk):
+    return apply_affine(AFFINE, np.asarray(points_ijk, dtype=float))
+
+
+def test_select_tract_required_and_forbidden():
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[2:5, 2:5, 5] = 1     # required, inferior
+    labels[2:5, 2:5, 30] = 2    # required, superior
+    labels[10:13, 2:5, 18] = 9  # forbidden
+    z = np.arange(0, 36, 0.5)
+    def vertical(i, j):
+        return _world(np.stack([np.full_like(z, i), np.full_like(z, j), z], 1))
+    sls = [
+        vertical(3, 3),   # 0: passes 1 and 2 → keep
+        vertical(11, 3),  # 1: passes forbidden 9 only → drop
+        vertical(3, 8),   # 2: passes nothing → drop
+        # 3: passes 1, 9 (detour) and 2 → drop
+        _world(np.concatenate([
+            np.stack([np.full(25, 3.0), np.full(25, 3.0), np.linspace(0, 12, 25)], 1),
+            np.stack([np.linspace(3, 11, 17), np.full(17, 3.0), np.linspace(12.5, 18, 17)], 1),
+            np.stack([np.linspace(11, 3, 17), np.full(17, 3.0), np.linspace(18.5, 22, 17)], 1),
+            np.stack([np.full(25, 3.0), np.full(25, 3.0), np.linspace(22.5, 34, 25)], 1),
+        ])),
+        _world([[4, 4, z_] for z_ in np.arange(0, 20, 0.5)]),  # 4: only 1 → drop
+        vertical(4, 2)[::-1],  # 5: passes 1 and 2, superior first → keep
+    ]
+    kept = select_tract(sls, labels, AFFINE, required=(1, 2), forbidden=(9,))
+    assert len(kept) == 2
+    assert kept[0] is sls[0] and kept[1] is sls[5]
+    # without the forbidden label the detouring streamline is kept too
+    kept = select_tract(sls, labels, AFFINE, required=(1, 2), forbidden=())
+    assert [id(s) for s in kept] == [id(sls[i]) for i in (0, 3, 5)]
+    assert select_tract([], labels, AFFINE, required=(1,), forbidden=()) == []
+
+
+def test_select_tract_outside_grid_is_label_zero():
+    labels = np.ones(SHAPE, dtype=np.int16)
+    far = _world([[-20.0, 3, z] for z in range(10)])
+    inside = _world([[3.0, 3, z] for z in range(10)])
+    kept = select_tract([far, inside], labels, AFFINE, required=(1,), forbidden=())
+    assert len(kept) == 1 and kept[0] is inside
+
+
+def test_orient_inferior_first():
+    up = np.array([[0, 0, -10.0], [1, 0, 0.0], [2, 0, 10.0]])
+    down = np.array([[5, 5, 30.0], [5, 6, 20.0], [5, 7, -5.0]])
+    out = orient_inferior_first([up, down])
+    assert out[0] is up
+    np.testing.assert_array_equal(out[1], down[::-1])
+    assert out[1][0, 2] == -5.0 and out[1][-1, 2] == 30.0
+    assert down[0, 2] == 30.0  # input untouched
+
+
+def test_clip_between_first_lower_then_first_upper():
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[:, :, 3] = 2         # an "upper" label below the lower ROI: must be ignored
+    labels[:, :, 8:10] = 1      # lower ROI: world z in [-25, -21)
+    labels[:, :, 24:26] = 2     # upper ROI: world z in [7, 11)
+    labels[:, :, 30:32] = 1     # lower label again above: irrelevant
+    # points at world z = -39.75, -39.25, ... (never on a voxel boundary)
+    zw = np.arange(-39.75, 38.0, 0.5)
+    pts = np.stack([np.full_like(zw, 1.0), np.full_like(zw, -3.0), zw], 1)
+    clipped = clip_between([pts], labels, AFFINE, lower=1, upper=2)
+    assert len(clipped) == 1
+    c = clipped[0]
+    assert c[0, 2] == pytest.approx(-24.75)  # first point in voxel z 8 (world ≥ −25)
+    assert c[-1, 2] == pytest.approx(7.25)   # first point in voxel z 24 (world ≥ 7)
+    np.testing.assert_array_equal(c, pts[(zw >= -25) & (zw <= 7.25)])
+
+
+def test_clip_between_drops_streamlines_missing_an_roi():
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[:, :, 8:10] = 1
+    labels[:, :, 24:26] = 2
+    zw = np.arange(-39.75, 38.0, 0.5)
+    full = np.stack([np.zeros_like(zw), np.zeros_like(zw), zw], 1)
+    only_lower = full[full[:, 2] < 0]
+    only_upper = full[full[:, 2] > 0]
+    upper_then_lower = full[::-1]  # superior first: meets upper before lower
+    out = clip_between([only_lower, full, only_upper, upper_then_lower], labels, AFFINE,
+                       lower=1, upper=2)
+    assert len(out) == 1
+    assert out[0][0, 2] == pytest.approx(-24.75) and out[0][-1, 2] == pytest.approx(7.25)
+    assert clip_between([], labels, AFFINE, lower=1, upper=2) == []
+
+
+# --------------------------------------------------------------------------- cleaning / tractometry
+
+def _parallel_bundle(n=50, seed=0):
+    rng = np.random.default_rng(seed)
+    gx, gy = np.meshgrid(np.linspace(-4, 4, 10), np.linspace(-2, 2, 5))
+    offsets = np.stack([gx.ravel(), gy.ravel()], 1)[:n]
+    out = []
+    for x, y in offsets:
+        z0, z1 = rng.uniform(-1, 1), 80 + rng.uniform(-1, 1)
+        z = np.linspace(z0, z1, 60)
+        out.append(np.stack([np.full_like(z, x), np.full_like(z, y), z], 1))
+    return out
+
+
+def test_clean_bundle_removes_far_outlier():
+    bundle = _parallel_bundle()
+    z = np.linspace(0, 80, 60)
+    outlier = np.stack([np.full_like(z, 40.0), np.zeros_like(z), z], 1)
+    mixed = bundle[:20] + [outlier] + bundle[20:]
+    cleaned = clean_bundle(mixed)
+    assert len(cleaned) == 50
+    assert all(a is b for a, b in zip(cleaned, bundle))
+    # the unpolluted bundle is left alone
+    assert len(clean_bundle(bundle)) == 50
+
+
+def test_clean_bundle_removes_long_outlier():
+    bundle = _parallel_bundle()
+    z = np.linspace(0, 160, 60)
+    long_one = np.stack([np.zeros_like(z), np.zeros_like(z), z], 1)
+    cleaned = clean_bundle(bundle + [long_one])
+    assert len(cleaned) == 50 and not any(s is long_one for s in cleaned)
+
+
+def test_clean_bundle_keeps_small_bundles():
+    bundle = _parallel_bundle(10)
+    z = np.linspace(0, 80, 60)
+    outlier = np.stack([np.full_like(z, 40.0), np.zeros_like(z), z], 1)
+    assert len(clean_bundle(bundle + [outlier])) == 11  # fewer than min_streamlines
+
+
+def test_core_mahalanobis_of_parallel_lines():
+    offsets = np.array([0.0, 1.0, 2.0, 5.0, -3.0, 7.0])
+    z = np.linspace(0, 50, 20)
+    resampled = np.stack([np.stack([np.full_like(z, o), np.full_like(z, 2.0), z], 1)
+                          for o in offsets])
+    d = core_mahalanobis(resampled)
+    assert d.shape == (6, 20)
+    expected = np.abs(offsets - offsets.mean()) / offsets.std()  # population std
+    np.testing.assert_allclose(d, np.repeat(expected[:, None], 20, axis=1), rtol=1e-9)
+
+
+def test_core_mahalanobis_two_dimensional_offsets():
+    # (±1, 0) and (0, ±2): var_x = 0.5, var_y = 2, no covariance
+    offs = np.array([[1.0, 0], [-1.0, 0], [0, 2.0], [0, -2.0]])
+    z = np.linspace(0, 10, 5)
+    resampled = np.stack([np.stack([np.full_like(z, x), np.full_like(z, y), z], 1)
+                          for x, y in offs])
+    d = core_mahalanobis(resampled)
+    np.testing.assert_allclose(d, np.sqrt(2.0), rtol=1e-9)
+
+
+def test_core_mahalanobis_matches_per_node_reference():
+    """Batched result equals a plain per-node loop with the full population covariance."""
+    rng = np.random.default_rng(5)
+    base = np.stack([np.zeros(30), np.zeros(30), np.linspace(0, 60, 30)], 1)
+    mixing = np.array([[1.0, 1.5, 0.0], [0.0, 1.0, 0.1], [0.0, 0.0, 0.3]])  # correlated
+    resampled = np.stack([base + rng.normal(size=(30, 3)) @ mixing + rng.normal(0, 1, 3)
+                          for _ in range(40)])
+    ref = np.zeros((40, 30))
+    for node in range(30):
+        pts = resampled[:, node]
+        cov = np.cov(pts.T, ddof=0)
+        assert cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]) > 0.3  # off-diagonal terms matter
+        delta = pts - pts.mean(axis=0)
+        ref[:, node] = np.sqrt(np.einsum("sk,kl,sl->s", delta, np.linalg.inv(cov), delta))
+    np.testing.assert_allclose(core_mahalanobis(resampled), ref, rtol=1e-8)
+
+
+def test_tract_profiles_monotonic_gradient_inferior_first():
+    k = np.arange(SHAPE[2])
+    fa = np.broadcast_to(0.2 + 0.01 * k, SHAPE).astype(np.float64).copy()
+    # streamlines from voxel z 3 to 35, inferior first, a few mm apart in x/y
+    bundle = []
+    for di, dj in [(0, 0), (1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)]:
+        zz = np.linspace(3, 35, 65)
+        ijk = np.stack([np.full_like(zz, 10 + di), np.full_like(zz, 9 + dj), zz], 1)
+        bundle.append(apply_affine(AFFINE, ijk))
+    prof = tract_profiles(bundle, {"fa": fa}, AFFINE, n_nodes=50)
+    p = prof["fa"]
+    assert p.shape == (50,) and prof["xyz"].shape == (50, 3)
+    assert np.all(np.diff(p) > 0)
+    assert prof["xyz"][0, 2] < prof["xyz"][-1, 2]
+    # node 0 is the inferior end (voxel z 3), the last node the superior end (voxel z 35)
+    assert p[0] == pytest.approx(0.23, abs=1e-6)
+    assert p[-1] == pytest.approx(0.55, abs=1e-6)
+    # FA at each node equals the gradient evaluated at the node's height
+    k_node = (prof["xyz"][:, 2] - AFFINE[2, 3]) / AFFINE[2, 2]
+    np.testing.assert_allclose(p, 0.2 + 0.01 * k_node, atol=1e-6)
+    # an empty bundle gives NaN profiles
+    empty = tract_profiles([], {"fa": fa}, AFFINE, n_nodes=50)
+    assert np.isnan(empty["fa"]).all() and np.isnan(empty["xyz"]).all()
+
+
+def test_asymmetry_index():
+    assert asymmetry_index(0.6, 0.4) == pytest.approx(0.2)
+    assert asymmetry_index(0.4, 0.6) == pytest.approx(-0.2)
+    np.testing.assert_allclose(asymmetry_index([0.5, 0.3], [0.5, 0.1]), [0.0, 0.5])
+    assert np.isnan(asymmetry_index(0.0, 0.0))
