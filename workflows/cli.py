@@ -65,6 +65,8 @@ def _add_common_options(parser):
                    help="|AI| at a profile node counted as asymmetric (default 0.10)")
     g.add_argument("--min-nodes", type=int, default=6,
                    help="consecutive asymmetric nodes for a finding (default 6)")
+    g.add_argument("--segment-mean-ai", type=float, default=0.20,
+                   help="mean |AI| over those nodes for a finding (default 0.20)")
     g.add_argument("--prep-plic-ai", type=float, default=0.25,
                    help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default 0.25)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Nipype logs")
@@ -86,7 +88,7 @@ def build_parameters(args):
                      "step_mm": args.step_mm, "seeds_per_voxel": args.seeds_per_voxel,
                      "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
         "localization": {**DEFAULT_THRESHOLDS, "node_ai": args.node_ai,
-                         "min_nodes": args.min_nodes},
+                         "min_nodes": args.min_nodes, "segment_mean_ai": args.segment_mean_ai},
         "prognosis": {"prep_plic_ai": args.prep_plic_ai},
         "qc": dict(DEFAULT_QC_LIMITS),
     }
