@@ -16,8 +16,9 @@ def normalize_subject_label(subject):
     """Return the bare BIDS label of ``subject`` (``sub-01`` and ``01`` give ``01``)."""
     label = subject[4:] if subject.startswith("sub-") else subject
     if not _LABEL.fullmatch(label):
+        # repr() shows hidden characters (a trailing newline, a tab) the user cannot see
         raise InputError(
-            f"'{subject}' is not a BIDS subject label (letters and digits only).",
+            f"{subject!r} is not a BIDS subject label (letters and digits only).",
             fix="Pass the label as it appears in the folder name, e.g. 'sub-01' or '01'.",
         )
     return label
@@ -90,7 +91,7 @@ def find_dwi_runs(bids_dir, subject):
         The dataset or subject is missing, no DWI run exists, or a run lacks
         its ``.bval``/``.bvec`` file.
     """
-    bids_dir = Path(bids_dir)
+    bids_dir = Path(bids_dir).absolute()  # steps run in other working directories
     label = normalize_subject_label(subject)
     if not bids_dir.is_dir():
         raise InputError("The BIDS directory does not exist.", path=bids_dir,
@@ -107,10 +108,28 @@ def find_dwi_runs(bids_dir, subject):
     )
     candidates = [p for p in candidates if p.name.endswith((".nii", ".nii.gz"))]
     if not candidates:
+        orphans = sorted(p for pattern in ("dwi/*_dwi.bval", "dwi/*_dwi.bvec",
+                                           "ses-*/dwi/*_dwi.bval", "ses-*/dwi/*_dwi.bvec")
+                         for p in subject_dir.glob(pattern))
+        if orphans:
+            image = orphans[0].with_name(orphans[0].name[: -len(".bval")] + ".nii.gz")
+            raise InputError(
+                f"{orphans[0].name} has no diffusion image next to it (expected {image.name}).",
+                path=image, fix="Put the 4D DWI image (.nii or .nii.gz) next to its .bval/.bvec.",
+            )
         raise InputError(
             f"No diffusion run (*_dwi.nii[.gz]) for sub-{label}.", path=subject_dir,
             fix="Put the DWI in sub-<label>/[ses-<label>/]dwi/ with a BIDS name.",
         )
+    by_base = {}
+    for dwi in candidates:
+        by_base.setdefault(_companion(dwi, ""), []).append(dwi)
+    for base, images in by_base.items():
+        if len(images) > 1:
+            raise InputError(
+                f"The run {base.name} has two images: {' and '.join(p.name for p in images)}.",
+                path=images[0], fix="Keep one of them (.nii or .nii.gz), not both.",
+            )
     runs = []
     for dwi in candidates:
         bval, bvec = _companion(dwi, ".bval"), _companion(dwi, ".bvec")

@@ -12,6 +12,7 @@ Conventions
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,12 @@ from .errors import InputError
 
 #: Fewest non-collinear diffusion-weighted directions a tensor fit needs.
 MIN_DIRECTIONS = 6
+#: Plausible voxel edge lengths (mm), checked in the header and in the affine.
+MIN_VOXEL_MM, MAX_VOXEL_MM = 0.3, 10.0
+#: Largest plausible b-value (s/mm²); larger ones are in the wrong unit.
+MAX_BVALUE = 50000.0
+#: Float32 copies of the 4D series the pipeline holds at its peak (for the memory estimate).
+WORKING_COPIES = 6
 
 
 def fsl_bvecs_to_voxel_frame(bvecs, affine):
@@ -95,6 +102,9 @@ class DwiScan:
 
 def _read_table(path, what):
     try:
+        if not Path(path).read_text().strip():
+            raise InputError(f"The {what} file is empty.", path=path,
+                             fix="bval: one row of numbers; bvec: three rows (FSL format).")
         return np.atleast_1d(np.loadtxt(str(path), dtype=float, ndmin=1))
     except (OSError, ValueError) as exc:
         raise InputError(f"The {what} file cannot be read: {exc}", path=path,
@@ -113,7 +123,76 @@ def read_fsl_gradients(bval_path, bvec_path):
     return bvals, bvecs
 
 
-def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=True):
+def available_memory_bytes():
+    """Bytes this process can still use: MemAvailable capped by a cgroup limit (None: unknown).
+
+    Reclaimable page cache (``inactive_file``) counts as available inside a cgroup too.
+    """
+    known = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                known.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    for folder, limit_name, usage_name, cache_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+             "total_inactive_file")):
+        try:
+            limit = Path(folder, limit_name).read_text().strip()
+            if limit == "max" or int(limit) >= 2 ** 60:
+                continue  # no limit
+            used = int(Path(folder, usage_name).read_text().strip())
+            stat = dict(line.split() for line in
+                        Path(folder, "memory.stat").read_text().splitlines() if " " in line)
+            used -= int(stat.get(cache_key, 0))
+            known.append(max(0, int(limit) - used))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(known) if known else None
+
+
+def estimated_memory_bytes(shape):
+    """Peak memory the pipeline needs for a 4D series of ``shape`` (float32 working copies)."""
+    return int(np.prod([int(n) for n in shape], dtype=np.float64)) * 4 * WORKING_COPIES
+
+
+def _gib(n_bytes):
+    return f"{n_bytes / 2 ** 30:.2f} GiB" if n_bytes >= 0.01 * 2 ** 30 else "<0.01 GiB"
+
+
+def _load_image(dwi_path):
+    """nibabel image of ``dwi_path``, with the reason spelled out when the file is unusable."""
+    dwi_path = Path(dwi_path)
+    readable_fix = "Check that the file is a complete NIfTI-1/2 image (re-export it if needed)."
+    try:
+        size = dwi_path.stat().st_size
+        with open(dwi_path, "rb") as handle:
+            magic = handle.read(2)
+    except OSError as exc:
+        raise InputError(f"The diffusion image cannot be opened: {exc.strerror or exc}",
+                         path=dwi_path, fix=readable_fix) from exc
+    if size == 0:
+        raise InputError("The diffusion image is an empty file (0 bytes).", path=dwi_path,
+                         fix=readable_fix)
+    if dwi_path.name.endswith(".gz") and magic != b"\x1f\x8b":
+        raise InputError("The diffusion image is named .nii.gz but is not gzip-compressed.",
+                         path=dwi_path, fix="Rename it to .nii, or compress it with gzip.")
+    try:
+        img = nib.load(str(dwi_path))
+        img.header.get_zooms()
+        img.affine  # noqa: B018  (parse the header fully now, not later)
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise InputError(f"The diffusion image cannot be read ({type(exc).__name__}: {exc}).",
+                         path=dwi_path, fix=readable_fix) from exc
+    return img
+
+
+def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=True,
+             memory_limit_bytes=None):
     """Load a DWI run and check everything a tensor fit and tracking rely on.
 
     Parameters
@@ -124,7 +203,15 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
         b-values at or below this (s/mm²) count as b0 (some vendors store the
         b0 as b=1.25 or b=5).
     check_data : bool
-        Also read the voxel data to reject non-finite or all-zero images.
+        Also read the voxel data to reject unreadable (truncated), non-finite or
+        all-zero images.
+    memory_limit_bytes : int, optional
+        Memory the run may use; default: what the machine has available now
+        (``MemAvailable``, capped by a cgroup limit).  The estimate (see
+        :func:`estimated_memory_bytes`) is checked from the header, before any
+        voxel is read, when ``check_data`` is true or a limit is given (the
+        pipeline's own reloads, ``check_data=False``, do not repeat it while
+        other steps hold memory).
 
     Returns
     -------
@@ -135,25 +222,46 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
     InputError
         With the offending file and the fix, for any input that cannot be trusted.
     """
-    try:
-        img = nib.load(str(dwi_path))
-    except Exception as exc:  # nibabel raises several types for corrupt files
-        raise InputError(f"The diffusion image cannot be read: {exc}", path=dwi_path,
-                         fix="Check that the file is a complete NIfTI-1/2 image.") from exc
+    img = _load_image(dwi_path)
     if img.ndim != 4:
-        raise InputError(f"The diffusion image is {img.ndim}D; a 4D series is needed.",
-                         path=dwi_path, fix="Pass the 4D DWI series, not a single volume.")
+        raise InputError(f"The diffusion image is {img.ndim}D (shape {img.shape}); a 4D series "
+                         "is needed.", path=dwi_path,
+                         fix="Pass the 4D DWI series, not a single volume.")
+    # the affine first: the voxel size and every world coordinate depend on it
+    affine = np.asarray(img.affine, dtype=float)
+    header_fix = "Repair the NIfTI header (sform/qform) of the image, or re-export it."
+    if not np.all(np.isfinite(affine)):
+        raise InputError("The image affine (sform/qform) contains NaN or infinite values.",
+                         path=dwi_path, fix=header_fix)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError("The image affine (sform/qform) is singular (a zero or repeated axis).",
+                         path=dwi_path, fix=header_fix)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    affine = img.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise InputError("The image affine is degenerate or not finite.", path=dwi_path,
-                         fix="Repair the NIfTI header (sform/qform) of the image.")
-    if np.any(zooms < 0.3) or np.any(zooms > 10.0):
-        raise InputError(f"Implausible voxel size {zooms.tolist()} mm.", path=dwi_path,
-                         fix="Check the NIfTI header: voxels must be between 0.3 and 10 mm.")
+    if not np.all(np.isfinite(zooms)):
+        raise InputError(f"The voxel size in the header is not a number: {zooms.tolist()}.",
+                         path=dwi_path, fix="Repair the voxel size (pixdim) in the NIfTI header, "
+                                            "or re-export the image.")
+    axis_mm = np.linalg.norm(affine[:3, :3], axis=0)
+    for sizes, where in ((zooms, "header (pixdim)"), (axis_mm, "affine")):
+        if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM):
+            raise InputError(
+                f"Implausible voxel size {np.round(sizes, 4).tolist()} mm in the {where}.",
+                path=dwi_path, fix=f"Check the NIfTI header: voxels must be between "
+                                   f"{MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm.")
     if min(img.shape[:3]) < 8:
         raise InputError(f"The image grid {img.shape[:3]} is too small for a brain.",
                          path=dwi_path, fix="Pass the whole-brain DWI series.")
+    if img.shape[3] < 2:
+        raise InputError(f"The diffusion series has {img.shape[3]} volume(s).", path=dwi_path,
+                         fix="Pass the whole DWI series (b0 and diffusion-weighted volumes).")
+    needed = estimated_memory_bytes(img.shape)
+    available = (memory_limit_bytes if memory_limit_bytes is not None else
+                 available_memory_bytes() if check_data else None)
+    if available is not None and needed > available:
+        raise InputError(
+            f"Processing this image (grid {tuple(img.shape)}) needs about {_gib(needed)} but only "
+            f"{_gib(available)} are available.", path=dwi_path,
+            fix="Run on a machine with more memory, or crop the field of view.")
 
     bvals, bvecs = read_fsl_gradients(bval_path, bvec_path)
     n_vols = img.shape[3]
@@ -162,11 +270,16 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
             raise InputError(
                 f"The image has {n_vols} volumes but the file lists {len(table)} {what}.",
                 path=path, fix="Use the .bval/.bvec written together with this image.")
-    if not (np.all(np.isfinite(bvals)) and np.all(np.isfinite(bvecs))):
-        raise InputError("The gradient files contain non-numbers.", path=bvec_path,
-                         fix="Regenerate the .bval/.bvec files.")
+    for table, path, what in ((bvals, bval_path, "b-value"), (bvecs, bvec_path, "b-vector")):
+        if not np.all(np.isfinite(table)):
+            raise InputError(f"The {what} file contains NaN or infinite values.", path=path,
+                             fix="Regenerate the .bval/.bvec files from the scanner data.")
     if np.any(bvals < 0):
         raise InputError("Negative b-values.", path=bval_path, fix="b-values must be >= 0.")
+    if bvals.max() > MAX_BVALUE:
+        raise InputError(
+            f"b-values up to {bvals.max():g}: far beyond any diffusion scan (in s/mm²).",
+            path=bval_path, fix="Write the b-values in s/mm² (typically 0 and 700-3000).")
     b0 = bvals <= b0_threshold
     if not b0.any():
         raise InputError(f"No b0 volume (no b-value <= {b0_threshold:g} s/mm²).", path=bval_path,
@@ -177,8 +290,11 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
                          fix="Pass the diffusion-weighted series.")
     norms = np.linalg.norm(bvecs[~b0], axis=1)
     if np.any(norms < 0.5) or np.any(norms > 1.5):
-        raise InputError("Some diffusion-weighted volumes have a zero or non-unit b-vector.",
-                         path=bvec_path, fix="Each b-vector of a b>0 volume must be a unit vector.")
+        bad = int(np.flatnonzero(~b0)[(norms < 0.5) | (norms > 1.5)][0])
+        raise InputError(
+            f"Some diffusion-weighted volumes have a zero or non-unit b-vector (volume {bad}: "
+            f"length {np.linalg.norm(bvecs[bad]):.3g}).", path=bvec_path,
+            fix="Each b-vector of a b>0 volume must be a unit vector.")
     n_unique = count_unique_directions(bvecs, bvals, b0_threshold)
     if n_unique < MIN_DIRECTIONS:
         raise InputError(
@@ -187,7 +303,18 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
             fix="Use a DWI series with 6 or more non-collinear directions.")
 
     if check_data:
-        data = np.asanyarray(img.dataobj)
+        try:
+            data = np.asanyarray(img.dataobj)
+        except MemoryError as exc:
+            raise InputError(f"Not enough memory to read the image (grid {tuple(img.shape)}).",
+                             path=dwi_path, fix="Run on a machine with more memory, or crop "
+                                                "the field of view.") from exc
+        except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError, ValueError
+            raise InputError(
+                f"The voxel data cannot be read; the file is truncated or corrupt "
+                f"({type(exc).__name__}: {exc}).", path=dwi_path,
+                fix="Copy or re-export the complete image (compare its size with the "
+                    "original).") from exc
         if not np.all(np.isfinite(data)):
             raise InputError("The image contains NaN or infinite values.", path=dwi_path,
                              fix="Re-export the image from the scanner data.")

@@ -5,6 +5,7 @@ EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_NOT_ASSESSABLE = 3
+EXIT_BUSY = 4
 
 
 class CSTError(Exception):
@@ -31,3 +32,9 @@ class InputError(CSTError):
     """The input cannot be trusted: nothing was computed from it."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class BusyError(CSTError):
+    """Another run is processing the same subject with the same work directory."""
+
+    exit_code = EXIT_BUSY

@@ -12,8 +12,8 @@ def parallel_map(function, argument_tuples, *, n_jobs):
     are shut down afterwards: idle loky workers otherwise live for minutes and
     keep a host process (e.g. a Nipype MultiProc worker) from exiting.
     """
-    results = Parallel(n_jobs=n_jobs, mmap_mode="c")(
-        delayed(function)(*args) for args in argument_tuples)
+    with Parallel(n_jobs=n_jobs, mmap_mode="c") as parallel:  # removes its memmap folder
+        results = parallel(delayed(function)(*args) for args in argument_tuples)
     if n_jobs != 1:
         get_reusable_executor().shutdown(wait=True)
     return results

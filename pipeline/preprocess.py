@@ -34,7 +34,9 @@ def mask_bounding_box(mask, margin=2):
 
 
 def _mppca_slab(slab, slab_mask, patch_radius):
-    den, sigma = mppca(slab, mask=slab_mask, patch_radius=patch_radius, return_sigma=True)
+    # Patches without signal divide 0 by 0 inside DIPY; denoise_dwi replaces those NaNs.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den, sigma = mppca(slab, mask=slab_mask, patch_radius=patch_radius, return_sigma=True)
     return den.astype(np.float32), sigma.astype(np.float32)
 
 

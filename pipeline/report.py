@@ -14,13 +14,17 @@ left is on the left of the image.
 Public functions
 ----------------
 write_report(out_html, *, metrics, profiles_tsv, fa_file, tract_files, mask_file=None,
-             rois_file=None) -> Path
+             rois_file=None, v1_file=None, template_in_subject_file=None) -> Path
 plot_tract_slices(fa_img, streamlines, *, center, peak=None, ...) -> Figure
 plot_profiles(profiles, *, metric="fa", segments=(), peak_node=None, ...) -> Figure
 plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, ...) -> Figure
 plot_diffusivity_profiles(profiles, *, metrics=("md", "rd", "ad"), ...) -> Figure
 plot_mask_overlay(fa_img, mask_img, ...) -> Figure
 plot_roi_overlay(fa_img, rois_img, ...) -> Figure
+plot_color_fa(fa_img, v1_img, streamlines, *, center, ...) -> Figure
+plot_glass_brain(streamlines, *, mask_img=None, fa_img=None, ...) -> Figure
+plot_registration(fa_img, template_img, ...) -> Figure
+methods_text(metrics) -> str
 figure_to_data_uri(fig) -> str
 sample_world_slice(img, plane, position, extent, *, step=1.0, order=1) -> ndarray
 read_profiles_tsv(path) -> dict
@@ -47,6 +51,7 @@ from matplotlib.patches import Patch
 from scipy import ndimage
 
 from . import __version__, prognosis
+from .dwi import voxel_directions_to_world
 from .outputs import write_text
 from .prognosis import DISCLAIMER
 
@@ -814,6 +819,309 @@ def plot_roi_overlay(fa_img, rois_img) -> Figure:
 
 
 # --------------------------------------------------------------------------------------
+# Colour FA, glass brain, registration
+# --------------------------------------------------------------------------------------
+
+def _load_vectors(path, what, notes):
+    """A 4D X×Y×Z×3 vector image, or None plus a note."""
+    img = _load_image(path, what, notes)
+    if img is None:
+        return None
+    if len(img.shape) != 4 or img.shape[3] != 3:
+        notes.append(f"The {what} file is not an X×Y×Z×3 vector image "
+                     f"({Path(path).name}: shape {tuple(img.shape)}).")
+        return None
+    return img
+
+
+def world_abs_directions(v1_img):
+    """|principal direction| in the world RAS frame, (X, Y, Z, 3) float32 on the V1 grid.
+
+    The V1 image holds unit vectors in the voxel-axis frame (DIPY's convention);
+    :func:`pipeline.dwi.voxel_directions_to_world` maps them to world RAS+ with the
+    affine's normalised linear part, so red = left-right, green = anterior-posterior
+    and blue = inferior-superior whatever the storage orientation.  The absolute
+    value removes the sign ambiguity of an eigenvector (and so can be interpolated).
+    """
+    vectors = np.nan_to_num(np.asarray(v1_img.dataobj, dtype=np.float32))
+    world = voxel_directions_to_world(vectors, np.asarray(v1_img.affine, dtype=float))
+    return np.abs(world).astype(np.float32)
+
+
+def _color_fa_slice(fa_img, fa_data, v1_img, v1_world, plane, position, extent, step):
+    fa = np.clip(sample_world_slice(fa_img, plane, position, extent, step=step, data=fa_data),
+                 0.0, 1.0)
+    rgb = np.stack([sample_world_slice(v1_img, plane, position, extent, step=step,
+                                       data=v1_world[..., c]) for c in range(3)], axis=-1)
+    norm = np.linalg.norm(rgb, axis=-1, keepdims=True)
+    rgb = np.divide(rgb, norm, out=np.zeros_like(rgb), where=norm > 1e-6)
+    return np.clip(rgb * fa[..., None], 0.0, 1.0)
+
+
+def _tract_outline(ax, xy, extent, step, color, *, linestyle="-"):
+    """Outline (contour of the smoothed occupancy) of projected points, haloed in white."""
+    from matplotlib import patheffects
+
+    if len(xy) < 3:
+        return
+    h_edges = np.arange(extent[0], extent[1] + step, step)
+    v_edges = np.arange(extent[2], extent[3] + step, step)
+    counts, _, _ = np.histogram2d(xy[:, 0], xy[:, 1], bins=[h_edges, v_edges])
+    occupancy = ndimage.gaussian_filter((counts.T > 0).astype(float), 1.0)
+    if occupancy.max() <= 0.2:
+        return
+    hs = (h_edges[:-1] + h_edges[1:]) / 2
+    vs = (v_edges[:-1] + v_edges[1:]) / 2
+    cs = ax.contour(hs, vs, occupancy, levels=[0.2], colors=[color], linewidths=1.6,
+                    linestyles=linestyle, zorder=5)
+    halo = [patheffects.withStroke(linewidth=3.4, foreground="white")]
+    try:
+        cs.set(path_effects=halo)
+    except Exception:  # noqa: BLE001 - older matplotlib: per-collection effects
+        for coll in getattr(cs, "collections", []):
+            coll.set_path_effects(halo)
+
+
+def _slices_bbox(fa_img, fa_data, points, *, peak=None, center=None):
+    boxes = []
+    if fa_img is not None:
+        boxes.append(_world_bbox(fa_img, fa_data, threshold=0.02))
+    for pts in points.values():
+        if len(pts):
+            boxes.append(np.stack([pts.min(axis=0), pts.max(axis=0)], axis=1))
+    if peak is not None:
+        boxes.append(np.stack([np.asarray(peak, float)] * 2, axis=1))
+    if not boxes and center is not None:
+        boxes.append(np.stack([np.asarray(center, float) - 60,
+                               np.asarray(center, float) + 60], axis=1))
+    boxes = np.stack(boxes)
+    return np.stack([boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)], axis=1)
+
+
+def plot_color_fa(fa_img, v1_img, streamlines, *, center, sagittal_x=None, slab_mm=4.0,
+                  planes=("axial", "coronal", "sagittal"), bbox=None) -> Figure:
+    """Directionally encoded colour FA with both CSTs outlined.
+
+    RGB = |V1 in the world frame| × FA (red: left-right, green: anterior-posterior,
+    blue: inferior-superior), sampled on world-aligned planes like
+    :func:`plot_tract_slices`; neurological convention.  Each CST is drawn as the
+    outline of its streamline points within ± ``slab_mm`` of the plane (CST_L solid,
+    CST_R dashed) so that the colour underneath stays visible.
+    """
+    if fa_img is None or v1_img is None:
+        raise ValueError("colour FA needs both the FA and the V1 image")
+    center = np.asarray(center, dtype=float)
+    fa_data = _volume(fa_img)
+    v1_world = world_abs_directions(v1_img)
+    points = {side: _all_points(streamlines.get(side, [])) for side in SIDES}
+    if bbox is None:
+        bbox = _slices_bbox(fa_img, fa_data, points, center=center)
+    bbox = np.asarray(bbox, dtype=float)
+    step = max(min(_voxel_step(fa_img), 2.0), _display_step(bbox))
+    widths = [(bbox[PLANES[p][0], 1] - bbox[PLANES[p][0], 0] + 8)
+              / max(bbox[PLANES[p][1], 1] - bbox[PLANES[p][1], 0] + 8, 1) for p in planes]
+    fig = _new_figure(max(3.2 * sum(widths), 3.5) + 0.4, 3.8)
+    gs = fig.add_gridspec(1, len(planes), width_ratios=widths, wspace=0.04)
+    for i, plane in enumerate(planes):
+        ax = fig.add_subplot(gs[0, i])
+        position = float(center[PLANES[plane][2]])
+        if plane == "sagittal" and sagittal_x is not None:
+            position = float(sagittal_x)
+        extent = _panel_extent(bbox, plane)
+        rgb = _color_fa_slice(fa_img, fa_data, v1_img, v1_world, plane, position, extent, step)
+        ax.imshow(rgb, origin="lower", extent=extent, interpolation="bilinear",
+                  aspect="equal")
+        for side, style in zip(SIDES, ("-", "--")):
+            xy = project_points(points[side], plane, position, slab_mm)
+            _tract_outline(ax, xy, extent, step, COLORS[side], linestyle=style)
+        _style_panel(ax, plane, position, extent)
+    handles = [Line2D([], [], color=COLORS[s], lw=2, ls=ls, label=f"{TRACT_NAMES[s]} ({s})")
+               for s, ls in zip(SIDES, ("-", "--"))]
+    handles += [Patch(color=c, label=t) for c, t in (("#e41a1c", "left-right"),
+                                                     ("#33cc33", "anterior-posterior"),
+                                                     ("#3355ff", "inferior-superior"))]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               fontsize=8.5, bbox_to_anchor=(0.5, -0.01))
+    fig.text(0.5, 0.985, "Neurological convention: subject left on image left", ha="center",
+             va="top", fontsize=8, color="#555")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+    return fig
+
+
+def _silhouette_points(mask_img, fa_img):
+    """World coordinates of the brain voxels (mask, else FA > 0.02); None if none."""
+    for img, threshold in ((mask_img, 0.0), (fa_img, 0.02)):
+        if img is None:
+            continue
+        ijk = np.argwhere(_volume(img) > threshold)
+        if len(ijk):
+            if len(ijk) > 600_000:  # keep it fast on 1 mm masks; the outline is unchanged
+                ijk = ijk[np.random.default_rng(0).choice(len(ijk), 600_000, replace=False)]
+            return nib.affines.apply_affine(img.affine, ijk), _voxel_step(img)
+    return None, None
+
+
+#: Glass-brain panels: (plane, sides drawn, title).  Both CSTs project onto the same
+#: place of a sagittal view, so each gets its own sagittal panel.
+GLASS_PANELS = (("sagittal", ("left",), "Sagittal, CST_L"),
+                ("coronal", SIDES, "Coronal"),
+                ("axial", SIDES, "Axial"),
+                ("sagittal", ("right",), "Sagittal, CST_R"))
+
+
+def plot_glass_brain(streamlines, *, mask_img=None, fa_img=None, panels=GLASS_PANELS,
+                     max_points=400_000) -> Figure:
+    """Glass-brain projections of both CSTs over a faint brain outline.
+
+    Streamline points are projected (track density summed along the viewing axis,
+    log scale, like a maximum-intensity projection) onto sagittal, coronal and axial
+    planes; ``panels`` lists (plane, sides, title).  The brain silhouette is the
+    projection of the brain mask (or of FA > 0.02).  World RAS mm, neurological
+    convention (subject left on the image left; anterior on the right of sagittal
+    views).  ``fig.axes[i]`` is ``panels[i]``.
+    """
+    planes = [p[0] for p in panels]
+    points = {side: _all_points(streamlines.get(side, [])) for side in SIDES}
+    rng = np.random.default_rng(0)
+    for side in SIDES:
+        if len(points[side]) > max_points:
+            points[side] = points[side][rng.choice(len(points[side]), max_points,
+                                                   replace=False)]
+    brain, brain_step = _silhouette_points(mask_img, fa_img)
+    boxes = [np.stack([p.min(axis=0), p.max(axis=0)], axis=1) for p in points.values()
+             if len(p)]
+    if brain is not None:
+        boxes.append(np.stack([brain.min(axis=0), brain.max(axis=0)], axis=1))
+    if not boxes:
+        raise ValueError("no streamlines and no brain mask to project")
+    boxes = np.stack(boxes)
+    bbox = np.stack([boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)], axis=1)
+    if brain is None:  # frame the tracts in a brain-sized box
+        mid, half = bbox.mean(axis=1), np.maximum((bbox[:, 1] - bbox[:, 0]) / 2, 70.0)
+        bbox = np.stack([mid - half, mid + half], axis=1)
+    step = max(brain_step or 1.0, _display_step(bbox, 300))
+    fine = max(1.0, _display_step(bbox, 400))  # track density grid
+    widths = [(bbox[PLANES[p][0], 1] - bbox[PLANES[p][0], 0] + 8)
+              / max(bbox[PLANES[p][1], 1] - bbox[PLANES[p][1], 0] + 8, 1) for p in planes]
+    fig = _new_figure(max(2.6 * sum(widths), 3.5) + 0.4, 3.3)
+    gs = fig.add_gridspec(1, len(planes), width_ratios=widths, wspace=0.05)
+    from matplotlib.colors import to_rgb
+
+    for i, (plane, sides, title) in enumerate(panels):
+        h_axis, v_axis, f_axis = PLANES[plane]
+        ax = fig.add_subplot(gs[0, i])
+        extent = _panel_extent(bbox, plane)
+        h_edges = np.arange(extent[0], extent[1] + step, step)
+        v_edges = np.arange(extent[2], extent[3] + step, step)
+        img_extent = (h_edges[0], h_edges[-1], v_edges[0], v_edges[-1])
+        if brain is not None:
+            counts, _, _ = np.histogram2d(brain[:, h_axis], brain[:, v_axis],
+                                          bins=[h_edges, v_edges])
+            sil = ndimage.binary_fill_holes(ndimage.binary_closing(counts.T > 0, iterations=2))
+            ax.imshow(np.where(sil, 0.93, 1.0), cmap="gray", vmin=0, vmax=1, origin="lower",
+                      extent=img_extent, interpolation="bilinear", aspect="equal")
+            if sil.any() and not sil.all():
+                hs = (h_edges[:-1] + h_edges[1:]) / 2
+                vs = (v_edges[:-1] + v_edges[1:]) / 2
+                ax.contour(hs, vs, ndimage.gaussian_filter(sil.astype(float), 0.8),
+                           levels=[0.5], colors=["#8c8c8c"], linewidths=1.0)
+        t_edges_h = np.arange(extent[0], extent[1] + fine, fine)
+        t_edges_v = np.arange(extent[2], extent[3] + fine, fine)
+        for side in sides:
+            pts = points.get(side)
+            if pts is None or not len(pts):
+                continue
+            counts, _, _ = np.histogram2d(pts[:, h_axis], pts[:, v_axis],
+                                          bins=[t_edges_h, t_edges_v])
+            density = np.log1p(counts.T) / np.log1p(counts.max())
+            rgba = np.zeros(density.shape + (4,))
+            rgba[..., :3] = to_rgb(COLORS[side])
+            rgba[..., 3] = np.where(counts.T > 0, 0.2 + 0.75 * density, 0.0)
+            ax.imshow(rgba, origin="lower", interpolation="bilinear", aspect="equal",
+                      extent=(t_edges_h[0], t_edges_h[-1], t_edges_v[0], t_edges_v[-1]),
+                      zorder=3)
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(title, fontsize=10)
+        _orientation_labels(ax, plane, color="#333")
+    handles = [Patch(color=COLORS[s], label=f"{TRACT_NAMES[s]} ({s})") for s in SIDES]
+    if brain is not None:
+        handles.append(Patch(facecolor="#ededed", edgecolor="#8c8c8c", label="brain outline"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               fontsize=9, bbox_to_anchor=(0.5, -0.01))
+    fig.text(0.5, 0.985, "Neurological convention: subject left on image left", ha="center",
+             va="top", fontsize=8, color="#555")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+    return fig
+
+
+def _is_label_image(data):
+    sample = data[:: max(1, data.shape[0] // 32), :: max(1, data.shape[1] // 32),
+                  :: max(1, data.shape[2] // 32)]
+    values = np.unique(sample[np.isfinite(sample)])
+    return values.size <= 2 and np.all(np.isin(values, (0, 1)))
+
+
+def plot_registration(fa_img, template_img, *, n_slices=4) -> Figure:
+    """Subject FA with the outline of the template warped to the subject (registration QC).
+
+    ``template_img`` is the template brain mask (outline at 0.5) or the template FA
+    (white-matter outline at 40 % of its 99th percentile) resampled on the subject
+    grid.  Rows: axial, coronal, sagittal; ``n_slices`` world-aligned slices each,
+    evenly spread over the brain.  Neurological convention.
+    """
+    if fa_img is None:
+        raise ValueError("registration QC needs the FA image")
+    fa_data = _volume(fa_img)
+    tpl = np.nan_to_num(_volume(template_img))
+    if _is_label_image(tpl):
+        level, what = 0.5, "template brain mask"
+    else:
+        positive = tpl[tpl > 0]
+        level = 0.4 * float(np.percentile(positive, 99)) if positive.size else 0.5
+        what = "template FA (white matter)"
+    bbox = _world_bbox(fa_img, fa_data, 0.02)
+    step = max(min(_voxel_step(fa_img), 2.0), _display_step(bbox, 250))
+    planes = ("axial", "coronal", "sagittal")
+    heights = [(bbox[PLANES[p][1], 1] - bbox[PLANES[p][1], 0] + 8)
+               / max(bbox[PLANES[p][0], 1] - bbox[PLANES[p][0], 0] + 8, 1) for p in planes]
+    panel_w = 2.3
+    fig = _new_figure(panel_w * n_slices + 0.2, panel_w * sum(heights) + 1.3)
+    gs = fig.add_gridspec(len(planes), n_slices, height_ratios=heights, wspace=0.03,
+                          hspace=0.16)
+    fractions = np.linspace(0.22, 0.78, n_slices)
+    for row, plane in enumerate(planes):
+        f_axis = PLANES[plane][2]
+        for col, frac in enumerate(fractions):
+            position = float(bbox[f_axis, 0] + frac * (bbox[f_axis, 1] - bbox[f_axis, 0]))
+            ax = fig.add_subplot(gs[row, col])
+            extent = _panel_extent(bbox, plane)
+            _draw_slice(ax, fa_img, plane, position, extent, step=step, data=fa_data)
+            t = sample_world_slice(template_img, plane, position, extent, step=step,
+                                   data=tpl.astype(np.float32))
+            if what != "template brain mask":
+                t = ndimage.gaussian_filter(t, 0.6)
+            if t.min() < level < t.max():
+                hs = np.linspace(extent[0], extent[1], t.shape[1])
+                vs = np.linspace(extent[2], extent[3], t.shape[0])
+                ax.contour(hs, vs, t, levels=[level], colors=["#ff3b30"], linewidths=0.9)
+            _style_panel(ax, plane, position, extent)
+            ax.set_title(f"{plane[:3]}. {_AXIS_NAME[f_axis]} = {_fmt_mm(position)} mm",
+                         fontsize=8)
+            for text in ax.texts:
+                text.set_fontsize(8)
+    fig.legend(handles=[Line2D([], [], color="#ff3b30", lw=1.5,
+                               label=f"{what}, warped to the subject")],
+               loc="lower center", frameon=False, fontsize=9, bbox_to_anchor=(0.5, 0.0))
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.06)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
 # Report text
 # --------------------------------------------------------------------------------------
 
@@ -949,6 +1257,17 @@ table.kv tbody th { font-weight: 500; color: var(--muted); background: #fbfcfd;
                     font-size: 12.5px; }
 table.kv td { word-break: break-all; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.bad { color: var(--red); font-weight: 600; background: #ffebe9; }
+p.tablecap { color: var(--muted); font-size: 13.5px; margin: 10px 0 2px; }
+table.qc tbody th { font-weight: 500; }
+.badge { display:inline-block; border-radius: 10px; padding: 0 9px; font-size: 12.5px;
+         font-weight: 600; color: #fff; vertical-align: 1px; }
+.badge.ok { background: var(--green); }
+.badge.bad { background: var(--red); }
+.metric .big { font-size: 18px; font-weight: 700; }
+p.methods { max-width: 980px; }
+details { margin: 14px 0; }
+summary { cursor: pointer; color: var(--blue); font-size: 14px; }
 .muted { color: var(--muted); }
 .refs li { margin-bottom: 4px; font-size: 14px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12.5px;
@@ -1085,11 +1404,123 @@ def _summary_table(metrics, counts) -> str:
     return table
 
 
-def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes) -> str:
+_ROI_NAMES = {"motor": "Motor cortex", "plic": "Posterior limb of the internal capsule",
+              "peduncle": "Cerebral peduncle", "pons": "Pons"}
+
+
+def _badge(ok, yes="pass", no="below limit") -> str:
+    if ok is None:
+        return ""
+    return f' <span class="badge {"ok" if ok else "bad"}">{_esc(yes if ok else no)}</span>'
+
+
+def _pct(value) -> str:
+    value = _num(value)
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.0f} %"
+
+
+def _registration_qc_html(qc) -> str:
+    reg = qc.get("registration") if isinstance(qc, dict) else None
+    if not isinstance(reg, dict) or not reg:
+        return '<h3>Registration</h3><p class="muted">No registration QC is recorded.</p>'
+    limits = qc.get("limits") if isinstance(qc.get("limits"), dict) else {}
+    parts = ["<h3>Registration</h3>"]
+    r = _num(reg.get("template_fa_correlation"))
+    r_min = _num(limits.get("min_template_correlation"))
+    ok = (r >= r_min) if math.isfinite(r) and math.isfinite(r_min) else None
+    parts.append(
+        f'<p class="metric"><b>FA correlation with the MNI template</b> (subject FA warped to '
+        f'the template, inside the template brain): <span class="big">{_esc(_fmt_num(r))}</span>'
+        + (f' <span class="muted">(limit ≥ {_esc(_fmt_num(r_min))})</span>'
+           if math.isfinite(r_min) else "") + _badge(ok, no="registration looks failed")
+        + "</p>")
+    coverage = reg.get("roi_coverage")
+    if isinstance(coverage, dict) and coverage:
+        c_min = _num(limits.get("min_roi_coverage"))
+        names = list(dict.fromkeys([k.rsplit("_", 1)[0] for k in coverage]))
+        rows = []
+        for name in names:
+            cells = []
+            for hemi in ("L", "R"):
+                key = f"{name}_{hemi}"
+                if key not in coverage:
+                    cells.append('<td class="num muted">—</td>')
+                    continue
+                value = _num(coverage[key])
+                low = math.isfinite(c_min) and math.isfinite(value) and value < c_min
+                cells.append(f'<td class="num{" bad" if low else ""}">{_esc(_pct(value))}'
+                             f'{" ⚠" if low else ""}</td>')
+            label = _ROI_NAMES.get(name, _humanise(name))
+            rows.append(f"<tr><th>{_esc(label)} <code>{_esc(name)}</code></th>{''.join(cells)}"
+                        "</tr>")
+        parts.append(
+            "<p class=\"tablecap\">ROI coverage: fraction of each template ROI inside the "
+            "subject's brain mask (field of view)"
+            + (f"; limit ≥ {_esc(_pct(c_min))}" if math.isfinite(c_min) else "")
+            + "</p><table class=\"qc\"><thead><tr><th>ROI</th><th>Left</th><th>Right</th>"
+            "</tr></thead>"
+            "<tbody>" + "".join(rows) + "</tbody></table>")
+    return "".join(parts)
+
+
+def _tracking_qc_html(qc, metrics) -> str:
+    trk = qc.get("tracking") if isinstance(qc, dict) else None
+    if not isinstance(trk, dict) or not trk:
+        return '<h3>Tractography</h3><p class="muted">No tracking QC is recorded.</p>'
+    limits = qc.get("limits") if isinstance(qc.get("limits"), dict) else {}
+    parts = ["<h3>Tractography</h3>"]
+    facts = [("Seeds", _fmt_value(trk.get("n_seeds"))),
+             ("Streamlines tracked", _fmt_value(trk.get("n_streamlines_tracked")))]
+    if trk.get("inferior_landmark"):
+        facts.append(("Inferior landmark", str(trk["inferior_landmark"]).replace("_", " ")))
+    parts.append('<ul class="facts">' + "".join(
+        f"<li><b>{_esc(k)}:</b> {_esc(v)}</li>" for k, v in facts) + "</ul>")
+    sides = trk.get("sides")
+    if isinstance(sides, dict) and sides:
+        n_min = _num(limits.get("min_streamlines"))
+        stages = (("selected", "Selected (through the ipsilateral ROIs)"),
+                  ("clipped", "Clipped (brainstem landmark → motor cortex)"),
+                  ("cleaned", "Cleaned (outliers removed; the final CST)"))
+        rows = []
+        for key, label in stages:
+            cells = []
+            for side in SIDES:
+                value = _get(sides, side, key)
+                low = (key == "cleaned" and math.isfinite(n_min) and
+                       math.isfinite(_num(value)) and _num(value) < n_min)
+                cells.append(f'<td class="num{" bad" if low else ""}">{_esc(_fmt_value(value))}'
+                             f'{" ⚠" if low else ""}</td>')
+            rows.append(f"<tr><th>{_esc(label)}</th>{''.join(cells)}</tr>")
+        known = {k for k, _ in stages}
+        for key in sorted({k for s in sides.values() if isinstance(s, dict) for k in s} - known):
+            rows.append(f"<tr><th>{_esc(_humanise(key))}</th>" + "".join(
+                f'<td class="num">{_esc(_fmt_value(_get(sides, s, key)))}</td>' for s in SIDES)
+                + "</tr>")
+        parts.append(
+            "<p class=\"tablecap\">Streamlines per side"
+            + (f"; a CST needs ≥ {_esc(_fmt_num(n_min))}" if math.isfinite(n_min) else "")
+            + "</p><table class=\"qc\"><thead><tr><th>Stage</th><th>CST_L (left)</th>"
+            "<th>CST_R (right)</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return "".join(parts)
+
+
+def _preprocessing_qc_html(qc) -> str:
+    pre = qc.get("preprocessing") if isinstance(qc, dict) else None
+    if not isinstance(pre, dict) or not pre:
+        return ""
+    labels = {"denoise": "Denoising", "brain_mask_ml": "Brain-mask volume (mL)",
+              "noise_sigma_median": "Median noise σ (signal units)"}
+    rows = [(labels.get(k, _humanise(k)), v) for k, v in pre.items()]
+    return "<h3>Preprocessing</h3>" + _kv_table(rows, headers=("Check", "Value"), css="qc")
+
+
+def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes, template_img=None) -> str:
     qc = _get(metrics, "qc") or {}
+    qc = qc if isinstance(qc, dict) else {}
     parts = ['<section id="qc"><h2>Quality control</h2>']
     parts.append("<h3>Tract summary</h3>" + _summary_table(metrics, counts))
-    warnings = qc.get("warnings") if isinstance(qc, dict) else None
+    warnings = qc.get("warnings")
     parts.append("<h3>QC warnings</h3>")
     if warnings:
         if isinstance(warnings, str):
@@ -1097,9 +1528,28 @@ def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes) -> str:
         parts.append('<div class="alert warn">' + _list_html(warnings) + "</div>")
     else:
         parts.append('<p class="muted">No QC warnings.</p>')
-    other = {k: v for k, v in qc.items() if k != "warnings"} if isinstance(qc, dict) else {}
-    if other:
-        parts.append("<h3>QC values</h3>" + _kv_table(_flatten(other)))
+    parts.append(_registration_qc_html(qc))
+    r = _get(qc, "registration", "template_fa_correlation")
+    r_text = (f" The FA correlation with the template is {_esc(_fmt_num(r))}."
+              if r is not None else "")
+    if template_img is not None:
+        parts.append(_render_figure(
+            lambda: plot_registration(fa_img, template_img),
+            "<b>Registration.</b> Subject FA (grey, world-aligned slices spread over the "
+            "brain) with the outline of the MNI template warped to the subject (red). The "
+            "outline should follow the brain edge and the white-matter boundaries "
+            "(ventricles, internal capsule, brainstem); a shifted, rotated or scaled outline "
+            "means the template ROIs, and so the CST, are misplaced." + r_text,
+            "Registration QC",
+            missing=None if fa_img is not None else
+            "Registration figure not available: no FA image."))
+    else:
+        parts.append(_placeholder(
+            "Registration figure skipped: " + next(
+                (n for n in notes if "template" in n),
+                "no template image resampled to the subject grid was given.")))
+    parts.append(_tracking_qc_html(qc, metrics))
+    parts.append(_preprocessing_qc_html(qc))
     parts.append("<h3>Brain mask</h3>")
     if mask_img is not None:
         parts.append(_render_figure(
@@ -1123,32 +1573,122 @@ def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes) -> str:
     else:
         parts.append(_placeholder("ROI image not available: " + (
             next((n for n in notes if "ROI" in n), "not given."))))
+    other = {k: v for k, v in qc.items() if k != "warnings"}
+    if other:
+        parts.append("<details><summary>All QC values</summary>"
+                     + _kv_table(_flatten(other)) + "</details>")
     parts.append("</section>")
     return "".join(parts)
 
 
-_METHODS = (
-    "Diffusion-weighted images were denoised (MP-PCA; Veraart et al. 2016) and the "
-    "diffusion tensor was fitted with DIPY (Garyfallidis et al. 2014), giving FA, MD, RD and "
-    "AD maps. The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
-    "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior limb of "
-    "the internal capsule, cerebral peduncle, pons) were warped to the subject. Deterministic "
-    "tensor tractography selected, per hemisphere, the streamlines joining the brainstem ROIs "
-    "to the motor cortex (the corticospinal tract, CST). Each CST was resampled to 100 nodes "
-    "from the brainstem (node 0) to the cortex (node 99) and diffusion metrics were averaged "
-    "at each node with weights decreasing with distance from the bundle core (tract profiles; "
-    "Yeatman et al. 2012). Upper-motor-neuron damage was localised as a run of consecutive "
-    "nodes where the FA asymmetry index AI = (FA<sub>L</sub> − FA<sub>R</sub>) / "
-    "(FA<sub>L</sub> + FA<sub>R</sub>) exceeds a threshold; the side with the lower FA is "
-    "reported as affected. The prognosis statement follows the imaging step of the PREP "
-    "algorithm (Stinear et al. 2007; Stinear et al. 2012) and requires the patient's "
-    "motor-evoked-potential status to be applied. The actual steps and parameters of this run "
-    "are listed below.")
+_DENOISE_WORDS = {"mppca": "denoised with MP-PCA (Veraart et al. 2016)",
+                  "patch2self": "denoised with Patch2Self",
+                  "nlmeans": "denoised with non-local means"}
+
+
+def _p(params, *keys):
+    """A parameter as display text, or None when not recorded."""
+    value = _get(params, *keys)
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return _fmt_value(value)
+
+
+def methods_text(metrics) -> str:
+    """The Methods paragraph (HTML) generated from the run's recorded parameters."""
+    prov = _get(metrics, "provenance") or {}
+    params = prov.get("parameters") if isinstance(prov, dict) else None
+    params = params if isinstance(params, dict) else {}
+    software = prov.get("software") if isinstance(prov, dict) else None
+    software = software if isinstance(software, dict) else {}
+
+    def ver(name, label=None):
+        v = software.get(name)
+        return f"{label or name} {_esc(v)}" if v else (label or name)
+
+    def val(*keys, unit=""):
+        text = _p(params, *keys)
+        return f"{_esc(text)}{unit}" if text is not None else "(not recorded)"
+
+    def pct(*keys):
+        value = _num(_get(params, *keys))
+        return _pct(value) if math.isfinite(value) else "(not recorded)"
+
+    pre = params.get("preprocessing") if isinstance(params.get("preprocessing"), dict) else {}
+    sentences = []
+    denoise = pre.get("denoise")
+    if denoise in (None, ""):
+        den = "denoised (method not recorded)"
+    elif str(denoise).lower() in ("none", "false", "off", "no"):
+        den = "not denoised"
+    else:
+        den = _DENOISE_WORDS.get(str(denoise).lower(), f"denoised ({_esc(denoise)})")
+    sentences.append(
+        f"Diffusion-weighted images were {den}; volumes with b ≤ "
+        f"{val('preprocessing', 'b0_threshold', unit=' s/mm²')} "
+        f"were treated as b = 0, and the brain mask was computed with "
+        f"<code>{val('preprocessing', 'brain_mask')}</code> on the mean b = 0 image.")
+    sentences.append(
+        f"The diffusion tensor was fitted by {val('preprocessing', 'tensor_fit')} with "
+        f"{ver('dipy', 'DIPY')} (Garyfallidis et al. 2014), giving FA, MD, RD, AD and the "
+        f"principal eigenvector.")
+    sentences.append(
+        "The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
+        "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior "
+        "limb of the internal capsule, cerebral peduncle, pons) were warped to the subject.")
+    sentences.append(
+        f"Deterministic tensor tractography was seeded with {val('tracking', 'seeds_per_voxel')} "
+        f"seeds per voxel in the brainstem and internal-capsule ROIs (random seed "
+        f"{val('seed')}), with a step of {val('tracking', 'step_mm', unit=' mm')}, stopping "
+        f"where FA &lt; {val('tracking', 'fa_stop')} or the turning angle exceeds "
+        f"{val('tracking', 'max_angle_deg', unit='°')}; the pons was used as the inferior "
+        f"landmark when at least {pct('tracking', 'min_coverage')} of each pons ROI lay in "
+        f"the field of view (otherwise the cerebral peduncle). Per hemisphere, streamlines "
+        f"passing through the ipsilateral ROIs and not the contralateral ones were kept "
+        f"(the corticospinal tract, CST), clipped between the landmark and the motor cortex "
+        f"and cleaned of outliers.")
+    sentences.append(
+        "Each CST was resampled to 100 nodes from the brainstem (node 0) to the cortex "
+        "(node 99) and diffusion metrics were averaged at each node with weights decreasing "
+        "with distance from the bundle core (tract profiles; Yeatman et al. 2012).")
+    sentences.append(
+        f"Upper-motor-neuron damage was localised from the FA asymmetry index AI = "
+        f"(FA<sub>L</sub> − FA<sub>R</sub>) / (FA<sub>L</sub> + FA<sub>R</sub>): a finding "
+        f"needs at least {val('localization', 'min_nodes')} consecutive nodes of one sign with "
+        f"|AI| ≥ {val('localization', 'node_ai')} whose mean |AI| is at least "
+        f"{val('localization', 'segment_mean_ai')}, the first and last "
+        f"{val('localization', 'end_nodes')} nodes being left out; the side with the lower FA "
+        f"is reported as affected, and a whole-tract |AI| ≥ {val('localization', 'tract_ai')} "
+        f"is reported as notable.")
+    sentences.append(
+        f"The prognosis statement follows the imaging step of the PREP algorithm (Stinear et "
+        f"al. 2007; Stinear et al. 2012) with a PLIC FA asymmetry cut-off of "
+        f"{val('prognosis', 'prep_plic_ai')}, and requires the patient's motor-evoked-potential "
+        f"status to be applied.")
+    if isinstance(params.get("qc"), dict):
+        sentences.append(
+            f"A CST was reported as not assessable when it had fewer than "
+            f"{val('qc', 'min_streamlines')} streamlines, when less than "
+            f"{pct('qc', 'min_roi_coverage')} of a CST ROI was in the field of view, or when "
+            f"the FA correlation with the template was below "
+            f"{val('qc', 'min_template_correlation')}.")
+    versions = [ver(k, label) for k, label in (
+        ("cst-integrity", "cst-integrity"), ("dipy", "DIPY"), ("nibabel", "NiBabel"),
+        ("numpy", "NumPy"), ("scipy", "SciPy"), ("nipype", "Nipype"), ("python", "Python"))
+        if software.get(k)]
+    if not software.get("cst-integrity"):
+        versions.insert(0, f"cst-integrity {_esc(__version__)}")
+    sentences.append("Software: " + ", ".join(versions) + ".")
+    if not params:
+        sentences.append("<i>No run parameters are recorded in the metrics: the values above "
+                         "marked “not recorded” are unknown.</i>")
+    return " ".join(sentences)
 
 
 def _methods_html(metrics) -> str:
     prov = _get(metrics, "provenance") or {}
-    parts = ['<section id="methods"><h2>Methods and provenance</h2>', f"<p>{_METHODS}</p>"]
+    parts = ['<section id="methods"><h2>Methods and provenance</h2>',
+             f'<p class="methods">{methods_text(metrics)}</p>']
     if not isinstance(prov, dict) or not prov:
         parts.append(_placeholder("No provenance is recorded in the metrics."))
     else:
@@ -1207,13 +1747,17 @@ def _valid_peak(peak):
 
 
 def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=None,
-                      rois_file=None) -> str:
+                      rois_file=None, v1_file=None, template_in_subject_file=None) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     metrics = metrics if isinstance(metrics, dict) else {}
     notes = []
     fa_img = _load_image(fa_file, "FA image", notes)
     mask_img = _load_image(mask_file, "brain mask", notes) if mask_file is not None else None
     rois_img = _load_image(rois_file, "ROI image", notes) if rois_file is not None else None
+    v1_img = (_load_vectors(v1_file, "principal-eigenvector (V1) image", notes)
+              if v1_file is not None else None)
+    template_img = (_load_image(template_in_subject_file, "template-in-subject image", notes)
+                    if template_in_subject_file is not None else None)
     streamlines, counts = _load_tracts(tract_files, notes)
 
     profiles = {}
@@ -1283,6 +1827,41 @@ def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=
                                       sagittal_x=sagittal_x),
             caption, "CST tract slices")
     figs.append(("CST on FA slices", slices_html))
+
+    if v1_img is None:
+        color_html = _placeholder("Colour FA not available: " + next(
+            (n for n in notes if "V1" in n),
+            "no principal-eigenvector (V1) image was given."))
+    elif fa_img is None or center is None:
+        color_html = _placeholder("Colour FA not available: no FA image.")
+    else:
+        color_html = _render_figure(
+            lambda: plot_color_fa(fa_img, v1_img, streamlines, center=center,
+                                  sagittal_x=sagittal_x),
+            "<b>Directionally encoded colour FA.</b> Colour = |principal diffusion direction "
+            "in world coordinates| × FA: red left–right, green anterior–posterior, blue "
+            "inferior–superior; same planes as above. The CST should run through blue "
+            "(inferior–superior) white matter in the brainstem and internal capsule. Outlines: "
+            "streamline points of CST_L (orange, solid) and CST_R (blue, dashed) within ±4 mm "
+            "of each plane. A CST outline on green or red tissue, or a brainstem that is not "
+            "blue, suggests a gradient-direction (b-vector) error.",
+            "Colour FA with CST outlines")
+    figs.append(("Colour FA (principal direction)", color_html))
+
+    have_points = any(len(streamlines[s]) for s in SIDES)
+    figs.append(("Glass brain", _render_figure(
+        lambda: plot_glass_brain(streamlines, mask_img=mask_img, fa_img=fa_img),
+        "<b>Glass brain.</b> All streamline points of CST_L (orange) and CST_R (blue) "
+        "projected through the whole brain (track density, log scale; darker = more "
+        "streamlines) over the outline of the brain"
+        + (" mask" if mask_img is not None else " (FA &gt; 0.02)") + ". The two CSTs would "
+        "hide each other in a sagittal projection, so each has its own sagittal panel "
+        "(anterior on the right). Each CST should run from the brainstem up through the "
+        "internal capsule to the motor cortex of its own hemisphere, without crossing the "
+        "midline above the brainstem. Neurological convention: the subject's left is on the "
+        "image left.",
+        "Glass-brain projection of the CSTs",
+        missing=None if have_points else "Glass brain not available: no streamlines.")))
 
     levels = _band_levels(profiles)
     have_fa = any(np.isfinite(profiles[s]["fa"]).any() for s in profiles)
@@ -1357,7 +1936,7 @@ def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=
         _verdict_html(metrics),
         _prognosis_html(metrics),
         '<section id="figures"><h2>Figures</h2>', figures_html, "</section>",
-        _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes),
+        _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes, template_img),
         _methods_html(metrics),
         f"<footer>cst-integrity {_esc(__version__)} · {_esc(DISCLAIMER)}</footer>",
         "</main></body></html>\n",
@@ -1366,7 +1945,8 @@ def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=
 
 
 def write_report(out_html, *, metrics: dict, profiles_tsv, fa_file, tract_files: dict,
-                 mask_file=None, rois_file=None) -> Path:
+                 mask_file=None, rois_file=None, v1_file=None,
+                 template_in_subject_file=None) -> Path:
     """Write the self-contained HTML report, atomically; return its path.
 
     Parameters
@@ -1377,9 +1957,15 @@ def write_report(out_html, *, metrics: dict, profiles_tsv, fa_file, tract_files:
     fa_file : subject FA NIfTI, any storage orientation
     tract_files : {"left": path, "right": path} of tractograms (world RAS mm)
     mask_file, rois_file : optional brain mask and CST ROI label NIfTIs (subject space)
+    v1_file : optional principal eigenvector, 4D X×Y×Z×3 in the voxel-axis frame (DIPY's
+        ``evecs[..., 0]``); gives the colour-FA figure (skipped with a note if None)
+    template_in_subject_file : optional template brain mask or template FA resampled on
+        the subject grid (warped by the registration); gives the registration figure
+        (skipped with a note if None)
 
     Any input may be None, missing or empty: the report still renders and says so.
     """
     text = build_report_html(metrics=metrics, profiles_tsv=profiles_tsv, fa_file=fa_file,
-                             tract_files=tract_files, mask_file=mask_file, rois_file=rois_file)
+                             tract_files=tract_files, mask_file=mask_file, rois_file=rois_file,
+                             v1_file=v1_file, template_in_subject_file=template_in_subject_file)
     return write_text(out_html, text)

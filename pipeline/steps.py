@@ -67,7 +67,8 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, b0_thresho
 def register_atlas(fa_file, mask_file, *, out_dir):
     """Register FA to the MNI FA template; bring the CST ROIs and level bands to the subject.
 
-    Returns dict of paths: ``rois`` and ``levels`` (subject grid, int16) and
+    Returns dict of paths: ``rois`` and ``levels`` (subject grid, int16),
+    ``template_mask`` (the template brain mask on the subject grid, for QC) and
     ``qc`` (JSON: template correlation, per-ROI coverage).
     """
     out_dir = Path(out_dir)
@@ -89,6 +90,7 @@ def register_atlas(fa_file, mask_file, *, out_dir):
             mask_in_template, template_rois, atlases.CST_ROI_LABELS).items()},
         "affine_template_to_subject": np.round(affine_matrix, 5).tolist(),
     }
+    template_in_subject = registration.labels_to_subject(mapping, template_mask)
     rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
     levels = registration.labels_to_subject(mapping, template_levels) * (mask > 0)
     paths = {
@@ -97,6 +99,8 @@ def register_atlas(fa_file, mask_file, *, out_dir):
                                      dtype=np.int16),
         "warped_fa": outputs.save_nifti(out_dir / "fa_in_template.nii.gz", warped_fa,
                                         template_img.affine),
+        "template_mask": outputs.save_nifti(out_dir / "template_mask_in_subject.nii.gz",
+                                            template_in_subject, fa_img.affine, dtype=np.uint8),
         "qc": outputs.write_json(out_dir / "registration_qc.json", qc),
     }
     return {k: str(v) for k, v in paths.items()}
@@ -157,8 +161,13 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
 
 
 def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file, *, out_dir):
-    """100-node profiles of both CSTs (TSV), per-side summaries and asymmetry (JSON)."""
+                   rois_file, *, out_dir, subject):
+    """100-node profiles of both CSTs (TSV), per-side summaries and asymmetry (JSON).
+
+    The TSV has our columns (``tract, node, fa, md, rd, ad, x, y, z, level``)
+    and pyAFQ's (``subjectID, tractID, nodeID, dti_fa, dti_md, dti_rd, dti_ad``),
+    so scripts written for pyAFQ's tract profiles read it unchanged.
+    """
     out_dir = Path(out_dir)
     maps = {}
     for name, path in zip(tractometry.PROFILE_METRICS, (fa_file, md_file, rd_file, ad_file)):
@@ -186,6 +195,8 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
             row.update({m: _fmt(prof[m][node]) for m in tractometry.PROFILE_METRICS})
             row.update({"x": _fmt(xyz[node, 0], 2), "y": _fmt(xyz[node, 1], 2),
                         "z": _fmt(xyz[node, 2], 2), "level": node_levels[side][node] or "n/a"})
+            row.update({"subjectID": subject, "tractID": row["tract"], "nodeID": node})
+            row.update({f"dti_{m}": row[m] for m in tractometry.PROFILE_METRICS})
             rows.append(row)
 
     plic = {side: tractometry.roi_mean(maps["fa"], rois, atlases.CST_ROI_LABELS[f"plic_{HEMI[side]}"])

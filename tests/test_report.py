@@ -83,10 +83,31 @@ def _metrics():
                       "references": ["Stinear CM et al. Brain 2012;135:2527–2535."],
                       "disclaimer": "Research use only."},
         "qc": {"assessable": True, "warnings": ["Low SNR in the pons <check>"],
+               "limits": {"min_streamlines": 20, "min_roi_coverage": 0.6,
+                          "min_template_correlation": 0.4},
                "registration": {"template_fa_correlation": 0.81,
-                                "roi_coverage": {"plic_L": 1.0, "plic_R": 0.95}}},
+                                "roi_coverage": {"plic_L": 1.0, "plic_R": 0.95,
+                                                 "pons_L": 0.4, "pons_R": 0.7}},
+               "tracking": {"n_seeds": 8760, "n_streamlines_tracked": 5796,
+                            "inferior_landmark": "peduncle",
+                            "sides": {"left": {"selected": 2019, "clipped": 2001,
+                                               "cleaned": 1876},
+                                      "right": {"selected": 2337, "clipped": 2300,
+                                                "cleaned": 12}}}},
         "provenance": {"software": {"dipy": "1.12.0", "numpy": "2.1.0"},
-                       "parameters": {"denoise": "mppca", "thresholds": {"node_ai": 0.1}},
+                       "parameters": {
+                           "seed": 7, "thresholds": {"node_ai": 0.1},
+                           "preprocessing": {"b0_threshold": 50.0, "denoise": "mppca",
+                                             "brain_mask": "median_otsu(median_radius=2)",
+                                             "tensor_fit": "WLS"},
+                           "tracking": {"fa_stop": 0.2, "max_angle_deg": 45.0, "step_mm": 0.5,
+                                        "seeds_per_voxel": 10, "min_coverage": 0.6},
+                           "localization": {"node_ai": 0.1, "min_nodes": 6,
+                                            "segment_mean_ai": 0.2, "tract_ai": 0.05,
+                                            "end_nodes": 10},
+                           "prognosis": {"prep_plic_ai": 0.25},
+                           "qc": {"min_streamlines": 20, "min_roi_coverage": 0.6,
+                                  "min_template_correlation": 0.4}},
                        "inputs": {"dwi.nii.gz": {"path": "/data/dwi.nii.gz", "sha256": "0" * 64}},
                        "created": "2024-01-01T00:00:00+00:00"},
     }
@@ -107,6 +128,19 @@ def inputs(tmp_path):
     nib.save(nib.Nifti1Image(rois, LAS_AFFINE), str(rois_file))
     left = _save_trk(tmp_path / "cst_L.trk", _tract(-20, seed=1), LAS_AFFINE, SHAPE)
     right = _save_trk(tmp_path / "cst_R.trk", _tract(20, seed=2), LAS_AFFINE, SHAPE)
+    # Principal eigenvector in the voxel frame: voxel axis 0 (world -x in LAS) in the
+    # background, voxel axis 2 (world z) in the bright column.
+    v1 = np.zeros(SHAPE + (3,), np.float32)
+    v1[..., 0] = 1.0
+    column = _fa_data(LAS_AFFINE, SHAPE) > 0.5
+    v1[column] = (0.0, 0.0, 1.0)
+    v1_file = tmp_path / "v1.nii.gz"
+    nib.save(nib.Nifti1Image(v1, LAS_AFFINE), str(v1_file))
+    # Template brain mask "warped to the subject": a slightly shrunken ellipsoid.
+    x, y, z = np.moveaxis(xyz, -1, 0)
+    template = ((x / 34) ** 2 + (y / 42) ** 2 + (z / 38) ** 2 < 1).astype(np.uint8)
+    template_file = tmp_path / "template_in_subject.nii.gz"
+    nib.save(nib.Nifti1Image(template, LAS_AFFINE), str(template_file))
     tsv = tmp_path / "profiles.tsv"
     with open(tsv, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")
@@ -117,7 +151,8 @@ def inputs(tmp_path):
                 writer.writerow([tract, node, fa, 7e-4, 5e-4, 1.2e-3, x0, 0.0,
                                  -30 + 0.6 * node, LEVELS[node]])
     return {"fa_file": fa_file, "mask_file": mask_file, "rois_file": rois_file,
-            "tract_files": {"left": left, "right": right}, "profiles_tsv": tsv}
+            "tract_files": {"left": left, "right": right}, "profiles_tsv": tsv,
+            "v1_file": v1_file, "template_in_subject_file": template_file}
 
 
 def _images(text):
@@ -163,8 +198,30 @@ def test_full_report(inputs, tmp_path):
     assert "thresholds.node_ai" in text and "0" * 64 in text
     for cite in ("Garyfallidis", "Veraart", "Avants", "Yeatman", "Stinear"):
         assert cite in text
+    # New figures: colour FA, glass brain, registration.
+    for alt in ("Colour FA with CST outlines", "Glass-brain projection of the CSTs",
+                "Registration QC"):
+        assert f'alt="{alt}"' in text
+    # Readable registration and tracking QC, low values flagged.
+    qc = text[text.index('id="qc"'):text.index('id="methods"')]
+    assert "FA correlation with the MNI template" in qc and "0.81" in qc
+    assert "Posterior limb of the internal capsule" in qc and "95 %" in qc
+    assert '<td class="num bad">40 % ⚠</td>' in qc  # pons_L below the 60 % limit
+    assert "8760" in qc and "5796" in qc and "peduncle" in qc
+    assert '<td class="num bad">12 ⚠</td>' in qc  # right CST below 20 streamlines
+    assert '<td class="num">1876</td>' in qc
+    # Methods paragraph generated from the recorded parameters.
+    methods = text[text.index('<p class="methods">'):]
+    methods = methods[:methods.index("</p>")]
+    for phrase in ("MP-PCA", "b ≤ 50 s/mm²", "fitted by WLS with DIPY 1.12.0", "random seed 7",
+                   "10 seeds per voxel", "step of 0.5 mm", "FA &lt; 0.2", "exceeds 45°",
+                   "at least 6 consecutive nodes", "|AI| ≥ 0.1", "mean |AI| is at least 0.2",
+                   "last 10 nodes", "cut-off of 0.25", "fewer than 20 streamlines",
+                   "NumPy 2.1.0", "cst-integrity"):
+        assert phrase in methods, phrase
+    assert "not recorded" not in methods
     images = _images(text)
-    assert len(images) >= 6  # slices, FA, AI, MD/RD, mask, ROIs
+    assert len(images) >= 9  # slices, colour FA, glass brain, FA, AI, MD/RD, reg., mask, ROIs
     assert "could not be drawn" not in text
     _assert_self_contained(text)
 
@@ -244,6 +301,8 @@ def test_missing_tract_file(inputs, tmp_path):
                               tract_files=tracts)
     text = out.read_text()
     assert "left tract file (CST_L) is missing" in text
+    assert "Registration figure skipped" in text  # no template given
+    assert "Colour FA not available" in text  # no V1 given
     assert len(_images(text)) >= 4
     _assert_self_contained(text)
 
@@ -312,3 +371,77 @@ def test_figure_helpers_return_figures(inputs):
     uri = report.figure_to_data_uri(fig)
     assert uri.startswith("data:image/png;base64,")
     assert base64.b64decode(uri.split(",", 1)[1]).startswith(PNG_SIGNATURE)
+
+
+def test_color_fa_uses_world_directions(inputs):
+    """Colour FA: the voxel-frame V1 is mapped to world RAS, whatever the storage."""
+    fa_img = nib.load(str(inputs["fa_file"]))
+    v1_img = nib.load(str(inputs["v1_file"]))
+    world = report.world_abs_directions(v1_img)
+    np.testing.assert_allclose(world[0, 0, 0], [1, 0, 0], atol=1e-6)  # voxel i = world -x
+    # Same world image stored with voxel axes 0 and 1 swapped: voxel axis 0 is now
+    # world y (green), so a voxel-frame (1, 0, 0) must become green, not red.
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    swapped = nib.Nifti1Image(np.ascontiguousarray(np.asarray(v1_img.dataobj)
+                                                   .transpose(1, 0, 2, 3)), LAS_AFFINE @ swap)
+    np.testing.assert_allclose(report.world_abs_directions(swapped)[0, 0, 0], [0, 1, 0],
+                               atol=1e-6)
+    fa = np.asarray(fa_img.dataobj)
+    extent = (-38.0, 38.0, -46.0, 46.0)
+    rgb = report._color_fa_slice(fa_img, fa, v1_img, world, "axial", 0.0, extent, 2.0)
+    column = rgb[23, 9]  # world x = -20, y = 0: the bright column, principal direction z
+    background = rgb[23, 28]  # world x = +18: FA 0.25, principal direction x
+    np.testing.assert_allclose(column, [0, 0, 0.9], atol=0.05)
+    np.testing.assert_allclose(background, [0.25, 0, 0], atol=0.05)
+    streamlines = {side: list(nib.streamlines.load(str(p)).streamlines)
+                   for side, p in inputs["tract_files"].items()}
+    fig = report.plot_color_fa(fa_img, v1_img, streamlines, center=[0.0, 0.0, 8.0])
+    assert len(fig.axes) == 3
+    assert report.figure_to_data_uri(fig).startswith("data:image/png;base64,")
+
+
+def test_glass_brain_neurological(inputs):
+    from matplotlib.colors import to_rgb
+
+    streamlines = {side: list(nib.streamlines.load(str(p)).streamlines)
+                   for side, p in inputs["tract_files"].items()}
+    mask_img = nib.load(str(inputs["mask_file"]))
+    fig = report.plot_glass_brain(streamlines, mask_img=mask_img)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [p[2] for p in report.GLASS_PANELS]
+    ax = fig.axes[titles.index("Coronal")]
+    left = _colour_columns(fig, ax, to_rgb(report.COLORS["left"]))
+    right = _colour_columns(fig, ax, to_rgb(report.COLORS["right"]))
+    assert len(left) > 20 and len(right) > 20
+    midline = ax.transData.transform((0.0, 0.0))[0]
+    assert left.max() < midline < right.min()
+    # Each sagittal panel shows its own tract only.
+    sag_l = fig.axes[titles.index("Sagittal, CST_L")]
+    assert len(_colour_columns(fig, sag_l, to_rgb(report.COLORS["right"]))) == 0
+    assert len(_colour_columns(fig, sag_l, to_rgb(report.COLORS["left"]))) > 20
+
+
+def test_registration_figure_mask_and_fa_template(inputs, tmp_path):
+    fa_img = nib.load(str(inputs["fa_file"]))
+    mask_tpl = nib.load(str(inputs["template_in_subject_file"]))
+    fig = report.plot_registration(fa_img, mask_tpl, n_slices=3)
+    assert len(fig.axes) == 9
+    # A continuous template (FA) is outlined too.
+    fig = report.plot_registration(fa_img, fa_img, n_slices=2)
+    assert len(fig.axes) == 6
+
+
+def test_bad_v1_is_noted(inputs, tmp_path):
+    kwargs = dict(inputs, v1_file=inputs["fa_file"])  # 3D, not X×Y×Z×3
+    text = report.write_report(tmp_path / "r.html", metrics=_metrics(), **kwargs).read_text()
+    assert "is not an X×Y×Z×3 vector image" in text
+    assert "Colour FA not available" in text
+    assert "could not be drawn" not in text
+
+
+def test_methods_without_parameters():
+    text = report.methods_text({})
+    assert "not recorded" in text and "No run parameters are recorded" in text
+    metrics = _metrics()
+    metrics["provenance"]["parameters"]["preprocessing"]["denoise"] = "none"
+    assert "were not denoised" in report.methods_text(metrics)

@@ -77,3 +77,10 @@ def test_bad_gradient_file_is_refused_before_any_work(two_run_bids, tmp_path):
 def test_help_lists_examples_and_exit_codes():
     text = cst_report_parser().format_help()
     assert "examples:" in text and "exit codes:" in text and "--n-jobs" in text
+
+
+def test_relative_paths_reach_the_workflow_as_absolute(two_run_bids, monkeypatch):
+    monkeypatch.chdir(two_run_bids.parent)
+    runs = find_dwi_runs("bids", "01")
+    assert all(r.dwi.is_absolute() and r.bval.is_absolute() and r.bvec.is_absolute()
+               for r in runs)

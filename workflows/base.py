@@ -61,11 +61,13 @@ def init_dwi_preproc_wf(*, b0_threshold, denoise, n_jobs, name="dwi_preproc_wf")
     return wf
 
 
-def init_cst_wf(*, tracking, n_jobs, seed, name="cst_wf"):
+def init_cst_wf(*, subject, tracking, n_jobs, seed, name="cst_wf"):
     """Template registration, CST tracking and 100-node tract profiles.
 
     Parameters
     ----------
+    subject : str
+        Subject label (written in the profiles table).
     tracking : dict
         Keyword arguments of :func:`pipeline.steps.track_cst` (fa_stop,
         max_angle_deg, step_mm, seeds_per_voxel, min_coverage).
@@ -80,16 +82,17 @@ def init_cst_wf(*, tracking, n_jobs, seed, name="cst_wf"):
 
     Outputs
     -------
-    rois, levels, registration_qc, left, right, tracking_qc, profiles_tsv, profiles_json
+    rois, levels, template_mask, registration_qc, left, right, tracking_qc, profiles_tsv,
+    profiles_json
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["fa", "md", "rd", "ad", "v1", "mask"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["rois", "levels", "registration_qc", "left", "right", "tracking_qc",
-                "profiles_tsv", "profiles_json"]), name="outputnode")
+        fields=["rois", "levels", "template_mask", "registration_qc", "left", "right",
+                "tracking_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
     register = _function_node(nodes.register_atlas, ["fa_file", "mask_file"],
-                              ["rois", "levels", "qc"], "register_atlas")
+                              ["rois", "levels", "template_mask", "qc"], "register_atlas")
     track = _function_node(
         nodes.track_cst, ["fa_file", "v1_file", "mask_file", "rois_file", "registration_qc",
                           "tracking", "n_jobs", "seed"], ["left", "right", "qc"], "track_cst",
@@ -99,8 +102,9 @@ def init_cst_wf(*, tracking, n_jobs, seed, name="cst_wf"):
     track.inputs.seed = seed
     profiles = _function_node(
         nodes.tract_profiles, ["left_trk", "right_trk", "fa_file", "md_file", "rd_file",
-                               "ad_file", "levels_file", "rois_file"], ["tsv", "json"],
-        "tract_profiles")
+                               "ad_file", "levels_file", "rois_file", "subject"],
+        ["tsv", "json"], "tract_profiles")
+    profiles.inputs.subject = subject
     wf.connect([
         (inputnode, register, [("fa", "fa_file"), ("mask", "mask_file")]),
         (inputnode, track, [("fa", "fa_file"), ("v1", "v1_file"), ("mask", "mask_file")]),
@@ -110,7 +114,7 @@ def init_cst_wf(*, tracking, n_jobs, seed, name="cst_wf"):
         (register, profiles, [("levels", "levels_file"), ("rois", "rois_file")]),
         (track, profiles, [("left", "left_trk"), ("right", "right_trk")]),
         (register, outputnode, [("rois", "rois"), ("levels", "levels"),
-                                ("qc", "registration_qc")]),
+                                ("template_mask", "template_mask"), ("qc", "registration_qc")]),
         (track, outputnode, [("left", "left"), ("right", "right"), ("qc", "tracking_qc")]),
         (profiles, outputnode, [("tsv", "profiles_tsv"), ("json", "profiles_json")]),
     ])
@@ -142,7 +146,8 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
     preproc_wf.inputs.inputnode.dwi_file = str(run.dwi)
     preproc_wf.inputs.inputnode.bval_file = str(run.bval)
     preproc_wf.inputs.inputnode.bvec_file = str(run.bvec)
-    cst_wf = init_cst_wf(tracking=parameters["tracking"], n_jobs=parameters["n_jobs"],
+    cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
+                         n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"])
 
     assess = _function_node(
@@ -156,8 +161,9 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
     assess.inputs.parameters = parameters
 
     report = _function_node(
-        nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "left_trk", "right_trk",
-                       "mask_file", "rois_file"], ["html"], "report")
+        nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "v1_file", "left_trk",
+                       "right_trk", "mask_file", "rois_file", "template_mask_file"], ["html"],
+        "report")
 
     to_dict = _function_node(nodes.collect_outputs, ["fa", "md", "rd", "ad", "mask", "rois", "left",
                                            "right", "profiles_tsv", "metrics", "report"],
@@ -184,8 +190,10 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
         (assess, report, [("metrics", "metrics_json")]),
         (cst_wf, report, [("outputnode.profiles_tsv", "profiles_tsv"),
                           ("outputnode.left", "left_trk"), ("outputnode.right", "right_trk"),
-                          ("outputnode.rois", "rois_file")]),
-        (preproc_wf, report, [("outputnode.fa", "fa_file"), ("outputnode.mask", "mask_file")]),
+                          ("outputnode.rois", "rois_file"),
+                          ("outputnode.template_mask", "template_mask_file")]),
+        (preproc_wf, report, [("outputnode.fa", "fa_file"), ("outputnode.v1", "v1_file"),
+                              ("outputnode.mask", "mask_file")]),
         (preproc_wf, to_dict, [("outputnode.fa", "fa"), ("outputnode.md", "md"),
                                ("outputnode.rd", "rd"), ("outputnode.ad", "ad"),
                                ("outputnode.mask", "mask")]),

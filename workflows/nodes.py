@@ -32,7 +32,7 @@ def register_atlas(fa_file, mask_file):
     from pipeline.steps import register_atlas as register
 
     out = register(fa_file, mask_file, out_dir=os.getcwd())
-    return out["rois"], out["levels"], out["qc"]
+    return out["rois"], out["levels"], out["template_mask"], out["qc"]
 
 
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, tracking, n_jobs, seed):
@@ -46,13 +46,13 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, tracking,
 
 
 def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file):
+                   rois_file, subject):
     import os
 
     from pipeline.steps import tract_profiles as profiles
 
     out = profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file, out_dir=os.getcwd())
+                   rois_file, out_dir=os.getcwd(), subject=subject)
     return out["tsv"], out["json"]
 
 
@@ -69,7 +69,8 @@ def assess(profiles_json, registration_qc, tracking_qc, preprocess_qc, subject, 
                           prep_plic_ai=parameters["prognosis"]["prep_plic_ai"])
 
 
-def report(metrics_json, profiles_tsv, fa_file, left_trk, right_trk, mask_file, rois_file):
+def report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, mask_file,
+           rois_file, template_mask_file):
     import json
     import os
 
@@ -79,7 +80,8 @@ def report(metrics_json, profiles_tsv, fa_file, left_trk, right_trk, mask_file, 
     return str(write_report(os.path.join(os.getcwd(), "report.html"), metrics=metrics,
                             profiles_tsv=profiles_tsv, fa_file=fa_file,
                             tract_files={"left": left_trk, "right": right_trk},
-                            mask_file=mask_file, rois_file=rois_file))
+                            mask_file=mask_file, rois_file=rois_file, v1_file=v1_file,
+                            template_in_subject_file=template_mask_file))
 
 
 def collect_outputs(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report):

@@ -1,0 +1,81 @@
+"""Run configuration: command-line defaults, TOML files and their printed form.
+
+A TOML file holds the same settings as the command line, by section::
+
+    [execution]
+    n_jobs = 2
+    seed = 0
+
+    [tracking]
+    fa_stop = 0.2
+
+Command-line flags override the file; ``--print-config`` prints the effective
+settings in this format, so its output is a valid ``--config`` file.
+"""
+
+import tomllib
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+#: (section, key) in a TOML file → argparse destination.
+CONFIG_KEYS = {
+    ("execution", "n_jobs"): "n_jobs",
+    ("execution", "seed"): "seed",
+    ("execution", "work_dir"): "work_dir",
+    ("preprocessing", "b0_threshold"): "b0_threshold",
+    ("preprocessing", "denoise"): "denoise",
+    ("tracking", "fa_stop"): "fa_stop",
+    ("tracking", "max_angle_deg"): "max_angle",
+    ("tracking", "step_mm"): "step_mm",
+    ("tracking", "seeds_per_voxel"): "seeds_per_voxel",
+    ("localization", "node_ai"): "node_ai",
+    ("localization", "min_nodes"): "min_nodes",
+    ("localization", "segment_mean_ai"): "segment_mean_ai",
+    ("prognosis", "prep_plic_ai"): "prep_plic_ai",
+}
+
+
+def read_config(path):
+    """Argparse defaults from a TOML file. Unknown sections or keys are an input error."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"The configuration file cannot be read: {exc}", path=path,
+                         fix="Write it as TOML; `cst-report --print-config` prints a template.") \
+            from exc
+    defaults = {}
+    for section, values in document.items():
+        if not isinstance(values, dict):
+            raise InputError(f"'{section}' must be a [section].", path=path,
+                             fix="`cst-report --print-config` prints a template.")
+        for key, value in values.items():
+            if (section, key) not in CONFIG_KEYS:
+                known = ", ".join(f"{s}.{k}" for s, k in CONFIG_KEYS)
+                raise InputError(f"Unknown setting '{section}.{key}'.", path=path,
+                                 fix=f"Known settings: {known}.")
+            defaults[CONFIG_KEYS[(section, key)]] = value
+    return defaults
+
+
+def format_config(args):
+    """The effective settings of ``args`` as TOML text (a valid ``--config`` file)."""
+    lines, current = [], None
+    for (section, key), dest in CONFIG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if section != current:
+            lines.append(f"{'' if current is None else chr(10)}[{section}]")
+            current = section
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
