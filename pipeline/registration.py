@@ -51,6 +51,13 @@ def registration_quality(warped_fa, template_fa, template_mask):
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def dice(a, b):
+    """Dice overlap of two binary masks (1 = identical, 0 = disjoint)."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 0.0
+
+
 def roi_coverage(subject_mask_in_template, template_labels, label_values):
     """Fraction of each template ROI that the subject's brain mask covers.
 

@@ -83,14 +83,16 @@ def register_atlas(fa_file, mask_file, *, out_dir):
         fa, fa_img.affine, template_fa, template_img.affine)
     warped_fa = registration.subject_to_template(mapping, fa)
     mask_in_template = registration.subject_to_template(mapping, mask, interpolation="nearest")
+    template_in_subject = registration.labels_to_subject(mapping, template_mask)
     qc = {
         "template_fa_correlation": round(registration.registration_quality(
             warped_fa, template_fa, template_mask), 3),
+        # On the subject grid, so only the scanned field of view counts.
+        "template_mask_dice": round(registration.dice(template_in_subject, mask), 3),
         "roi_coverage": {name: round(value, 3) for name, value in registration.roi_coverage(
             mask_in_template, template_rois, atlases.CST_ROI_LABELS).items()},
         "affine_template_to_subject": np.round(affine_matrix, 5).tolist(),
     }
-    template_in_subject = registration.labels_to_subject(mapping, template_mask)
     rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
     levels = registration.labels_to_subject(mapping, template_levels) * (mask > 0)
     paths = {
@@ -232,7 +234,7 @@ def _finite_or_none(value, digits=5):
 
 #: Quality-control limits below which the CST is reported as not assessable.
 DEFAULT_QC_LIMITS = {"min_streamlines": 20, "min_roi_coverage": 0.6,
-                     "min_template_correlation": 0.4}
+                     "min_template_correlation": 0.4, "min_template_mask_dice": 0.6}
 
 
 def quality_control(registration_qc, tracking_qc, summary, limits):
@@ -246,9 +248,11 @@ def quality_control(registration_qc, tracking_qc, summary, limits):
             reasons.append(f"The field of view or brain mask does not cover {where} "
                            f"({', '.join(low)}): the CST cannot be followed along its course.")
     r = registration_qc["template_fa_correlation"]
-    if r < limits["min_template_correlation"]:
+    overlap = registration_qc["template_mask_dice"]
+    if r < limits["min_template_correlation"] or overlap < limits["min_template_mask_dice"]:
         reasons.append(f"Registration to the MNI FA template looks failed (FA correlation "
-                       f"{r:.2f} < {limits['min_template_correlation']}).")
+                       f"{r:.2f}, limit {limits['min_template_correlation']}; brain-mask Dice "
+                       f"{overlap:.2f}, limit {limits['min_template_mask_dice']}).")
     for side in SIDES:
         n = summary[side]["n_streamlines"]
         if n < limits["min_streamlines"]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.phantom import make_phantom_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BIDS = Path(os.environ.get("CST_SHARED_BIDS", REPO.parent / "shared" / "data" / "bids"))
 
@@ -26,6 +28,28 @@ def run_cst_report(subject, bids_dir, out_dir, *extra, work_dir=None):
 def load_metrics(out_dir, stem):
     subject = stem.split("_")[0]
     return json.loads((Path(out_dir) / subject / "dwi" / f"{stem}_desc-cst_metrics.json").read_text())
+
+
+PHANTOM_LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
+PHANTOM_STEM = "sub-subject01"
+
+
+@pytest.fixture(scope="session")
+def lesion_phantom(tmp_path_factory):
+    """The demo phantom (left internal-capsule lesion) as a BIDS dataset, and its ground truth."""
+    bids = tmp_path_factory.mktemp("lesion") / "bids"
+    truth = make_phantom_dataset(bids, subject="subject01", lesion=PHANTOM_LESION, seed=0)
+    return bids, truth
+
+
+@pytest.fixture(scope="session")
+def lesion_run(lesion_phantom, tmp_path_factory):
+    """One uninterrupted ``cst-report --n-jobs 2`` of the lesion phantom: (out, truth, result)."""
+    bids, truth = lesion_phantom
+    out = tmp_path_factory.mktemp("lesion_out")
+    result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    return out, truth, result
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,28 +9,10 @@ import pytest
 
 from pipeline.phantom import make_phantom_dataset
 
+from .conftest import PHANTOM_STEM as STEM
 from .conftest import load_metrics, run_cst_report
 
 pytestmark = pytest.mark.slow
-
-LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
-STEM = "sub-subject01"
-
-
-@pytest.fixture(scope="module")
-def lesion_phantom(tmp_path_factory):
-    bids = tmp_path_factory.mktemp("lesion") / "bids"
-    truth = make_phantom_dataset(bids, subject="subject01", lesion=LESION, seed=0)
-    return bids, truth
-
-
-@pytest.fixture(scope="module")
-def lesion_run(lesion_phantom, tmp_path_factory):
-    bids, truth = lesion_phantom
-    out = tmp_path_factory.mktemp("lesion_out")
-    result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
-    assert result.returncode == 0, result.stderr
-    return out, truth, result
 
 
 def test_lesion_side_level_and_peak(lesion_run):
