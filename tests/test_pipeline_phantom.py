@@ -96,3 +96,36 @@ def test_lesion_free_phantom_reports_no_damage(tmp_path):
     assert metrics["localization"]["umn_damage"] is False
     assert metrics["prognosis"]["category"] == "no_imaging_evidence_of_umn_damage"
     assert abs(metrics["asymmetry"]["fa_ai_tract"]) < 0.02
+
+
+def test_outputs_load_in_pandas_and_nibabel_and_group_table(lesion_run, lesion_phantom):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out, _, _ = lesion_run
+    bids, _ = lesion_phantom
+    dwi = out / "sub-subject01" / "dwi"
+    profiles = pd.read_csv(dwi / f"{STEM}_desc-profiles_tractometry.tsv", sep="\t",
+                           na_values="n/a")
+    assert profiles.groupby("tract").size().to_dict() == {"CST_L": 100, "CST_R": 100}
+    assert profiles["fa"].dtype.kind == "f" and profiles["fa"].between(0, 1).all()
+    # pyAFQ's column names carry the same numbers.
+    assert (profiles["tractID"] == profiles["tract"]).all()
+    assert (profiles["nodeID"] == profiles["node"]).all()
+    assert np.allclose(profiles["dti_fa"], profiles["fa"])
+    assert (profiles["subjectID"].astype(str) == "subject01").all()
+    for hemi in ("L", "R"):
+        trk = nib.streamlines.load(str(dwi / f"{STEM}_hemi-{hemi}_desc-CST_tractography.trk"))
+        assert len(trk.streamlines) > 0 and trk.header["voxel_order"]
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from workflows.cli import bids_app_main; bids_app_main()",
+         str(bids), str(out), "group"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    group = pd.read_csv(out / "group_desc-cst_metrics.tsv", sep="\t", na_values="n/a")
+    assert len(group) == 1
+    row = group.iloc[0]
+    assert row["participant_id"] == "sub-subject01" and row["affected_side"] == "left"
+    assert row["n_streamlines_left"] >= 100
