@@ -487,18 +487,7 @@ def plot_tract_slices(fa_img, streamlines, *, center, peak=None, slab_mm=4.0,
     points = {side: _all_points(streamlines.get(side, [])) for side in SIDES}
     fa_data = _volume(fa_img) if fa_img is not None else None
     if bbox is None:
-        boxes = []
-        if fa_img is not None:
-            boxes.append(_world_bbox(fa_img, fa_data, threshold=0.02))
-        for pts in points.values():
-            if len(pts):
-                boxes.append(np.stack([pts.min(axis=0), pts.max(axis=0)], axis=1))
-        if peak is not None:
-            boxes.append(np.stack([np.asarray(peak, float)] * 2, axis=1))
-        if not boxes:
-            boxes.append(np.stack([center - 60, center + 60], axis=1))
-        boxes = np.stack(boxes)
-        bbox = np.stack([boxes[:, :, 0].min(axis=0), boxes[:, :, 1].max(axis=0)], axis=1)
+        bbox = _slices_bbox(fa_img, fa_data, points, peak=peak, center=center)
         if fa_img is None:  # no brain to frame the tracts: show at least a brain-sized box
             mid, half = bbox.mean(axis=1), np.maximum((bbox[:, 1] - bbox[:, 0]) / 2, 70.0)
             bbox = np.stack([mid - half, mid + half], axis=1)

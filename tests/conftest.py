@@ -25,6 +25,20 @@ def run_cst_report(subject, bids_dir, out_dir, *extra, work_dir=None):
                           timeout=1800)
 
 
+def assert_same_tractograms(out_a, out_b, stem="sub-subject01"):
+    """Both CST tractograms of two output folders hold identical streamlines, in order."""
+    import nibabel as nib
+    import numpy as np
+
+    subject = stem.split("_")[0]
+    for hemi in ("L", "R"):
+        name = f"{subject}/dwi/{stem}_hemi-{hemi}_desc-CST_tractography.trk"
+        a = nib.streamlines.load(str(Path(out_a) / name)).streamlines
+        b = nib.streamlines.load(str(Path(out_b) / name)).streamlines
+        assert len(a) == len(b) > 0
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def load_metrics(out_dir, stem):
     subject = stem.split("_")[0]
     return json.loads((Path(out_dir) / subject / "dwi" / f"{stem}_desc-cst_metrics.json").read_text())
