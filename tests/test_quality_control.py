@@ -1,0 +1,48 @@
+"""Every known silent-failure pattern makes the CST 'not assessable', never 'normal'."""
+
+import copy
+
+import pytest
+
+from pipeline.steps import DEFAULT_QC_LIMITS, quality_control
+
+GOOD_REGISTRATION = {
+    "template_fa_correlation": 0.85, "template_mask_dice": 0.95,
+    "roi_coverage": {f"{roi}_{h}": 1.0 for roi in ("motor", "plic", "peduncle", "pons")
+                     for h in "LR"},
+}
+GOOD_SUMMARY = {"left": {"n_streamlines": 500}, "right": {"n_streamlines": 480}}
+
+
+def _qc(registration=GOOD_REGISTRATION, summary=GOOD_SUMMARY):
+    return quality_control(registration, {}, summary, DEFAULT_QC_LIMITS)
+
+
+def test_good_data_is_assessable():
+    assert _qc() == (True, [])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_side_with_too_few_streamlines(side):
+    summary = copy.deepcopy(GOOD_SUMMARY)
+    summary[side]["n_streamlines"] = 5  # e.g. no streamline reached both cortex and brainstem
+    assessable, reasons = _qc(summary=summary)
+    assert not assessable and reasons == [f"Too few {side} CST streamlines (5 < 20)."]
+
+
+@pytest.mark.parametrize("key, value", [("template_fa_correlation", 0.1),
+                                        ("template_mask_dice", 0.3)])
+def test_failed_registration(key, value):
+    registration = {**GOOD_REGISTRATION, key: value}
+    assessable, reasons = _qc(registration=registration)
+    assert not assessable and "Registration to the MNI FA template looks failed" in reasons[0]
+
+
+@pytest.mark.parametrize("roi, words", [("peduncle", "brainstem"), ("motor", "motor cortex"),
+                                        ("plic", "internal capsules")])
+def test_field_of_view_missing_part_of_the_cst(roi, words):
+    registration = copy.deepcopy(GOOD_REGISTRATION)
+    registration["roi_coverage"][f"{roi}_L"] = 0.1
+    assessable, reasons = _qc(registration=registration)
+    assert not assessable
+    assert words in reasons[0] and "(left)" in reasons[0]
