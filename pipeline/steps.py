@@ -92,6 +92,9 @@ def register_atlas(fa_file, mask_file, *, out_dir):
         "roi_coverage": {name: round(value, 3) for name, value in registration.roi_coverage(
             mask_in_template, template_rois, atlases.CST_ROI_LABELS).items()},
         "affine_template_to_subject": np.round(affine_matrix, 5).tolist(),
+        # Stretch factors of the affine part: an adult head is within ~15 % of the template.
+        "affine_scales": np.round(np.linalg.svd(affine_matrix[:3, :3], compute_uv=False),
+                                  3).tolist(),
     }
     rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
     levels = registration.labels_to_subject(mapping, template_levels) * (mask > 0)
@@ -234,7 +237,10 @@ def _finite_or_none(value, digits=5):
 
 #: Quality-control limits below which the CST is reported as not assessable.
 DEFAULT_QC_LIMITS = {"min_streamlines": 20, "min_roi_coverage": 0.6,
-                     "min_template_correlation": 0.4, "min_template_mask_dice": 0.6}
+                     "min_template_correlation": 0.4, "min_template_mask_dice": 0.6,
+                     # Healthy scans here: 0.95-1.07; a partial field of view squashed the
+                     # template to 0.82 along one axis.
+                     "affine_scale_range": [0.85, 1.2]}
 
 
 def quality_control(registration_qc, tracking_qc, summary, limits):
@@ -253,6 +259,12 @@ def quality_control(registration_qc, tracking_qc, summary, limits):
         reasons.append(f"Registration to the MNI FA template looks failed (FA correlation "
                        f"{r:.2f}, limit {limits['min_template_correlation']}; brain-mask Dice "
                        f"{overlap:.2f}, limit {limits['min_template_mask_dice']}).")
+    low, high = limits["affine_scale_range"]
+    scales = registration_qc["affine_scales"]
+    if min(scales) < low or max(scales) > high:
+        reasons.append(f"The template had to be stretched implausibly to fit (scale factors "
+                       f"{', '.join(f'{v:.2f}' for v in scales)}; expected {low}-{high}): "
+                       f"the field of view may miss part of the brain.")
     for side in SIDES:
         n = summary[side]["n_streamlines"]
         if n < limits["min_streamlines"]:

@@ -8,6 +8,7 @@ from pipeline.steps import DEFAULT_QC_LIMITS, quality_control
 
 GOOD_REGISTRATION = {
     "template_fa_correlation": 0.85, "template_mask_dice": 0.95,
+    "affine_scales": [1.04, 0.99, 0.96],
     "roi_coverage": {f"{roi}_{h}": 1.0 for roi in ("motor", "plic", "peduncle", "pons")
                      for h in "LR"},
 }
@@ -46,3 +47,9 @@ def test_field_of_view_missing_part_of_the_cst(roi, words):
     assessable, reasons = _qc(registration=registration)
     assert not assessable
     assert words in reasons[0] and "(left)" in reasons[0]
+
+
+@pytest.mark.parametrize("scales", [[1.03, 0.92, 0.82], [1.3, 1.0, 0.98]])
+def test_implausible_affine_stretch(scales):
+    assessable, reasons = _qc(registration={**GOOD_REGISTRATION, "affine_scales": scales})
+    assert not assessable and "stretched implausibly" in reasons[0]

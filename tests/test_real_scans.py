@@ -75,7 +75,8 @@ def test_scan_without_brainstem_is_not_assessable(out_root):
     metrics = load_metrics(out, "sub-uih01")
     assert metrics["qc"]["assessable"] is False
     assert metrics["qc"]["brainstem_covered"] is False
-    assert any("brainstem" in w for w in metrics["qc"]["warnings"])
+    warnings = " ".join(metrics["qc"]["warnings"])
+    assert "brainstem" in warnings and "stretched implausibly" in warnings
     assert metrics["localization"]["umn_damage"] is False
     assert metrics["localization"]["affected_side"] is None
     assert metrics["prognosis"]["category"] == "not_assessable"
