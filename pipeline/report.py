@@ -1184,6 +1184,8 @@ def verdict(metrics) -> dict:
         detail = (f": no segment of the FA asymmetry profile reached |AI| ≥ "
                   f"{_fmt_num(thr['node_ai'])} over ≥ {_fmt_num(thr['min_nodes'])} "
                   f"consecutive nodes")
+        if "segment_mean_ai" in thr:
+            detail += f" with a mean |AI| ≥ {_fmt_num(thr['segment_mean_ai'])}"
     out.update(status="no", side="none")
     out["headline"] = "Upper-motor-neuron (UMN) damage shown: no"
     out["sentence"] = f"No imaging evidence of upper-motor-neuron damage along either CST{detail}."
@@ -1876,6 +1878,7 @@ def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=
     thr_text = (f"± detection threshold |AI| = {_fmt_num(thr)} (dashed red)"
                 if thr is not None else "no detection threshold recorded")
     min_nodes = thresholds.get("min_nodes") if isinstance(thresholds, dict) else None
+    segment_mean = thresholds.get("segment_mean_ai") if isinstance(thresholds, dict) else None
     figs.append(("FA asymmetry", _render_figure(
         lambda: plot_asymmetry_profile(ai, threshold=thr, segments=segments, levels=levels,
                                        peak_node=peak_node),
@@ -1884,6 +1887,8 @@ def build_report_html(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=
         f"{_esc(thr_text)}"
         + (f"; a finding needs ≥ {_esc(_fmt_num(min_nodes))} consecutive nodes beyond it"
            if min_nodes is not None else "")
+        + (f" with a mean |AI| ≥ {_esc(_fmt_num(segment_mean))}"
+           if min_nodes is not None and segment_mean is not None else "")
         + ". Hatched red spans: detected segments. Healthy CSTs stay within a few hundredths.",
         "FA asymmetry profile", missing=None if ai_ok else "FA asymmetry profile not available "
         "(no AI profile in the metrics and no left/right FA profiles).")))
