@@ -436,14 +436,19 @@ def _draw_slice(ax, img, plane, position, extent, *, step, data=None, cmap="gray
     return slab
 
 
-def _style_panel(ax, plane, position, extent):
-    h_axis, v_axis, f_axis = PLANES[plane]
+def _bare_axes(ax, extent):
+    """Axes limited to ``extent`` (h0, h1, v0, v1) in mm, without ticks or frame."""
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
+
+
+def _style_panel(ax, plane, position, extent):
+    h_axis, v_axis, f_axis = PLANES[plane]
+    _bare_axes(ax, extent)
     ax.set_facecolor("black")
     ax.set_title(f"{plane.capitalize()}  {_AXIS_NAME[f_axis]} = {_fmt_mm(position)} mm",
                  fontsize=10)
@@ -1029,12 +1034,7 @@ def plot_glass_brain(streamlines, *, mask_img=None, fa_img=None, panels=GLASS_PA
             ax.imshow(rgba, origin="lower", interpolation="bilinear", aspect="equal",
                       extent=(t_edges_h[0], t_edges_h[-1], t_edges_v[0], t_edges_v[-1]),
                       zorder=3)
-        ax.set_xlim(extent[0], extent[1])
-        ax.set_ylim(extent[2], extent[3])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+        _bare_axes(ax, extent)
         ax.set_title(title, fontsize=10)
         _orientation_labels(ax, plane, color="#333")
     handles = [Patch(color=COLORS[s], label=f"{TRACT_NAMES[s]} ({s})") for s in SIDES]
