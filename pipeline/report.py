@@ -446,6 +446,15 @@ def _bare_axes(ax, extent):
         spine.set_visible(False)
 
 
+def _finish_panel_figure(fig, handles, *, legend_fontsize):
+    """Legend below, the display convention above, and the shared panel layout."""
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               fontsize=legend_fontsize, bbox_to_anchor=(0.5, -0.01))
+    fig.text(0.5, 0.985, "Neurological convention: subject left on image left", ha="center",
+             va="top", fontsize=8, color="#555")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+
+
 def _style_panel(ax, plane, position, extent):
     h_axis, v_axis, f_axis = PLANES[plane]
     _bare_axes(ax, extent)
@@ -934,11 +943,7 @@ def plot_color_fa(fa_img, v1_img, streamlines, *, center, sagittal_x=None, slab_
     handles += [Patch(color=c, label=t) for c, t in (("#e41a1c", "left-right"),
                                                      ("#33cc33", "anterior-posterior"),
                                                      ("#3355ff", "inferior-superior"))]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-               fontsize=8.5, bbox_to_anchor=(0.5, -0.01))
-    fig.text(0.5, 0.985, "Neurological convention: subject left on image left", ha="center",
-             va="top", fontsize=8, color="#555")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+    _finish_panel_figure(fig, handles, legend_fontsize=8.5)
     return fig
 
 
@@ -1040,11 +1045,7 @@ def plot_glass_brain(streamlines, *, mask_img=None, fa_img=None, panels=GLASS_PA
     handles = [Patch(color=COLORS[s], label=f"{TRACT_NAMES[s]} ({s})") for s in SIDES]
     if brain is not None:
         handles.append(Patch(facecolor="#ededed", edgecolor="#8c8c8c", label="brain outline"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-               fontsize=9, bbox_to_anchor=(0.5, -0.01))
-    fig.text(0.5, 0.985, "Neurological convention: subject left on image left", ha="center",
-             va="top", fontsize=8, color="#555")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.10)
+    _finish_panel_figure(fig, handles, legend_fontsize=9)
     return fig
 
 
