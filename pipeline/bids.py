@@ -35,15 +35,8 @@ def parse_entities(filename):
     return entities
 
 
-@dataclass(frozen=True)
-class DwiRun:
-    """One diffusion-weighted run and its gradient files."""
-
-    dwi: Path
-    bval: Path
-    bvec: Path
-    sidecar: Path | None
-    entities: dict = field(hash=False)
+class _RunNaming:
+    """Derivative names from ``self.entities`` (shared by single and combined runs)."""
 
     @property
     def stem(self):
@@ -62,6 +55,21 @@ class DwiRun:
         if "ses" in self.entities:
             path = path / f"ses-{self.entities['ses']}"
         return path / "dwi"
+
+
+@dataclass(frozen=True)
+class DwiRun(_RunNaming):
+    """One diffusion-weighted run and its gradient files."""
+
+    dwi: Path
+    bval: Path
+    bvec: Path
+    sidecar: Path | None
+    entities: dict = field(hash=False)
+
+    @property
+    def source_files(self):
+        return [self.dwi, self.bval, self.bvec]
 
     def metadata(self):
         """The JSON sidecar as a dict ({} when there is none)."""
@@ -144,3 +152,33 @@ def find_dwi_runs(bids_dir, subject):
                            sidecar=sidecar if sidecar.is_file() else None,
                            entities=parse_entities(dwi.name)))
     return runs
+
+
+@dataclass(frozen=True)
+class CombinedRuns(_RunNaming):
+    """Several runs of one subject and session processed as one series (``--combine-runs``).
+
+    Named by the entities all runs share (``sub-01_dir-AP`` + ``sub-01_dir-PA`` →
+    ``sub-01``); the first run is the reference the others are aligned to.
+    """
+
+    runs: tuple
+
+    @property
+    def entities(self):
+        first = self.runs[0].entities
+        return {k: v for k, v in first.items()
+                if all(r.entities.get(k) == v for r in self.runs[1:])}
+
+    @property
+    def source_files(self):
+        return [path for run in self.runs for path in run.source_files]
+
+
+def combine_by_session(runs):
+    """Group runs for ``--combine-runs``: one CombinedRuns per session with several runs."""
+    sessions = {}
+    for run in runs:
+        sessions.setdefault(run.entities.get("ses"), []).append(run)
+    return [group[0] if len(group) == 1 else CombinedRuns(runs=tuple(group))
+            for group in sessions.values()]

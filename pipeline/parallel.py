@@ -1,7 +1,17 @@
-"""One place for joblib parallelism."""
+"""One place for parallelism: joblib on this machine, or joblib's Dask backend on a cluster."""
 
-from joblib import Parallel, delayed
+from contextlib import contextmanager
+
+from joblib import Parallel, delayed, parallel_config
 from joblib.externals.loky import get_reusable_executor
+
+from .errors import InputError
+
+#: ``dask_scheduler`` value that starts a dask-jobqueue ``SLURMCluster`` for the work.
+SLURM_CLUSTER = "slurm"
+
+#: Size of one Dask worker job on SLURM unless dask-jobqueue's configuration sets it.
+DEFAULT_SLURM_WORKER = {"cores": 1, "memory": "2GiB"}
 
 
 def parallel_map(function, argument_tuples, *, n_jobs):
@@ -11,9 +21,97 @@ def parallel_map(function, argument_tuples, *, n_jobs):
     rejects the read-only ones joblib uses by default). The worker processes
     are shut down afterwards: idle loky workers otherwise live for minutes and
     keep a host process (e.g. a Nipype MultiProc worker) from exiting.
+
+    Inside :func:`dask_backend` the calls run on the Dask cluster instead, in
+    the same order and with the same results.
     """
     with Parallel(n_jobs=n_jobs, mmap_mode="c") as parallel:  # removes its memmap folder
         results = parallel(delayed(function)(*args) for args in argument_tuples)
     if n_jobs != 1:
         get_reusable_executor().shutdown(wait=True)
     return results
+
+
+def require_dask(dask_scheduler):
+    """Fail early, with the fix, when ``dask_scheduler`` asks for packages not installed.
+
+    Parameters
+    ----------
+    dask_scheduler : str or None
+        A Dask scheduler address (``tcp://host:8786``), :data:`SLURM_CLUSTER`,
+        or None (no Dask).
+
+    Raises
+    ------
+    InputError
+        Dask (``distributed``) is missing, or dask-jobqueue for :data:`SLURM_CLUSTER`.
+    """
+    if not dask_scheduler:
+        return
+    needed = ["distributed"] + (["dask_jobqueue"] if dask_scheduler == SLURM_CLUSTER else [])
+    for module in needed:
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise InputError(
+                f"A Dask scheduler was asked for ({dask_scheduler!r}) but the Python package "
+                f"'{module.replace('_', '-')}' is not installed.",
+                fix='Install the optional extra: pip install "cst-integrity[dask]", or run '
+                    'without --dask-scheduler.') from exc
+
+
+@contextmanager
+def dask_backend(dask_scheduler, *, n_workers=1):
+    """Run the :func:`parallel_map` calls made inside on a Dask cluster (joblib's Dask backend).
+
+    Parameters
+    ----------
+    dask_scheduler : str or None
+        Address of a running Dask scheduler (e.g. ``tcp://10.0.0.5:8786``), or
+        ``"slurm"`` to start a dask-jobqueue ``SLURMCluster`` of ``n_workers``
+        worker jobs for the duration of the block. Worker job size, partition,
+        account and wall time come from dask-jobqueue's configuration
+        (``jobqueue.slurm.*`` in ``~/.config/dask/jobqueue.yaml`` or
+        ``DASK_JOBQUEUE__SLURM__*`` variables); without one each worker job
+        gets :data:`DEFAULT_SLURM_WORKER`. None or empty: nothing changes, the
+        work stays on this machine.
+    n_workers : int
+        Worker jobs of the ``"slurm"`` cluster; the work starts once all are up.
+
+    Notes
+    -----
+    joblib runs the calls in this process when the cluster offers a single
+    worker thread; the results are the same.
+    """
+    if not dask_scheduler:
+        yield
+        return
+    require_dask(dask_scheduler)
+    from distributed import Client
+
+    with _cluster(dask_scheduler, n_workers) as (address, expected_workers), \
+            Client(address, set_as_default=False) as client:
+        # joblib sizes its dispatch by the workers present when it starts (one thread: it
+        # runs everything here) and gives up after 10 s without any; SLURM worker jobs
+        # may wait longer than that in the queue.
+        client.wait_for_workers(expected_workers)
+        with parallel_config(backend="dask", client=client):
+            yield
+
+
+@contextmanager
+def _cluster(dask_scheduler, n_workers):
+    """The scheduler address to connect to and the workers to wait for, starting a
+    SLURMCluster when asked."""
+    if dask_scheduler != SLURM_CLUSTER:
+        yield dask_scheduler, 1
+        return
+    import dask
+    from dask_jobqueue import SLURMCluster
+
+    unset = {key: value for key, value in DEFAULT_SLURM_WORKER.items()
+             if dask.config.get(f"jobqueue.slurm.{key}", None) is None}
+    n_jobs = max(1, n_workers)
+    with SLURMCluster(**unset) as cluster:
+        cluster.scale(jobs=n_jobs)
+        yield cluster.scheduler_address, n_jobs

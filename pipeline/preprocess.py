@@ -1,18 +1,22 @@
-"""Brain masking, denoising and the diffusion-tensor fit (DIPY).
+"""b0 reference, brain mask, the volumes a tensor fit may use, and the tensor fit (DIPY).
 
-Gibbs-ringing removal, motion/eddy correction and the gradient-table check
-belong between :func:`denoise_dwi` and :func:`fit_dti`; each is its own
-function so the workflow can slot them in as nodes.
+The artefact-removal steps live in their own modules (``denoise``, ``gibbs``,
+``motion``, ``outliers``, ``gradient_check``); the workflow runs them as
+separate nodes between :func:`brain_mask` and :func:`fit_dti`.
 """
 
 import numpy as np
-from dipy.denoise.localpca import mppca
+from dipy.core.gradients import gradient_table, unique_bvals_tolerance
 from dipy.reconst.dti import TensorModel
 from dipy.segment.mask import median_otsu
 
-from .parallel import parallel_map
+from .dwi import MIN_DIRECTIONS, count_unique_directions, fsl_bvecs_to_voxel_frame
+from .errors import InputError
 
-DENOISE_METHODS = ("mppca", "patch2self", "none")
+#: Shells at or below this b-value (s/mm²) feed the tensor; above it the signal is non-Gaussian.
+DTI_MAX_BVALUE = 1500.0
+#: b-values within this many s/mm² of each other belong to one shell (vendors round differently).
+SHELL_TOLERANCE = 50.0
 
 
 def mean_b0(data, b0_mask):
@@ -26,85 +30,57 @@ def brain_mask(b0, *, median_radius=2, numpass=1):
     return mask.astype(bool)
 
 
-def mask_bounding_box(mask, margin=2):
-    """Slices of the smallest box holding ``mask``, padded by ``margin`` voxels."""
-    idx = np.nonzero(mask)
-    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
-                 for i, n in zip(idx, mask.shape))
+def dti_volumes(bvals, *, b0_threshold, max_bvalue=DTI_MAX_BVALUE, excluded=()):
+    """Which volumes the tensor fit uses, and the diffusion shells they come from.
 
+    b0 volumes and every shell at or below ``max_bvalue`` (s/mm²); a scan
+    whose lowest shell lies above it (e.g. b=2500 only) uses that lowest shell.
+    Volumes listed in ``excluded`` (outliers) are left out.
 
-def _mppca_slab(slab, slab_mask, patch_radius):
-    # Patches without signal divide 0 by 0 inside DIPY; denoise_dwi replaces those NaNs.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        den, sigma = mppca(slab, mask=slab_mask, patch_radius=patch_radius, return_sigma=True)
-    return den.astype(np.float32), sigma.astype(np.float32)
-
-
-def mppca_slabs(data, mask, *, patch_radius=2, slab_thickness=16, n_jobs=1):
-    """MP-PCA over overlapping slabs along the third axis, in parallel with joblib.
-
-    Each slab is padded by ``2 * patch_radius`` slices on both sides, so every
-    kept voxel sees exactly the patches a whole-volume run would give it. The
-    slab layout does not depend on ``n_jobs``: the result is identical for any
-    number of workers.
+    Returns
+    -------
+    use : bool ndarray (N,)
+    shells : list of float
+        Nominal b-values (s/mm²) of the diffusion shells used.
     """
-    pad = 2 * patch_radius
-    nz = data.shape[2]
-    cores = [(z, min(z + slab_thickness, nz)) for z in range(0, nz, slab_thickness)]
-    spans = [(max(a - pad, 0), min(b + pad, nz)) for a, b in cores]
-    results = parallel_map(_mppca_slab, [(data[:, :, lo:hi], mask[:, :, lo:hi], patch_radius)
-                                         for lo, hi in spans], n_jobs=n_jobs)
-    den = np.empty(data.shape, dtype=np.float32)
-    sigma = np.empty(data.shape[:3], dtype=np.float32)
-    for (a, b), (lo, _), (d, s) in zip(cores, spans, results):
-        den[:, :, a:b] = d[:, :, a - lo:b - lo]
-        sigma[:, :, a:b] = s[:, :, a - lo:b - lo]
-    return den, sigma
+    bvals = np.asarray(bvals, dtype=float)
+    weighted = bvals > b0_threshold
+    shells = unique_bvals_tolerance(bvals[weighted], tol=SHELL_TOLERANCE)
+    chosen = [float(b) for b in shells if b <= max_bvalue + SHELL_TOLERANCE] or [float(shells[0])]
+    in_chosen = np.any(np.abs(bvals[:, None] - np.asarray(chosen)[None, :]) <= SHELL_TOLERANCE,
+                       axis=1)
+    use = ~weighted | (weighted & in_chosen)
+    use[list(excluded)] = False
+    return use, chosen
 
 
-def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=2, n_jobs=1):
-    """Denoise a 4D DWI series inside the brain mask.
+def check_tensor_directions(bvals, bvecs, use, *, b0_threshold, path, n_excluded):
+    """Refuse a tensor fit from fewer than 6 distinct directions or without a b0."""
+    if not np.any(use & (bvals <= b0_threshold)):
+        raise InputError("No usable b0 volume remains for the tensor fit.", path=path,
+                         fix="Check the b0 volume(s) of the scan; raise --b0-threshold if the "
+                             "b0 is stored with a small b-value.")
+    n_dirs = count_unique_directions(bvecs[use], bvals[use], b0_threshold)
+    if n_dirs < MIN_DIRECTIONS:
+        raise InputError(
+            f"Only {n_dirs} distinct diffusion directions remain for the tensor fit "
+            f"({n_excluded} outlier volume(s) excluded); it needs {MIN_DIRECTIONS}.", path=path,
+            fix="Keep the outlier volumes (--outliers report), or re-acquire the scan.")
+
+
+def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit_method="WLS"):
+    """Fit the diffusion tensor and return its scalar maps and principal direction.
 
     Parameters
     ----------
     data : ndarray (X, Y, Z, N)
-    mask : bool ndarray (X, Y, Z)
     bvals : ndarray (N,), s/mm²
-    method : {"mppca", "patch2self", "none"}
-        MP-PCA (Veraart et al. 2016) or Patch2Self (Fadnavis et al. 2020;
-        needs scikit-learn).
-    n_jobs : int
-        Workers for MP-PCA (the result does not depend on it).
-
-    Returns
-    -------
-    denoised : float32 ndarray, same shape as ``data``
-    noise_sigma : float32 ndarray (X, Y, Z) or None
-        The MP-PCA noise standard deviation (signal units); None otherwise.
-    """
-    if method not in DENOISE_METHODS:
-        raise ValueError(f"unknown denoising method {method!r}; use one of {DENOISE_METHODS}")
-    out = np.array(data, dtype=np.float32, copy=True)
-    if method == "none":
-        return out, None
-    box = mask_bounding_box(mask)
-    sub = out[box]
-    sigma = None
-    if method == "mppca":
-        den, sub_sigma = mppca_slabs(sub, mask[box], patch_radius=patch_radius, n_jobs=n_jobs)
-        sigma = np.zeros(mask.shape, dtype=np.float32)
-        sigma[box] = np.nan_to_num(sub_sigma)
-    else:
-        from dipy.denoise.patch2self import patch2self
-        den = patch2self(sub, bvals, model="ols", shift_intensity=True, clip_negative_vals=False)
-    # MP-PCA leaves NaN where a patch has no signal; keep the measured signal there.
-    den = np.where(np.isfinite(den), den, sub)
-    out[box] = np.where(mask[box][..., None], np.clip(den, 0, None), sub)
-    return out, sigma
-
-
-def fit_dti(data, gtab, mask, *, fit_method="WLS"):
-    """Fit the diffusion tensor and return its scalar maps and principal direction.
+    bvecs_fsl : ndarray (N, 3), FSL/BIDS convention
+    affine : ndarray (4, 4)
+    mask : bool ndarray (X, Y, Z)
+    b0_threshold : float, s/mm²
+    use : bool ndarray (N,), optional
+        Volumes to fit (see :func:`dti_volumes`); default all.
 
     Returns
     -------
@@ -112,7 +88,11 @@ def fit_dti(data, gtab, mask, *, fit_method="WLS"):
         ``fa`` (unitless), ``md``, ``rd``, ``ad`` (mm²/s), ``v1`` (X, Y, Z, 3)
         principal eigenvector in the voxel frame of the image.
     """
-    fit = TensorModel(gtab, fit_method=fit_method).fit(data, mask=mask)
+    use = np.ones(len(bvals), dtype=bool) if use is None else np.asarray(use, dtype=bool)
+    gtab = gradient_table(np.asarray(bvals)[use],
+                          bvecs=fsl_bvecs_to_voxel_frame(np.asarray(bvecs_fsl)[use], affine),
+                          b0_threshold=b0_threshold)
+    fit = TensorModel(gtab, fit_method=fit_method).fit(data[..., use], mask=mask)
     maps = {
         "fa": np.clip(np.nan_to_num(fit.fa), 0, 1),
         "md": np.nan_to_num(fit.md),

@@ -97,6 +97,19 @@ REFERENCES = {
     "yeatman2012": ("Yeatman JD, Dougherty RF, Myall NJ, Wandell BA, Feldman HM. Tract profiles "
                     "of white matter properties: automating fiber-tract quantification. PLoS One "
                     "2012;7:e49790. doi:10.1371/journal.pone.0049790"),
+    "kellner2016": ("Kellner E, Dhital B, Kiselev VG, Reisert M. Gibbs-ringing artifact removal "
+                    "based on local subvoxel-shifts. Magn Reson Med 2016;76:1574–1581. "
+                    "doi:10.1002/mrm.26054"),
+    "jeurissen2014": ("Jeurissen B, Leemans A, Sijbers J. Automated correction of improperly "
+                      "rotated diffusion gradient orientations in diffusion weighted MRI. Med "
+                      "Image Anal 2014;18:953–962. doi:10.1016/j.media.2014.05.012"),
+    "leemans2009": ("Leemans A, Jones DK. The B-matrix must be rotated when correcting for "
+                    "subject motion in DTI data. Magn Reson Med 2009;61:1336–1349. "
+                    "doi:10.1002/mrm.21890"),
+    "power2012": ("Power JD, Barnes KA, Snyder AZ, Schlaggar BL, Petersen SE. Spurious but "
+                  "systematic correlations in functional connectivity MRI networks arise from "
+                  "subject motion. NeuroImage 2012;59:2142–2154. "
+                  "doi:10.1016/j.neuroimage.2011.10.018"),
     "stinear2007": prognosis.REFERENCES["stinear2007"],
     "stinear2012": prognosis.REFERENCES["stinear2012"],
 }
@@ -1341,10 +1354,14 @@ def _verdict_html(metrics) -> str:
                     _fmt_num(s.get("mean_ai")))) + "</tr>")
         seg_html = ("<h3>Detected segments</h3><table><thead>" + head + "</thead><tbody>"
                     + "".join(rows) + "</tbody></table>")
+    notices = _get(metrics, "qc", "notices") or []
+    notices_html = ('<div class="alert warn"><b>Preprocessing changed the data:</b>'
+                    + _list_html(notices) + "</div>") if notices else ""
     return (f'<section id="verdict"><h2>Verdict</h2><div class="verdict {v["status"]}">'
             f'<p class="headline">{_esc(v["headline"])}</p>'
             f'<p class="sentence">{_esc(v["sentence"])}</p>'
-            f'<ul class="facts">{facts_html}</ul>{reasons}</div>{seg_html}</section>')
+            f'<ul class="facts">{facts_html}</ul>{reasons}</div>{notices_html}{seg_html}'
+            "</section>")
 
 
 def _prognosis_html(metrics) -> str:
@@ -1497,14 +1514,110 @@ def _tracking_qc_html(qc, metrics) -> str:
     return "".join(parts)
 
 
-def _preprocessing_qc_html(qc) -> str:
-    pre = qc.get("preprocessing") if isinstance(qc, dict) else None
-    if not isinstance(pre, dict) or not pre:
-        return ""
-    labels = {"denoise": "Denoising", "brain_mask_ml": "Brain-mask volume (mL)",
-              "noise_sigma_median": "Median noise σ (signal units)"}
-    rows = [(labels.get(k, _humanise(k)), v) for k, v in pre.items()]
-    return "<h3>Preprocessing</h3>" + _kv_table(rows, headers=("Check", "Value"), css="qc")
+def plot_motion(motion, outlier_volumes=()) -> Figure:
+    """Per-volume translation, rotation and framewise displacement, outliers marked."""
+    translation = np.asarray(motion["translation_mm"], dtype=float)
+    rotation = np.asarray(motion["rotation_deg"], dtype=float)
+    fd = np.asarray(motion["framewise_displacement_mm"], dtype=float)
+    volumes = np.arange(len(fd))
+    fig = _new_figure(9.0, 5.4)
+    axes = fig.subplots(3, 1, sharex=True)
+    for ax, values, ylabel in ((axes[0], translation, "translation (mm)"),
+                               (axes[1], rotation, "rotation (°)")):
+        for column, (axis, color) in enumerate(zip("xyz", ("#D55E00", "#009E73", "#0072B2"))):
+            ax.plot(volumes, values[:, column], marker=".", color=color, label=axis)
+        ax.set_ylabel(ylabel)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.legend(loc="upper right", fontsize=7, ncol=3, frameon=False)
+    axes[2].bar(volumes, fd, color="0.45", width=0.8)
+    axes[2].set_ylabel("FD (mm)")
+    axes[2].set_xlabel("volume")
+    for ax in axes:
+        for volume in outlier_volumes:
+            ax.axvspan(volume - 0.5, volume + 0.5, color=SEGMENT_COLOR, alpha=0.2, lw=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradient_check(candidates, chosen=None, *, shown=8) -> Figure:
+    """Fibre-coherence score of the gradient table as given and its best alternatives."""
+    ranked = sorted(candidates.items(), key=lambda item: -item[1])
+    given = next(((k, v) for k, v in ranked if k == "as given"), None)
+    top = ranked[:shown]
+    if given is not None and given not in top:
+        top[-1] = given
+    labels = [k for k, _ in top][::-1]
+    scores = [v for _, v in top][::-1]
+    colors = ["#D7191C" if k == chosen else "#0072B2" if k == "as given" else "0.65"
+              for k in labels]
+    fig = _new_figure(7.5, 0.32 * len(labels) + 1.0)
+    ax = fig.subplots()
+    ax.barh(range(len(labels)), scores, color=colors)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("mean streamline length (mm) — higher: more coherent fibres")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _preprocessing_qc_html(qc, params) -> str:
+    noise = qc.get("noise") if isinstance(qc.get("noise"), dict) else {}
+    motion = qc.get("motion") if isinstance(qc.get("motion"), dict) else None
+    outliers = qc.get("outliers") if isinstance(qc.get("outliers"), dict) else {}
+    check = qc.get("gradient_check") if isinstance(qc.get("gradient_check"), dict) else None
+    tensor = _get(qc, "preprocessing", "tensor") or {}
+    pre_params = params.get("preprocessing") if isinstance(params.get("preprocessing"), dict) \
+        else {}
+    flagged = [int(v) for v in outliers.get("volumes") or []]
+    rows = [("Denoising", noise.get("method", _get(qc, "preprocessing", "denoise"))),
+            ("Median noise σ (signal units)", noise.get("noise_sigma_median",
+                                                        _get(qc, "preprocessing",
+                                                             "noise_sigma_median"))),
+            ("SNR of the mean b0 (median, brain)", noise.get("snr_b0")),
+            ("Gibbs-ringing removal", pre_params.get("gibbs")),
+            ("Brain-mask volume (mL)", noise.get("brain_mask_ml",
+                                                  _get(qc, "preprocessing", "brain_mask_ml")))]
+    if motion:
+        rows += [("Motion model", motion.get("model")),
+                 ("Max translation (mm)", motion.get("max_translation_mm")),
+                 ("Max rotation (°)", motion.get("max_rotation_deg")),
+                 ("Mean framewise displacement (mm)", motion.get("mean_framewise_displacement_mm"))]
+    else:
+        rows.append(("Motion correction", "off"))
+    reasons = outliers.get("reasons") or {}
+    rows.append(("Outlier volumes", ", ".join(f"{v} ({reasons.get(str(v), reasons.get(v, ''))})"
+                                              for v in flagged) or "none"))
+    if check:
+        rows += [("Gradient-table check", check.get("status")),
+                 ("Correction applied", check.get("correction") or "none"),
+                 ("Coherence before → after (mm)",
+                  f"{_fmt_num(check.get('score_before'))} → {_fmt_num(check.get('score_after'))}")]
+    if tensor:
+        rows += [("Tensor fit: shells (s/mm²)", ", ".join(f"{b:g}" for b in tensor.get("shells", []))),
+                 ("Tensor fit: volumes used", tensor.get("n_volumes"))]
+    rows = [(k, v) for k, v in rows if v is not None]
+    parts = ["<h3>Preprocessing</h3>", _kv_table(rows, headers=("Check", "Value"), css="qc")]
+    if motion and motion.get("translation_mm"):
+        parts.append(_render_figure(
+            lambda: plot_motion(motion, flagged),
+            "<b>Motion.</b> Translation and rotation of each volume relative to the mean b0, "
+            "about the world (RAS) axes, and framewise displacement (Power et al. 2012; 50 mm "
+            "sphere). Red bands mark outlier volumes"
+            + (" left out of the tensor fit." if outliers.get("excluded") else "."),
+            "Motion parameters"))
+    if check and check.get("candidates"):
+        status = check.get("status")
+        parts.append(_render_figure(
+            lambda: plot_gradient_check(check["candidates"], check.get("correction")),
+            "<b>Gradient-table check.</b> Fibre coherence (mean length of short tensor "
+            "streamlines; Jeurissen et al. 2014) for the b-vectors as given (blue) and the best "
+            "axis flips/permutations. "
+            + ("The table was <b>corrected</b> (red bar) before fitting; check how this scan's "
+               "b-vectors were exported." if status == "corrected" else
+               "The table as given is the most coherent: no correction."),
+            "Gradient-table check"))
+    return "".join(parts)
 
 
 def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes, template_img=None) -> str:
@@ -1541,7 +1654,8 @@ def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes, template_img=No
                 (n for n in notes if "template" in n),
                 "no template image resampled to the subject grid was given.")))
     parts.append(_tracking_qc_html(qc, metrics))
-    parts.append(_preprocessing_qc_html(qc))
+    params = _get(metrics, "provenance", "parameters") or {}
+    parts.append(_preprocessing_qc_html(qc, params if isinstance(params, dict) else {}))
     parts.append("<h3>Brain mask</h3>")
     if mask_img is not None:
         parts.append(_render_figure(
@@ -1620,10 +1734,33 @@ def methods_text(metrics) -> str:
         f"{val('preprocessing', 'b0_threshold', unit=' s/mm²')} "
         f"were treated as b = 0, and the brain mask was computed with "
         f"<code>{val('preprocessing', 'brain_mask')}</code> on the mean b = 0 image.")
+    if pre.get("gibbs"):
+        sentences.append("Gibbs ringing was removed slice by slice with local sub-voxel shifts "
+                         "(Kellner et al. 2016).")
+    motion = pre.get("motion")
+    if motion and motion != "none":
+        sentences.append(
+            f"Each volume was registered to the mean b = 0 image ({_esc(motion)}, mutual "
+            f"information; DIPY) to correct head motion"
+            + (" and eddy-current distortion" if motion == "affine" else "")
+            + ", and its b-vector was rotated with it (Leemans and Jones 2009).")
+    if pre.get("outliers"):
+        sentences.append(
+            "Volumes with slice-wise signal dropout or extreme motion were flagged"
+            + (" and left out of the tensor fit." if pre["outliers"] == "exclude" else
+               " (and kept in the fit)."))
+    if pre.get("gradient_check") and pre["gradient_check"] != "off":
+        sentences.append(
+            "The gradient table was checked for axis flips and permutations by fibre coherence "
+            "(mean length of tensor streamlines for each of the 24 signed axis permutations; "
+            "Jeurissen et al. 2014)"
+            + (", and corrected when another table was clearly more coherent."
+               if pre["gradient_check"] == "fix" else "."))
     sentences.append(
         f"The diffusion tensor was fitted by {val('preprocessing', 'tensor_fit')} with "
-        f"{ver('dipy', 'DIPY')} (Garyfallidis et al. 2014), giving FA, MD, RD, AD and the "
-        f"principal eigenvector.")
+        f"{ver('dipy', 'DIPY')} (Garyfallidis et al. 2014) to the b = 0 volumes and the shells "
+        f"up to {val('preprocessing', 'dti_max_bvalue', unit=' s/mm²')}, giving FA, MD, RD, "
+        f"AD and the principal eigenvector.")
     sentences.append(
         "The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
         "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior "

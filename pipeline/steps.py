@@ -15,8 +15,10 @@ import numpy as np
 
 import atlases
 
-from . import localization, outputs, preprocess, prognosis, registration, tracking, tractometry
+from . import (combine, denoise as denoise_module, gibbs, gradient_check, localization, motion,
+               outliers, outputs, preprocess, prognosis, registration, tracking, tractometry)
 from .dwi import load_dwi
+from .errors import InputError
 
 SIDES = ("left", "right")
 HEMI = {"left": "L", "right": "R"}
@@ -27,41 +29,247 @@ def _load(path, dtype=np.float32):
     return np.asarray(img.dataobj, dtype=dtype), img
 
 
-def preprocess_dwi(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0,
-                   denoise="mppca", n_jobs=1):
-    """Mean b0, brain mask and denoised DWI.
+def _load_scan(dwi_file, bval_file, bvec_file, b0_threshold):
+    """A pipeline intermediate (or the input) as (DwiScan, float32 data)."""
+    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
+    return scan, scan.img.get_fdata(dtype=np.float32)
 
-    Returns dict of paths: ``b0, mask, dwi`` and ``qc`` (JSON: noise estimate, mask volume).
+
+def _save_series(path, data, scan):
+    # Uncompressed: these large intermediates are read once, by the next node.
+    return outputs.save_nifti(path, data, scan.affine)
+
+
+def _write_bvecs(path, bvecs_fsl):
+    """FSL b-vector file (three rows)."""
+    with outputs.atomic_path(path) as tmp:
+        np.savetxt(tmp, np.asarray(bvecs_fsl).T, fmt="%.8f")
+    return path
+
+
+def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0):
+    """Mean b0 (the reference every volume is aligned to) and the brain mask.
+
+    Returns dict of paths: ``b0``, ``mask``.
     """
     out_dir = Path(out_dir)
-    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
-    data = scan.img.get_fdata(dtype=np.float32)
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     b0 = preprocess.mean_b0(data, scan.b0_mask)
     mask = preprocess.brain_mask(b0)
-    denoised, sigma = preprocess.denoise_dwi(data, mask, scan.bvals, method=denoise, n_jobs=n_jobs)
-    voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
-    qc = {"denoise": denoise, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
-          "noise_sigma_median": (round(float(np.median(sigma[mask])), 3)
-                                 if sigma is not None else None)}
-    paths = {
-        "b0": outputs.save_nifti(out_dir / "b0.nii.gz", b0, scan.affine),
-        "mask": outputs.save_nifti(out_dir / "mask.nii.gz", mask, scan.affine, dtype=np.uint8),
-        # Uncompressed: this large intermediate is read once, by the tensor fit.
-        "dwi": outputs.save_nifti(out_dir / "dwi_denoised.nii", denoised, scan.affine),
-        "qc": outputs.write_json(out_dir / "preprocess_qc.json", qc),
-    }
-    return {k: str(v) for k, v in paths.items()}
+    return {"b0": str(outputs.save_nifti(out_dir / "b0.nii.gz", b0, scan.affine)),
+            "mask": str(outputs.save_nifti(out_dir / "mask.nii.gz", mask, scan.affine,
+                                           dtype=np.uint8))}
 
 
-def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, b0_threshold=50.0):
-    """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame)."""
+def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
+            b0_threshold=50.0, n_jobs=1):
+    """Thermal-noise removal (MP-PCA, Patch2Self or none).
+
+    Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume).
+    """
     out_dir = Path(out_dir)
-    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
-    mask, _ = _load(mask_file, dtype=np.uint8)
-    maps = preprocess.fit_dti(scan.img.get_fdata(dtype=np.float32), scan.gradient_table(),
-                              mask.astype(bool))
-    return {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
-            for name, value in maps.items()}
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
+                                                 n_jobs=n_jobs)
+    voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
+    qc = {"method": method, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
+          "noise_sigma_median": None, "snr_b0": None}
+    if sigma is not None:
+        noise = float(np.median(sigma[mask]))
+        qc["noise_sigma_median"] = round(noise, 3)
+        if noise > 0:  # SNR of the mean b0 in the brain, with the estimated noise
+            qc["snr_b0"] = round(float(np.median(preprocess.mean_b0(data, scan.b0_mask)[mask]))
+                                 / noise, 1)
+    return {"dwi": str(_save_series(out_dir / "dwi_denoised.nii", denoised, scan)),
+            "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
+
+
+def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
+    """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016).
+
+    Returns dict of paths: ``dwi``.
+    """
+    img = nib.load(str(dwi_file))
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    corrected = gibbs.remove_gibbs_ringing(img.get_fdata(dtype=np.float32), mask, n_jobs=n_jobs)
+    return {"dwi": str(outputs.save_nifti(Path(out_dir) / "dwi_degibbs.nii", corrected,
+                                          img.affine))}
+
+
+def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files, *, out_dir,
+                 b0_threshold=50.0):
+    """Align the runs of one session to the first (rigid, mean b0) and concatenate them.
+
+    Returns dict of paths: ``dwi``, ``bval``, ``bvec`` (first run's grid, FSL
+    convention), ``mask`` (the first run's), ``denoise_qc`` (the runs' noise
+    QC, merged) and ``qc`` (JSON: each run's rigid transform to the first).
+    """
+    out_dir = Path(out_dir)
+    loaded, names = [], []
+    for dwi, bval, bvec in zip(dwi_files, bval_files, bvec_files):
+        scan, data = _load_scan(dwi, bval, bvec, b0_threshold)
+        loaded.append({"data": data, "bvals": scan.bvals, "bvecs_fsl": scan.bvecs_fsl,
+                       "affine": scan.affine, "b0": preprocess.mean_b0(data, scan.b0_mask)})
+        names.append(Path(dwi).name)
+    data, bvals, bvecs, transforms = combine.combine_runs(loaded)
+    reference_img = nib.load(str(dwi_files[0]))
+    qc = {"reference": 0, "n_volumes": [int(r["data"].shape[-1]) for r in loaded],
+          "runs": [], "method": "rigid registration of each run's mean b0 to the first run's"}
+    for transform in transforms:
+        translation, rotation = combine.rigid_parameters(transform)
+        qc["runs"].append({"translation_mm": np.round(translation, 3).tolist(),
+                           "rotation_deg": np.round(rotation, 3).tolist()})
+    noise = [json.loads(Path(f).read_text()) for f in denoise_qc_files]
+    sigmas = [n["noise_sigma_median"] for n in noise if n["noise_sigma_median"] is not None]
+    merged = {**noise[0], "noise_sigma_median": round(float(np.median(sigmas)), 3) if sigmas
+              else None, "per_run": noise}
+    with outputs.atomic_path(out_dir / "dwi_combined.bval") as tmp:
+        np.savetxt(tmp, bvals[None], fmt="%g")
+    return {"dwi": str(outputs.save_nifti(out_dir / "dwi_combined.nii", data,
+                                          reference_img.affine)),
+            "bval": str(out_dir / "dwi_combined.bval"),
+            "bvec": str(_write_bvecs(out_dir / "dwi_combined.bvec", bvecs)),
+            "mask": str(mask_files[0]),
+            "denoise_qc": str(outputs.write_json(out_dir / "denoise_qc.json", merged)),
+            "qc": str(outputs.write_json(out_dir / "combine_qc.json", qc))}
+
+
+def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model="affine",
+                   b0_threshold=50.0, n_jobs=1):
+    """Align every volume to the mean b0 and rotate its b-vector with it.
+
+    Returns dict of paths: ``dwi``, ``bvec`` (rotated, FSL convention) and
+    ``qc`` (JSON: per-volume translation mm / rotation degrees in world RAS+
+    axes, framewise displacement).
+    """
+    out_dir = Path(out_dir)
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                                   b0_threshold=b0_threshold, model=model, n_jobs=n_jobs)
+    params = np.asarray(result.parameters)
+    fd = np.asarray(result.framewise_displacement)
+    qc = {"model": model, "reference": "mean b0",
+          "translation_mm": np.round(params[:, :3], 3).tolist(),
+          "rotation_deg": np.round(params[:, 3:], 3).tolist(),
+          "framewise_displacement_mm": np.round(fd, 3).tolist(),
+          "max_translation_mm": round(float(np.abs(params[:, :3]).max()), 3),
+          "max_rotation_deg": round(float(np.abs(params[:, 3:]).max()), 3),
+          "mean_framewise_displacement_mm": round(float(fd.mean()), 3)}
+    return {"dwi": str(_save_series(out_dir / "dwi_motion.nii", result.data, scan)),
+            "bvec": str(_write_bvecs(out_dir / "dwi_motion.bvec", result.bvecs_fsl)),
+            "qc": str(outputs.write_json(out_dir / "motion_qc.json", qc))}
+
+
+def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *, out_dir,
+                    b0_threshold=50.0, action="exclude"):
+    """Volumes with signal dropout or extreme motion.
+
+    ``action`` "exclude" leaves them out of the tensor fit; "report" only lists them.
+    Returns dict of paths: ``qc`` (JSON: volumes, reasons, dropped slices, excluded).
+    """
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    motion_parameters = None
+    if motion_qc_file:
+        motion_qc = json.loads(Path(motion_qc_file).read_text())
+        motion_parameters = np.hstack([motion_qc["translation_mm"], motion_qc["rotation_deg"]])
+    found = outliers.detect_outlier_volumes(data, scan.bvals, mask, b0_threshold=b0_threshold,
+                                            motion_parameters=motion_parameters)
+    found = json.loads(json.dumps(found, default=_json_default))
+    found["action"] = action
+    found["excluded"] = found["volumes"] if action == "exclude" else []
+    return {"qc": str(outputs.write_json(Path(out_dir) / "outliers_qc.json", found))}
+
+
+def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
+                    mode="fix", b0_threshold=50.0, source_bvec_file=None):
+    """Fibre-coherence check of the gradient table (axis flips and permutations).
+
+    ``mode``: "fix" applies the best table and reports it, "error" stops with
+    an input error naming the correction (and ``source_bvec_file``, the
+    user's file), "off" skips the check.
+    Returns dict of paths: ``bvec`` (the table to use) and ``qc`` (JSON, the
+    ``qc.gradient_check`` block of the metrics).
+    """
+    out_dir = Path(out_dir)
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
+    if mode == "off":
+        qc = {"status": "skipped", "correction": None, "score_before": None,
+              "score_after": None}
+        return {"bvec": str(bvec_file),
+                "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    excluded = json.loads(Path(outliers_file).read_text())["excluded"]
+    keep = np.ones(len(scan.bvals), dtype=bool)
+    keep[excluded] = False
+    result = gradient_check.check_gradient_table(
+        data[..., keep], scan.bvals[keep], scan.bvecs_fsl[keep], scan.affine, mask,
+        b0_threshold=b0_threshold)
+    qc = {"status": "ok" if result.correction is None else "corrected",
+          "correction": result.correction,
+          "score_before": round(float(result.score_before), 3),
+          "score_after": round(float(result.score_after), 3),
+          "score": "mean streamline length, mm (fibre coherence; Jeurissen et al. 2014)",
+          "candidates": {label: round(float(v), 3) for label, v in result.scores.items()}}
+    if result.correction is not None and mode == "error":
+        raise InputError(
+            f"The gradient table looks wrong: '{result.correction}' makes the fibres "
+            f"{result.score_after / result.score_before:.2f}x more coherent (mean streamline "
+            f"length {result.score_before:.1f} -> {result.score_after:.1f} mm).",
+            path=source_bvec_file or bvec_file,
+            fix=f"Apply '{result.correction}' to the b-vectors (or run with "
+                                "--gradient-check fix).")
+    bvecs = scan.bvecs_fsl @ result.matrix.T
+    return {"bvec": str(_write_bvecs(out_dir / "dwi_checked.bvec", bvecs)),
+            "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
+
+
+def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
+               b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE):
+    """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
+
+    Uses b0 and the shells up to ``max_bvalue`` s/mm², without excluded outliers.
+    Returns dict of paths: the maps, and ``qc`` (JSON: shells and volumes used).
+    """
+    out_dir = Path(out_dir)
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
+    mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    excluded = json.loads(Path(outliers_file).read_text())["excluded"] if outliers_file else []
+    use, shells = preprocess.dti_volumes(scan.bvals, b0_threshold=b0_threshold,
+                                         max_bvalue=max_bvalue, excluded=excluded)
+    preprocess.check_tensor_directions(scan.bvals, scan.bvecs_fsl, use,
+                                       b0_threshold=b0_threshold, path=dwi_file,
+                                       n_excluded=len(excluded))
+    maps = preprocess.fit_dti(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                              b0_threshold=b0_threshold, use=use)
+    paths = {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
+             for name, value in maps.items()}
+    qc = {"model": "tensor (WLS)", "shells": shells, "n_volumes": int(use.sum()),
+          "excluded_volumes": sorted(int(v) for v in excluded)}
+    paths["qc"] = str(outputs.write_json(out_dir / "tensor_qc.json", qc))
+    return paths
+
+
+def collect_preprocessing_qc(*, out_dir, denoise_qc, motion_qc, outliers_qc, gradient_qc,
+                             tensor_qc, combine_qc=None):
+    """One JSON with the QC of every preprocessing node (None for a skipped step)."""
+    def read(path):
+        return json.loads(Path(path).read_text()) if path else None
+
+    qc = {"denoise": read(denoise_qc), "motion": read(motion_qc), "outliers": read(outliers_qc),
+          "gradient_check": read(gradient_qc), "tensor": read(tensor_qc),
+          "combined_runs": read(combine_qc)}
+    return str(outputs.write_json(Path(out_dir) / "preprocessing_qc.json", qc))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def register_atlas(fa_file, mask_file, *, out_dir):
@@ -119,8 +327,12 @@ def _landmarks(coverage, min_coverage):
 
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
               fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
-              min_coverage=0.6, n_jobs=1, seed=0):
+              min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
     """Track, select, orient, clip and clean CST_L and CST_R.
+
+    The seed chunks are tracked over ``n_jobs`` local workers, or on the Dask
+    cluster named by ``dask_scheduler`` (an address, or ``"slurm"``; see
+    :func:`pipeline.parallel.dask_backend`); the streamlines are the same.
 
     Returns dict of paths: ``left``, ``right`` (.trk, world mm, inferior end
     first, clipped from the inferior landmark to the motor target) and ``qc``.
@@ -144,7 +356,7 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
                                    random_seed=seed)
     streamlines = tracking.track_dti_deterministic(
         seeds, v1, fa, mask, affine, fa_stop=fa_stop, max_angle_deg=max_angle_deg,
-        step_mm=step_mm, n_jobs=n_jobs, random_seed=seed)
+        step_mm=step_mm, n_jobs=n_jobs, random_seed=seed, dask_scheduler=dask_scheduler)
 
     qc = {"n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
           "inferior_landmark": lower, "sides": {}}
@@ -272,6 +484,23 @@ def quality_control(registration_qc, tracking_qc, summary, limits):
     return not reasons, reasons
 
 
+def preprocessing_notices(pre_qc):
+    """What preprocessing changed that a reader must know (corrected table, dropped volumes)."""
+    notices = []
+    check = pre_qc.get("gradient_check") or {}
+    if check.get("status") == "corrected":
+        notices.append(f"The gradient table was corrected ({check['correction']}): fibre "
+                       f"coherence {check['score_before']:.1f} -> {check['score_after']:.1f} mm "
+                       f"mean streamline length. Check the b-vectors of this scan.")
+    flagged = (pre_qc.get("outliers") or {}).get("volumes", [])
+    if flagged:
+        what = "left out of the tensor fit" if (pre_qc["outliers"].get("excluded")) else \
+            "kept in the fit (--outliers report)"
+        notices.append(f"{len(flagged)} outlier volume(s) ({', '.join(map(str, flagged))}) "
+                       f"{what}.")
+    return notices
+
+
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
            out_dir, subject, entities, input_files, parameters, thresholds=None,
            qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI):
@@ -280,6 +509,7 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
     reg_qc = json.loads(Path(registration_qc_file).read_text())
     trk_qc = json.loads(Path(tracking_qc_file).read_text())
     pre_qc = json.loads(Path(preprocess_qc_file).read_text())
+    noise = pre_qc["denoise"]
     limits = {**DEFAULT_QC_LIMITS, **(qc_limits or {})}
     assessable, reasons = quality_control(reg_qc, trk_qc, profiles["cst"], limits)
     ai_profile = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]])
@@ -313,7 +543,15 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "pons_covered": trk_qc["inferior_landmark"] == "pons",
             "registration": reg_qc,
             "tracking": trk_qc,
-            "preprocessing": pre_qc,
+            "preprocessing": {"denoise": noise["method"], "brain_mask_ml": noise["brain_mask_ml"],
+                              "noise_sigma_median": noise["noise_sigma_median"],
+                              "snr_b0": noise["snr_b0"], "tensor": pre_qc["tensor"]},
+            "notices": preprocessing_notices(pre_qc),
+            "noise": noise,
+            "motion": pre_qc["motion"],
+            "outliers": pre_qc["outliers"],
+            "gradient_check": pre_qc["gradient_check"],
+            "combined_runs": pre_qc.get("combined_runs"),
         },
         "provenance": outputs.provenance(inputs=input_files, parameters=parameters),
     }

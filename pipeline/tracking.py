@@ -12,7 +12,7 @@ from dipy.tracking.tracker import eudx_tracking
 from dipy.tracking.utils import length
 from nibabel.affines import apply_affine
 
-from .parallel import parallel_map
+from .parallel import dask_backend, parallel_map
 from .tractometry import core_mahalanobis, resample_bundle
 
 #: Seeds per tracking chunk. The chunk layout (hence the output) never depends on n_jobs.
@@ -82,7 +82,7 @@ def _track_chunk(seeds, peak_indices, peak_values, vertices, fa, affine, params,
 
 def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,
                             step_mm=0.5, min_length_mm=20.0, max_length_mm=250.0,
-                            n_jobs=1, random_seed=0):
+                            n_jobs=1, random_seed=0, dask_scheduler=None):
     """Deterministic tensor tracking (EuDX on the principal eigenvector), parallel over seed chunks.
 
     Parameters
@@ -99,6 +99,10 @@ def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_ang
         joblib workers. Chunks are fixed by :data:`SEED_CHUNK_SIZE` and each
         gets its own seed (``random_seed + chunk index``), so the streamlines are
         identical for any ``n_jobs``.
+    dask_scheduler : str, optional
+        Run the chunks on a Dask cluster instead: a scheduler address, or
+        ``"slurm"`` for a dask-jobqueue SLURMCluster of ``n_jobs`` worker jobs
+        (see :func:`pipeline.parallel.dask_backend`). Same streamlines.
 
     Returns
     -------
@@ -108,9 +112,10 @@ def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_ang
     params = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm,
                   min_length_mm=min_length_mm, max_length_mm=max_length_mm)
     chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
-    results = parallel_map(_track_chunk, [
-        (chunk, peak_indices, peak_values, vertices, fa, affine, params, random_seed + 1 + i)
-        for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
+    with dask_backend(dask_scheduler, n_workers=n_jobs):
+        results = parallel_map(_track_chunk, [
+            (chunk, peak_indices, peak_values, vertices, fa, affine, params, random_seed + 1 + i)
+            for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
     return [s for chunk in results for s in chunk]
 
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.errors import EXIT_NOT_ASSESSABLE
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_NOT_ASSESSABLE
 
 from .conftest import SHARED_BIDS, load_metrics, run_cst_report
 
@@ -64,6 +64,12 @@ def test_healthy_scan_both_csts_no_damage(subject, out_root):
     assert abs(metrics["asymmetry"]["fa_ai_tract"]) < 0.05
     assert metrics["localization"]["umn_damage"] is False
     assert metrics["localization"]["affected_side"] == "none"
+    # The vendors' tables are right: no false alarm of the gradient check, nothing excluded.
+    check = metrics["qc"]["gradient_check"]
+    assert check["status"] == "ok" and check["correction"] is None, check
+    assert check["score_before"] == check["score_after"] > 0
+    assert metrics["qc"]["motion"]["max_translation_mm"] < 5
+    assert metrics["qc"]["noise"]["snr_b0"] > 5
 
 
 def test_scan_without_brainstem_is_not_assessable(out_root):
@@ -114,3 +120,47 @@ def test_x_flipped_storage_gives_same_cst(out_root, tmp_path):
         x = np.median(np.concatenate(list(nib.streamlines.load(str(trk)).streamlines))[:, 0])
         assert (x < 0) if side == "left" else (x > 0)
     assert metrics["localization"]["affected_side"] == reference["localization"]["affected_side"]
+    assert metrics["qc"]["gradient_check"]["status"] == "ok"
+
+
+def _copy_with_bvecs(subject, bids, transform):
+    """A one-subject BIDS copy whose .bvec is ``transform(bvecs (3, N))``."""
+    src = SHARED_BIDS / f"sub-{subject}" / "dwi"
+    dst = bids / f"sub-{subject}" / "dwi"
+    dst.mkdir(parents=True)
+    shutil.copy(SHARED_BIDS / "dataset_description.json", bids)
+    for ext in ("nii.gz", "bval", "json"):
+        shutil.copy(src / f"sub-{subject}_dwi.{ext}", dst)
+    bvecs = np.loadtxt(src / f"sub-{subject}_dwi.bvec")
+    np.savetxt(dst / f"sub-{subject}_dwi.bvec", transform(bvecs), fmt="%.6f")
+    return dst / f"sub-{subject}_dwi.bvec"
+
+
+def test_wrong_bvec_sign_is_fixed_and_reported(out_root, tmp_path):
+    """A bvec file with the x sign flipped: detected, corrected, said in metrics and report;
+    with --gradient-check error the run stops with an input error naming the fix."""
+    subject = "toshiba01"
+    reference = load_metrics(_run(subject, out_root), f"sub-{subject}")
+    bids = tmp_path / "bids"
+    bvec_file = _copy_with_bvecs(subject, bids, lambda b: b * np.array([[-1], [1], [1]]))
+    out = tmp_path / "out"
+    result = run_cst_report(subject, bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    metrics = load_metrics(out, f"sub-{subject}")
+    check = metrics["qc"]["gradient_check"]
+    assert check["status"] == "corrected" and check["correction"] == "flip x", check
+    assert check["score_after"] > check["score_before"]
+    assert check["score_after"] == pytest.approx(
+        reference["qc"]["gradient_check"]["score_before"], rel=0.05)
+    assert any("flip x" in n for n in metrics["qc"]["notices"])
+    for side in ("left", "right"):
+        assert metrics["cst"][side]["fa_mean"] == pytest.approx(
+            reference["cst"][side]["fa_mean"], abs=0.005)
+        assert metrics["cst"][side]["n_streamlines"] >= 100
+    html = (out / f"sub-{subject}.html").read_text()
+    assert "gradient table was corrected (flip x)" in html
+
+    stopped = run_cst_report(subject, bids, tmp_path / "out-error", "--gradient-check", "error")
+    assert stopped.returncode == EXIT_BAD_INPUT, stopped.stderr
+    assert "flip x" in stopped.stderr and str(bvec_file) in stopped.stderr
+    assert "Traceback" not in stopped.stderr

@@ -83,6 +83,22 @@ def _metrics():
                       "references": ["Stinear CM et al. Brain 2012;135:2527–2535."],
                       "disclaimer": "Research use only."},
         "qc": {"assessable": True, "warnings": ["Low SNR in the pons <check>"],
+               "notices": ["The gradient table was corrected (flip x): fibre coherence 21.0 -> "
+                           "35.0 mm mean streamline length. Check the b-vectors of this scan."],
+               "noise": {"method": "mppca", "noise_sigma_median": 12.5, "snr_b0": 23.4,
+                         "brain_mask_ml": 1400.0},
+               "motion": {"model": "affine", "translation_mm": [[0, 0, 0], [0.2, -0.1, 0.4],
+                                                                [1.5, 0.3, -0.2]],
+                          "rotation_deg": [[0, 0, 0], [0.1, 0.0, -0.2], [0.8, -0.3, 0.1]],
+                          "framewise_displacement_mm": [0.0, 0.6, 2.9],
+                          "max_translation_mm": 1.5, "max_rotation_deg": 0.8,
+                          "mean_framewise_displacement_mm": 1.17},
+               "outliers": {"volumes": [2], "reasons": {"2": "signal dropout in 5 slices"},
+                            "excluded": [2]},
+               "gradient_check": {"status": "corrected", "correction": "flip x",
+                                  "score_before": 21.0, "score_after": 35.0,
+                                  "candidates": {"as given": 21.0, "flip x": 35.0,
+                                                 "flip y": 20.0, "swap x-y": 12.0}},
                "limits": {"min_streamlines": 20, "min_roi_coverage": 0.6,
                           "min_template_correlation": 0.4},
                "registration": {"template_fa_correlation": 0.81,
@@ -99,7 +115,10 @@ def _metrics():
                            "seed": 7, "thresholds": {"node_ai": 0.1},
                            "preprocessing": {"b0_threshold": 50.0, "denoise": "mppca",
                                              "brain_mask": "median_otsu(median_radius=2)",
-                                             "tensor_fit": "WLS"},
+                                             "tensor_fit": "WLS", "gibbs": True,
+                                             "motion": "affine", "outliers": "exclude",
+                                             "gradient_check": "fix",
+                                             "dti_max_bvalue": 1500.0},
                            "tracking": {"fa_stop": 0.2, "max_angle_deg": 45.0, "step_mm": 0.5,
                                         "seeds_per_voxel": 10, "min_coverage": 0.6},
                            "localization": {"node_ai": 0.1, "min_nodes": 6,
@@ -200,7 +219,7 @@ def test_full_report(inputs, tmp_path):
         assert cite in text
     # New figures: colour FA, glass brain, registration.
     for alt in ("Colour FA with CST outlines", "Glass-brain projection of the CSTs",
-                "Registration QC"):
+                "Registration QC", "Motion parameters", "Gradient-table check"):
         assert f'alt="{alt}"' in text
     # Readable registration and tracking QC, low values flagged.
     qc = text[text.index('id="qc"'):text.index('id="methods"')]
@@ -208,12 +227,19 @@ def test_full_report(inputs, tmp_path):
     assert "Posterior limb of the internal capsule" in qc and "95 %" in qc
     assert '<td class="num bad">40 % ⚠</td>' in qc  # pons_L below the 60 % limit
     assert "8760" in qc and "5796" in qc and "peduncle" in qc
+    # Preprocessing QC: noise, motion, outliers and the gradient check, stated in words.
+    assert "23.4" in qc and "2 (signal dropout in 5 slices)" in qc
+    assert "flip x" in qc and "21 → 35" in qc
+    verdict_box = text[text.index('id="verdict"'):text.index('id="prognosis"')]
+    assert "gradient table was corrected (flip x)" in verdict_box
     assert '<td class="num bad">12 ⚠</td>' in qc  # right CST below 20 streamlines
     assert '<td class="num">1876</td>' in qc
     # Methods paragraph generated from the recorded parameters.
     methods = text[text.index('<p class="methods">'):]
     methods = methods[:methods.index("</p>")]
     for phrase in ("MP-PCA", "b ≤ 50 s/mm²", "fitted by WLS with DIPY 1.12.0", "random seed 7",
+                   "Gibbs ringing", "b-vector was rotated", "left out of the tensor fit",
+                   "24 signed axis permutations", "shells up to 1500 s/mm²",
                    "10 seeds per voxel", "step of 0.5 mm", "FA &lt; 0.2", "exceeds 45°",
                    "at least 6 consecutive nodes", "|AI| ≥ 0.1", "mean |AI| is at least 0.2",
                    "last 10 nodes", "cut-off of 0.25", "fewer than 20 streamlines",

@@ -11,19 +11,18 @@ def _function_node(function, inputs, outputs, name, **kwargs):
                    name=name, **kwargs)
 
 
-def init_dwi_preproc_wf(*, b0_threshold, denoise, n_jobs, name="dwi_preproc_wf"):
-    """Mean b0, brain mask, denoising and the tensor fit.
-
-    Gibbs removal, motion/eddy correction and the gradient check slot in
-    between ``preprocess`` and ``fit_tensor``.
+def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoise_wf"):
+    """Brain mask, denoising and Gibbs-ringing removal of one run, on its own grid.
 
     Parameters
     ----------
     b0_threshold : float
         b-values (s/mm²) at or below this are b0.
     denoise : {"mppca", "patch2self", "none"}
+    gibbs : bool
+        Remove Gibbs ringing.
     n_jobs : int
-        Workers for denoising.
+        Workers for denoising and Gibbs removal.
 
     Inputs
     ------
@@ -31,37 +30,200 @@ def init_dwi_preproc_wf(*, b0_threshold, denoise, n_jobs, name="dwi_preproc_wf")
 
     Outputs
     -------
-    b0, mask, fa, md, rd, ad, v1, qc
+    dwi, b0, mask, denoise_qc
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]),
                         name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(
-        fields=["b0", "mask", "fa", "md", "rd", "ad", "v1", "qc"]), name="outputnode")
-    preprocess = _function_node(
-        nodes.preprocess, ["dwi_file", "bval_file", "bvec_file", "b0_threshold", "denoise",
-                           "n_jobs"], ["b0", "mask", "dwi", "qc"], "preprocess",
-        n_procs=n_jobs)
-    preprocess.inputs.b0_threshold = b0_threshold
-    preprocess.inputs.denoise = denoise
-    preprocess.inputs.n_jobs = n_jobs
-    fit = _function_node(nodes.fit_tensor, ["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                            "b0_threshold"],
-                         ["fa", "md", "rd", "ad", "v1"], "fit_tensor")
-    fit.inputs.b0_threshold = b0_threshold
+    outputnode = pe.Node(niu.IdentityInterface(fields=["dwi", "b0", "mask", "denoise_qc"]),
+                         name="outputnode")
+    mask = _function_node(nodes.brain_mask, ["dwi_file", "bval_file", "bvec_file",
+                                             "b0_threshold"], ["b0", "mask"], "brain_mask")
+    mask.inputs.b0_threshold = b0_threshold
+    noise = _function_node(nodes.denoise, ["dwi_file", "bval_file", "bvec_file", "mask_file",
+                                           "method", "b0_threshold", "n_jobs"], ["dwi", "qc"],
+                           "denoise", n_procs=n_jobs)
+    noise.inputs.trait_set(method=denoise, b0_threshold=b0_threshold, n_jobs=n_jobs)
+    files = [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]
     wf.connect([
-        (inputnode, preprocess, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
-                                 ("bvec_file", "bvec_file")]),
-        (inputnode, fit, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-        (preprocess, fit, [("dwi", "dwi_file"), ("mask", "mask_file")]),
-        (preprocess, outputnode, [("b0", "b0"), ("mask", "mask"), ("qc", "qc")]),
+        (inputnode, mask, files),
+        (inputnode, noise, files),
+        (mask, noise, [("mask", "mask_file")]),
+        (mask, outputnode, [("b0", "b0"), ("mask", "mask")]),
+        (noise, outputnode, [("qc", "denoise_qc")]),
+    ])
+    if gibbs:
+        ringing = _function_node(nodes.remove_gibbs, ["dwi_file", "mask_file", "n_jobs"],
+                                 ["dwi"], "remove_gibbs", n_procs=n_jobs)
+        ringing.inputs.n_jobs = n_jobs
+        wf.connect([(noise, ringing, [("dwi", "dwi_file")]),
+                    (mask, ringing, [("mask", "mask_file")]),
+                    (ringing, outputnode, [("dwi", "dwi")])])
+    else:
+        wf.connect(noise, "dwi", outputnode, "dwi")
+    return wf
+
+
+def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_max_bvalue,
+                        n_jobs, name="dwi_correct_wf"):
+    """Motion/eddy correction, outlier volumes, gradient check and the tensor fit.
+
+    Parameters
+    ----------
+    b0_threshold : float
+        b-values (s/mm²) at or below this are b0.
+    motion : {"affine", "rigid", "none"}
+        Volume-to-b0 registration model ("affine" also absorbs eddy-current
+        shears and scalings).
+    outliers : {"exclude", "report"}
+        Leave flagged volumes out of the tensor fit, or only report them.
+    gradient_check : {"fix", "error", "off"}
+    dti_max_bvalue : float
+        Highest shell (s/mm²) the tensor fit uses.
+    n_jobs : int
+        Workers for motion correction.
+
+    Inputs
+    ------
+    dwi_file, bval_file, bvec_file, mask, denoise_qc, combine_qc
+        The denoised series, its gradients, brain mask and the QC so far;
+        ``source_bvec_file``: the user's b-vector file (named in errors).
+
+    Outputs
+    -------
+    fa, md, rd, ad, v1, qc (preprocessing QC JSON)
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["dwi_file", "bval_file", "bvec_file", "source_bvec_file", "mask", "denoise_qc",
+                "combine_qc"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["fa", "md", "rd", "ad", "v1", "qc"]),
+                         name="outputnode")
+    flag = _function_node(nodes.detect_outliers, ["dwi_file", "bval_file", "bvec_file",
+                                                  "mask_file", "motion_qc", "b0_threshold",
+                                                  "action"], ["qc"], "detect_outliers")
+    flag.inputs.trait_set(b0_threshold=b0_threshold, action=outliers)
+    check = _function_node(nodes.check_gradients, ["dwi_file", "bval_file", "bvec_file",
+                                                   "mask_file", "outliers_qc", "mode",
+                                                   "b0_threshold", "source_bvec_file"],
+                           ["bvec", "qc"], "check_gradients")
+    check.inputs.trait_set(mode=gradient_check, b0_threshold=b0_threshold)
+    fit = _function_node(nodes.fit_tensor, ["dwi_file", "bval_file", "bvec_file", "mask_file",
+                                            "outliers_qc", "b0_threshold", "max_bvalue"],
+                         ["fa", "md", "rd", "ad", "v1", "qc"], "fit_tensor")
+    fit.inputs.trait_set(b0_threshold=b0_threshold, max_bvalue=dti_max_bvalue)
+    collect = _function_node(nodes.collect_preprocessing_qc,
+                             ["denoise_qc", "motion_qc", "outliers_qc", "gradient_qc",
+                              "tensor_qc", "combine_qc"], ["qc"], "preprocessing_qc")
+    # The series and its b-vectors as they leave motion correction (or skip it).
+    series, series_field, bvecs, bvec_field = inputnode, "dwi_file", inputnode, "bvec_file"
+    if motion != "none":
+        realign = _function_node(nodes.correct_motion, ["dwi_file", "bval_file", "bvec_file",
+                                                        "mask_file", "model", "b0_threshold",
+                                                        "n_jobs"], ["dwi", "bvec", "qc"],
+                                 "correct_motion", n_procs=n_jobs)
+        realign.inputs.trait_set(model=motion, b0_threshold=b0_threshold, n_jobs=n_jobs)
+        wf.connect([(inputnode, realign, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
+                                          ("bvec_file", "bvec_file"), ("mask", "mask_file")]),
+                    (realign, flag, [("qc", "motion_qc")]),
+                    (realign, collect, [("qc", "motion_qc")])])
+        series, series_field, bvecs, bvec_field = realign, "dwi", realign, "bvec"
+    else:
+        flag.inputs.motion_qc = None
+        collect.inputs.motion_qc = None
+    for node in (flag, check, fit):
+        wf.connect([(series, node, [(series_field, "dwi_file")]),
+                    (inputnode, node, [("bval_file", "bval_file"), ("mask", "mask_file")])])
+    wf.connect([
+        (bvecs, flag, [(bvec_field, "bvec_file")]),
+        (bvecs, check, [(bvec_field, "bvec_file")]),
+        (inputnode, check, [("source_bvec_file", "source_bvec_file")]),
+        (flag, check, [("qc", "outliers_qc")]),
+        (check, fit, [("bvec", "bvec_file")]),
+        (flag, fit, [("qc", "outliers_qc")]),
+        (inputnode, collect, [("denoise_qc", "denoise_qc"), ("combine_qc", "combine_qc")]),
+        (flag, collect, [("qc", "outliers_qc")]),
+        (check, collect, [("qc", "gradient_qc")]),
+        (fit, collect, [("qc", "tensor_qc")]),
         (fit, outputnode, [("fa", "fa"), ("md", "md"), ("rd", "rd"), ("ad", "ad"),
                            ("v1", "v1")]),
+        (collect, outputnode, [("qc", "qc")]),
     ])
     return wf
 
 
-def init_cst_wf(*, subject, tracking, n_jobs, seed, name="cst_wf"):
+def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
+    """From the raw series of one run (or several combined runs) to the tensor maps.
+
+    Per run: brain mask → denoising → Gibbs removal; several runs are then
+    aligned to the first and concatenated (``pipeline.combine``); then motion/
+    eddy correction with b-vector rotation → outlier volumes → gradient-table
+    check → tensor fit.
+
+    Parameters
+    ----------
+    runs : list of pipeline.bids.DwiRun
+        One run, or the runs to combine (the first is the reference).
+    parameters : dict
+        The run configuration (``preprocessing`` section and ``n_jobs``).
+
+    Outputs
+    -------
+    mask, fa, md, rd, ad, v1, qc (preprocessing QC JSON)
+    """
+    pre, n_jobs = parameters["preprocessing"], parameters["n_jobs"]
+    wf = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["mask", "fa", "md", "rd", "ad", "v1", "qc"]), name="outputnode")
+    correct_wf = init_dwi_correct_wf(
+        b0_threshold=pre["b0_threshold"], motion=pre["motion"], outliers=pre["outliers"],
+        gradient_check=pre["gradient_check"], dti_max_bvalue=pre["dti_max_bvalue"],
+        n_jobs=n_jobs)
+    denoise_wfs = []
+    for index, run in enumerate(runs):
+        denoise_wf = init_dwi_denoise_wf(b0_threshold=pre["b0_threshold"],
+                                         denoise=pre["denoise"], gibbs=pre["gibbs"],
+                                         n_jobs=n_jobs, name=f"dwi_denoise_wf_{index}")
+        denoise_wf.inputs.inputnode.dwi_file = str(run.dwi)
+        denoise_wf.inputs.inputnode.bval_file = str(run.bval)
+        denoise_wf.inputs.inputnode.bvec_file = str(run.bvec)
+        denoise_wfs.append(denoise_wf)
+    # Errors about the b-vectors name the reference run's file.
+    correct_wf.inputs.inputnode.source_bvec_file = str(runs[0].bvec)
+    if len(runs) == 1:
+        correct_wf.inputs.inputnode.trait_set(bval_file=str(runs[0].bval),
+                                              bvec_file=str(runs[0].bvec), combine_qc=None)
+        wf.connect([(denoise_wfs[0], correct_wf, [
+            ("outputnode.dwi", "inputnode.dwi_file"), ("outputnode.mask", "inputnode.mask"),
+            ("outputnode.denoise_qc", "inputnode.denoise_qc")]),
+            (denoise_wfs[0], outputnode, [("outputnode.mask", "mask")])])
+    else:
+        join = _function_node(nodes.combine_runs, ["dwi_files", "bval_files", "bvec_files",
+                                                   "mask_files", "denoise_qc_files",
+                                                   "b0_threshold"],
+                              ["dwi", "bval", "bvec", "mask", "denoise_qc", "qc"], "combine_runs")
+        join.inputs.trait_set(bval_files=[str(r.bval) for r in runs],
+                              bvec_files=[str(r.bvec) for r in runs],
+                              b0_threshold=pre["b0_threshold"])
+        for field in ("dwi", "mask", "denoise_qc"):
+            merge = pe.Node(niu.Merge(len(runs)), name=f"merge_{field}")
+            for index, denoise_wf in enumerate(denoise_wfs):
+                wf.connect(denoise_wf, f"outputnode.{field}", merge, f"in{index + 1}")
+            wf.connect(merge, "out", join, f"{field}_files" if field != "denoise_qc"
+                       else "denoise_qc_files")
+        wf.connect([(join, correct_wf, [("dwi", "inputnode.dwi_file"),
+                                        ("bval", "inputnode.bval_file"),
+                                        ("bvec", "inputnode.bvec_file"),
+                                        ("mask", "inputnode.mask"),
+                                        ("denoise_qc", "inputnode.denoise_qc"),
+                                        ("qc", "inputnode.combine_qc")]),
+                    (join, outputnode, [("mask", "mask")])])
+    wf.connect([(correct_wf, outputnode, [(f"outputnode.{k}", k)
+                                          for k in ("fa", "md", "rd", "ad", "v1", "qc")])])
+    return wf
+
+
+def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, name="cst_wf"):
     """Template registration, CST tracking and 100-node tract profiles.
 
     Parameters
@@ -75,6 +237,9 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, name="cst_wf"):
         joblib workers for tracking (the streamlines do not depend on it).
     seed : int
         Random seed of seed placement.
+    dask_scheduler : str, optional
+        Track on this Dask cluster (scheduler address, or ``"slurm"`` for a
+        dask-jobqueue SLURMCluster of ``n_jobs`` workers) instead of locally.
 
     Inputs
     ------
@@ -95,11 +260,12 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, name="cst_wf"):
                               ["rois", "levels", "template_mask", "qc"], "register_atlas")
     track = _function_node(
         nodes.track_cst, ["fa_file", "v1_file", "mask_file", "rois_file", "registration_qc",
-                          "tracking", "n_jobs", "seed"], ["left", "right", "qc"], "track_cst",
-        n_procs=n_jobs)
+                          "tracking", "n_jobs", "seed", "dask_scheduler"], ["left", "right", "qc"],
+        "track_cst", n_procs=1 if dask_scheduler else n_jobs)  # Dask workers do the tracking
     track.inputs.tracking = tracking
     track.inputs.n_jobs = n_jobs
     track.inputs.seed = seed
+    track.inputs.dask_scheduler = dask_scheduler
     profiles = _function_node(
         nodes.tract_profiles, ["left_trk", "right_trk", "fa_file", "md_file", "rd_file",
                                "ad_file", "levels_file", "rois_file", "subject"],
@@ -140,21 +306,17 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
     written : list of the derivative files
     """
     wf = pe.Workflow(name=name or f"{run.stem.replace('-', '_')}_wf")
-    pre = parameters["preprocessing"]
-    preproc_wf = init_dwi_preproc_wf(b0_threshold=pre["b0_threshold"], denoise=pre["denoise"],
-                                     n_jobs=parameters["n_jobs"])
-    preproc_wf.inputs.inputnode.dwi_file = str(run.dwi)
-    preproc_wf.inputs.inputnode.bval_file = str(run.bval)
-    preproc_wf.inputs.inputnode.bvec_file = str(run.bvec)
+    preproc_wf = init_dwi_preproc_wf(list(getattr(run, "runs", [run])), parameters=parameters)
     cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
                          n_jobs=parameters["n_jobs"],
-                         seed=parameters["seed"])
+                         seed=parameters["seed"],
+                         dask_scheduler=parameters.get("dask_scheduler"))
 
     assess = _function_node(
         nodes.assess, ["profiles_json", "registration_qc", "tracking_qc", "preprocess_qc",
                        "subject", "entities", "input_files", "parameters"], ["metrics"],
         "assess")
-    source_files = [str(run.dwi), str(run.bval), str(run.bvec)]
+    source_files = [str(path) for path in run.source_files]
     assess.inputs.subject = run.subject
     assess.inputs.entities = dict(run.entities)
     assess.inputs.input_files = source_files
@@ -208,11 +370,11 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
 
 
 def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, name="single_subject_wf"):
-    """One subject: every diffusion run processed and reported separately.
+    """One subject: each run (or each set of combined runs) processed and reported.
 
     Parameters
     ----------
-    runs : list of pipeline.bids.DwiRun
+    runs : list of pipeline.bids.DwiRun or pipeline.bids.CombinedRuns
     out_dir, work_dir : path
     parameters : dict
     """

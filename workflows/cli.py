@@ -27,6 +27,7 @@ from pipeline.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_ASSESSABLE, EXIT_OK, 
                              CSTError, InputError)
 
 from .config import format_config, read_config
+from .execution import PLUGINS, parse_plugin_args
 
 LOG = logging.getLogger("cst")
 
@@ -59,11 +60,38 @@ def _add_common_options(parser):
                              "results do not depend on it")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed for seed placement (default 0)")
+    g = parser.add_argument_group("execution on a cluster (results do not depend on it)")
+    g.add_argument("--plugin", choices=PLUGINS, default="MultiProc",
+                   help="Nipype plugin that runs the steps: Linear (one by one), MultiProc "
+                        "(--n-jobs processes here; default) or SLURM (one sbatch job per step)")
+    g.add_argument("--plugin-args", type=parse_plugin_args, default={}, metavar="JSON",
+                   help="arguments of the plugin as a JSON object, e.g. "
+                        """'{"sbatch_args": "--mem=8G --time=1:00:00", "max_jobs": 20}'""")
+    g.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="track on a Dask cluster: a scheduler address (tcp://host:8786), or "
+                        "'slurm' to start a dask-jobqueue SLURMCluster of --n-jobs workers "
+                        "(needs the [dask] extra)")
     g = parser.add_argument_group("preprocessing")
     g.add_argument("--b0-threshold", type=float, default=50.0, metavar="B",
                    help="b-values <= B s/mm² are b0 (default 50)")
     g.add_argument("--denoise", choices=("mppca", "patch2self", "none"), default="mppca",
                    help="denoising method (default mppca)")
+    g.add_argument("--no-gibbs", dest="gibbs", action="store_false", default=True,
+                   help="skip Gibbs-ringing removal (on by default)")
+    g.add_argument("--motion", choices=("affine", "rigid", "none"), default="affine",
+                   help="volume-to-b0 motion correction; affine also absorbs eddy-current "
+                        "distortion (default affine)")
+    g.add_argument("--outliers", choices=("exclude", "report"), default="exclude",
+                   help="leave volumes with signal dropout or extreme motion out of the fit, "
+                        "or only report them (default exclude)")
+    g.add_argument("--gradient-check", choices=("fix", "error", "off"), default="fix",
+                   help="on a flipped or permuted gradient table: fix it and say so in the "
+                        "report, stop with an error, or do not check (default fix)")
+    g.add_argument("--dti-max-bvalue", type=float, default=1500.0, metavar="B",
+                   help="the tensor fit uses b0 and shells up to B s/mm² (default 1500)")
+    g.add_argument("--combine-runs", action="store_true",
+                   help="combine the runs of a session (e.g. dir-AP and dir-PA) into one series "
+                        "after aligning them; default: each run processed and reported alone")
     g = parser.add_argument_group("tracking")
     g.add_argument("--fa-stop", type=float, default=0.2, help="stop tracking below this FA "
                    "(default 0.2)")
@@ -92,8 +120,13 @@ def build_parameters(args):
 
     return {
         "n_jobs": int(args.n_jobs),
+        "dask_scheduler": args.dask_scheduler or None,
         "seed": int(args.seed),
         "preprocessing": {"b0_threshold": args.b0_threshold, "denoise": args.denoise,
+                          "gibbs": bool(args.gibbs), "motion": args.motion,
+                          "outliers": args.outliers, "gradient_check": args.gradient_check,
+                          "dti_max_bvalue": args.dti_max_bvalue,
+                          "combine_runs": bool(args.combine_runs),
                           "brain_mask": "median_otsu(median_radius=2, numpass=1)",
                           "tensor_fit": "WLS"},
         "tracking": {"fa_stop": args.fa_stop, "max_angle_deg": args.max_angle,
@@ -125,16 +158,24 @@ def _configure_nipype(work_dir, debug):
 
 
 def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False,
-                config_text=""):
-    """Validate, run and summarise every DWI run of one subject. Returns the exit code."""
-    from pipeline.bids import find_dwi_runs
+                config_text="", plugin="MultiProc", plugin_args=None):
+    """Validate, run and summarise every DWI run of one subject. Returns the exit code.
+
+    ``plugin`` and ``plugin_args`` choose how the Nipype graph runs (see
+    :func:`workflows.execution.run_workflow`).
+    """
+    from pipeline.bids import combine_by_session, find_dwi_runs
     from pipeline.dwi import load_dwi
     from pipeline.outputs import write_dataset_description
+    from pipeline.parallel import require_dask
 
+    require_dask(parameters.get("dask_scheduler"))
     runs = find_dwi_runs(bids_dir, subject)
     for run in runs:  # every input is checked before any work starts
         load_dwi(run.dwi, run.bval, run.bvec,
                  b0_threshold=parameters["preprocessing"]["b0_threshold"])
+    if parameters["preprocessing"]["combine_runs"]:
+        runs = combine_by_session(runs)
     label = runs[0].subject
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / ".cst-work"
@@ -144,14 +185,16 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
         write_dataset_description(out_dir, source_dataset=bids_dir)
         _configure_nipype(work_dir, debug)
         LOG.info("sub-%s: %d diffusion run(s): %s", label, len(runs),
-                 ", ".join(r.dwi.name for r in runs))
-        _run_workflow(runs, out_dir, work_dir, parameters)
+                 ", ".join(r.stem for r in runs))
+        _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args or {})
 
     exit_code = EXIT_OK
     for run in runs:
         metrics_path = run.derivatives_dir(out_dir) / f"{run.stem}_desc-cst_metrics.json"
         metrics = json.loads(metrics_path.read_text())
         print(_verdict_line(run.stem, metrics))
+        for notice in metrics["qc"].get("notices", []):
+            print(f"  note:    {notice}")
         print(f"  report:  {out_dir / (run.stem + '.html')}")
         print(f"  metrics: {metrics_path}")
         if not metrics["qc"]["assessable"]:
@@ -198,17 +241,21 @@ def run_log(log_dir, config_text):
         handler.close()
 
 
-def _run_workflow(runs, out_dir, work_dir, parameters):
+def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args):
     from workflows.base import init_single_subject_wf
+    from workflows.execution import run_workflow
 
     wf = init_single_subject_wf(runs, out_dir=out_dir, work_dir=work_dir, parameters=parameters)
     n_procs = max(1, parameters["n_jobs"])
     progress = _progress_callback(wf)
     try:
-        wf.run(plugin="MultiProc", plugin_args={"n_procs": n_procs, "raise_insufficient": False,
-                                                "status_callback": progress})
+        run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=n_procs,
+                     status_callback=progress)
     except RuntimeError as exc:
         crash = sorted((work_dir / "crash").glob("crash-*.txt"), key=os.path.getmtime)
+        input_error = _input_error_in(crash[-1]) if crash else None
+        if input_error is not None:  # a check inside a node (e.g. the gradient table) refused
+            raise input_error from exc
         detail = _crash_summary(crash[-1]) if crash else str(exc)
         raise CSTError(f"Processing sub-{runs[0].subject} failed: {detail}",
                        path=crash[-1] if crash else None,
@@ -241,6 +288,21 @@ class _Progress:
 def _progress_callback(wf):
     steps = [n for n in wf.list_node_names() if not n.endswith(("inputnode", "outputnode"))]
     return _Progress(len(steps))
+
+
+def _input_error_in(crash_file):
+    """The InputError a node raised, rebuilt from its crash file (None if it was not one)."""
+    lines = Path(crash_file).read_text().splitlines()
+    starts = [i for i, ln in enumerate(lines) if "InputError: " in ln]
+    if not starts:
+        return None
+    message = lines[starts[-1]].split("InputError: ", 1)[1].strip()
+    details = {}
+    for ln in lines[starts[-1] + 1:starts[-1] + 3]:
+        key, _, value = ln.strip().partition(":")
+        if key in ("file", "fix"):
+            details[key] = value.strip()
+    return InputError(message, path=details.get("file"), fix=details.get("fix"))
 
 
 def _crash_summary(crash_file):
@@ -320,7 +382,8 @@ def _cst_report(parser, argv):
         parser.error("SUBJECT, --bids-dir and --out-dir are required")
     return run_subject(args.subject, args.bids_dir, args.out_dir, work_dir=args.work_dir,
                        parameters=build_parameters(args), debug=args.debug,
-                       config_text=format_config(args))
+                       config_text=format_config(args), plugin=args.plugin,
+                       plugin_args=args.plugin_args)
 
 
 def cst_report_main(argv=None):
@@ -378,7 +441,8 @@ def run_bids_app(parser, argv):
         try:
             codes.append(run_subject(label, args.bids_dir, args.output_dir,
                                      work_dir=args.work_dir, parameters=parameters,
-                                     debug=args.debug, config_text=format_config(args)))
+                                     debug=args.debug, config_text=format_config(args),
+                                     plugin=args.plugin, plugin_args=args.plugin_args))
         except CSTError as exc:  # one bad participant does not stop the batch
             print(f"cst-integrity: sub-{label}: {exc}", file=sys.stderr)
             codes.append(exc.exit_code)

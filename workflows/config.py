@@ -23,8 +23,17 @@ CONFIG_KEYS = {
     ("execution", "n_jobs"): "n_jobs",
     ("execution", "seed"): "seed",
     ("execution", "work_dir"): "work_dir",
+    ("execution", "plugin"): "plugin",
+    ("execution", "plugin_args"): "plugin_args",
+    ("execution", "dask_scheduler"): "dask_scheduler",
     ("preprocessing", "b0_threshold"): "b0_threshold",
     ("preprocessing", "denoise"): "denoise",
+    ("preprocessing", "gibbs"): "gibbs",
+    ("preprocessing", "motion"): "motion",
+    ("preprocessing", "outliers"): "outliers",
+    ("preprocessing", "gradient_check"): "gradient_check",
+    ("preprocessing", "dti_max_bvalue"): "dti_max_bvalue",
+    ("preprocessing", "combine_runs"): "combine_runs",
     ("tracking", "fa_stop"): "fa_stop",
     ("tracking", "max_angle_deg"): "max_angle",
     ("tracking", "step_mm"): "step_mm",
@@ -78,4 +87,9 @@ def _toml_value(value):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, dict):  # e.g. the plugin arguments, as an inline table
+        items = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

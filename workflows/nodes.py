@@ -6,24 +6,95 @@ current directory). All the science is in ``pipeline.steps``.
 """
 
 
-def preprocess(dwi_file, bval_file, bvec_file, b0_threshold, denoise, n_jobs):
+def brain_mask(dwi_file, bval_file, bvec_file, b0_threshold):
     import os
 
-    from pipeline.steps import preprocess_dwi
+    from pipeline.steps import brain_mask as make_mask
 
-    out = preprocess_dwi(dwi_file, bval_file, bvec_file, out_dir=os.getcwd(),
-                         b0_threshold=b0_threshold, denoise=denoise, n_jobs=n_jobs)
-    return out["b0"], out["mask"], out["dwi"], out["qc"]
+    out = make_mask(dwi_file, bval_file, bvec_file, out_dir=os.getcwd(),
+                    b0_threshold=b0_threshold)
+    return out["b0"], out["mask"]
 
 
-def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, b0_threshold):
+def denoise(dwi_file, bval_file, bvec_file, mask_file, method, b0_threshold, n_jobs):
+    import os
+
+    from pipeline.steps import denoise as run_denoise
+
+    out = run_denoise(dwi_file, bval_file, bvec_file, mask_file, out_dir=os.getcwd(),
+                      method=method, b0_threshold=b0_threshold, n_jobs=n_jobs)
+    return out["dwi"], out["qc"]
+
+
+def remove_gibbs(dwi_file, mask_file, n_jobs):
+    import os
+
+    from pipeline.steps import remove_gibbs as run_gibbs
+
+    return run_gibbs(dwi_file, mask_file, out_dir=os.getcwd(), n_jobs=n_jobs)["dwi"]
+
+
+def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files, b0_threshold):
+    import os
+
+    from pipeline.steps import combine_runs as combine
+
+    out = combine(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files,
+                  out_dir=os.getcwd(), b0_threshold=b0_threshold)
+    return out["dwi"], out["bval"], out["bvec"], out["mask"], out["denoise_qc"], out["qc"]
+
+
+def correct_motion(dwi_file, bval_file, bvec_file, mask_file, model, b0_threshold, n_jobs):
+    import os
+
+    from pipeline.steps import correct_motion as run_motion
+
+    out = run_motion(dwi_file, bval_file, bvec_file, mask_file, out_dir=os.getcwd(),
+                     model=model, b0_threshold=b0_threshold, n_jobs=n_jobs)
+    return out["dwi"], out["bvec"], out["qc"]
+
+
+def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc, b0_threshold, action):
+    import os
+
+    from pipeline.steps import detect_outliers as run_outliers
+
+    return run_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc,
+                        out_dir=os.getcwd(), b0_threshold=b0_threshold, action=action)["qc"]
+
+
+def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, mode, b0_threshold,
+                    source_bvec_file):
+    import os
+
+    from pipeline.steps import check_gradients as run_check
+
+    out = run_check(dwi_file, bval_file, bvec_file, mask_file, outliers_qc,
+                    out_dir=os.getcwd(), mode=mode, b0_threshold=b0_threshold,
+                    source_bvec_file=source_bvec_file)
+    return out["bvec"], out["qc"]
+
+
+def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, b0_threshold,
+               max_bvalue):
     import os
 
     from pipeline.steps import fit_tensor as fit
 
-    out = fit(dwi_file, bval_file, bvec_file, mask_file, out_dir=os.getcwd(),
-              b0_threshold=b0_threshold)
-    return out["fa"], out["md"], out["rd"], out["ad"], out["v1"]
+    out = fit(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, out_dir=os.getcwd(),
+              b0_threshold=b0_threshold, max_bvalue=max_bvalue)
+    return out["fa"], out["md"], out["rd"], out["ad"], out["v1"], out["qc"]
+
+
+def collect_preprocessing_qc(denoise_qc, motion_qc, outliers_qc, gradient_qc, tensor_qc,
+                             combine_qc):
+    import os
+
+    from pipeline.steps import collect_preprocessing_qc as collect
+
+    return collect(out_dir=os.getcwd(), denoise_qc=denoise_qc, motion_qc=motion_qc,
+                   outliers_qc=outliers_qc, gradient_qc=gradient_qc, tensor_qc=tensor_qc,
+                   combine_qc=combine_qc)
 
 
 def register_atlas(fa_file, mask_file):
@@ -35,13 +106,14 @@ def register_atlas(fa_file, mask_file):
     return out["rois"], out["levels"], out["template_mask"], out["qc"]
 
 
-def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, tracking, n_jobs, seed):
+def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, tracking, n_jobs, seed,
+              dask_scheduler=None):
     import os
 
     from pipeline.steps import track_cst as track
 
     out = track(fa_file, v1_file, mask_file, rois_file, registration_qc, out_dir=os.getcwd(),
-                n_jobs=n_jobs, seed=seed, **tracking)
+                n_jobs=n_jobs, seed=seed, dask_scheduler=dask_scheduler, **tracking)
     return out["left"], out["right"], out["qc"]
 
 
