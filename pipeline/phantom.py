@@ -3,8 +3,11 @@
 The phantom lives on the bundled MNI152 2 mm atlas grid (``atlases``):
 
 * tissue (atlas brain mask): FA magnitude taken from the FA template, MD 0.75e-3 mm²/s,
-  principal direction left-right (world x) -- so no coherent inferior-superior path
-  exists outside the two CST tubes;
+  principal direction drawn at random in every voxel -- so no coherent path exists outside
+  the two CST tubes.  A uniform direction field (all left-right, say) would be coherent
+  itself: a swapped gradient table then only turns it, fibre-coherence checks cannot tell
+  the tables apart, and every slice's mean signal swings with the gradient direction as no
+  real brain's does;
 * around each CST tube (4 < d <= 10 mm from the curve) FA is capped at 0.15;
 * CST_L / CST_R: tubes of radius 4 mm around a cubic spline (world mm) through the
   centroids of the atlas ROIs pons -> peduncle -> PLIC -> motor (extended a little below
@@ -175,7 +178,6 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
 
     # --- tensor field (axially symmetric: lambda_par along e, lambda_perp across)
     e = np.zeros(shape + (3,))
-    e[..., 0] = 1.0  # left-right everywhere by default
     fa = np.zeros(shape)
     fa[brain] = np.clip(fa_tpl[brain], 0.0, 0.9)
     b_fa = fa[brain]
@@ -183,7 +185,9 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
     b_fa[shell] = np.minimum(b_fa[shell], FA_SHELL_MAX)
     tube_lab = np.zeros(shape, np.uint8)
     b_tube = np.zeros(len(bidx), np.uint8)
-    b_e = np.tile([1.0, 0.0, 0.0], (len(bidx), 1))
+    # Own stream, so that the noise below stays that of the seed.
+    b_e = np.random.default_rng([seed, 1]).normal(size=(len(bidx), 3))
+    b_e /= np.linalg.norm(b_e, axis=1, keepdims=True)
     for k, side in enumerate(("L", "R")):
         sel = (which == k) & (dmin <= TUBE_RADIUS_MM)
         b_fa[sel] = FA_TUBE
