@@ -131,11 +131,15 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     else:
         flag.inputs.motion_qc = None
         collect.inputs.motion_qc = None
+    for node in (check, fit):
+        wf.connect(series, series_field, node, "dwi_file")
     for node in (flag, check, fit):
-        wf.connect([(series, node, [(series_field, "dwi_file")]),
-                    (inputnode, node, [("bval_file", "bval_file"), ("mask", "mask_file")])])
+        wf.connect(inputnode, "bval_file", node, "bval_file")
+        wf.connect(inputnode, "mask", node, "mask_file")
     wf.connect([
-        (bvecs, flag, [(bvec_field, "bvec_file")]),
+        # Dropout is judged on the slices as acquired: resampling by the motion correction
+        # mixes slices, and empties an end slice of volumes that moved along the slice axis.
+        (inputnode, flag, [("dwi_file", "dwi_file"), ("bvec_file", "bvec_file")]),
         (bvecs, check, [(bvec_field, "bvec_file")]),
         (inputnode, check, [("source_bvec_file", "source_bvec_file")]),
         (flag, check, [("qc", "outliers_qc")]),
