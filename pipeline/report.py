@@ -1446,9 +1446,12 @@ def _registration_qc_html(qc) -> str:
     coverage = reg.get("roi_coverage")
     if isinstance(coverage, dict) and coverage:
         c_min = _num(limits.get("min_roi_coverage"))
+        brainstem_min = _num(limits.get("min_brainstem_coverage"))
         names = list(dict.fromkeys([k.rsplit("_", 1)[0] for k in coverage]))
         rows = []
         for name in names:
+            limit = brainstem_min if name == "peduncle" and math.isfinite(brainstem_min) \
+                else c_min
             cells = []
             for hemi in ("L", "R"):
                 key = f"{name}_{hemi}"
@@ -1456,7 +1459,7 @@ def _registration_qc_html(qc) -> str:
                     cells.append('<td class="num muted">—</td>')
                     continue
                 value = _num(coverage[key])
-                low = math.isfinite(c_min) and math.isfinite(value) and value < c_min
+                low = math.isfinite(limit) and math.isfinite(value) and value < limit
                 cells.append(f'<td class="num{" bad" if low else ""}">{_esc(_pct(value))}'
                              f'{" ⚠" if low else ""}</td>')
             label = _ROI_NAMES.get(name, _humanise(name))
@@ -1466,6 +1469,8 @@ def _registration_qc_html(qc) -> str:
             "<p class=\"tablecap\">ROI coverage: fraction of each template ROI inside the "
             "subject's brain mask (field of view)"
             + (f"; limit ≥ {_esc(_pct(c_min))}" if math.isfinite(c_min) else "")
+            + (f", cerebral peduncles ≥ {_esc(_pct(brainstem_min))}"
+               if math.isfinite(brainstem_min) else "")
             + "</p><table class=\"qc\"><thead><tr><th>ROI</th><th>Left</th><th>Right</th>"
             "</tr></thead>"
             "<tbody>" + "".join(rows) + "</tbody></table>")
@@ -1798,7 +1803,8 @@ def methods_text(metrics) -> str:
         sentences.append(
             f"A CST was reported as not assessable when it had fewer than "
             f"{val('qc', 'min_streamlines')} streamlines, when less than "
-            f"{pct('qc', 'min_roi_coverage')} of a CST ROI was in the field of view, or when "
+            f"{pct('qc', 'min_roi_coverage')} of a CST ROI (of each cerebral peduncle: "
+            f"{pct('qc', 'min_brainstem_coverage')}) was in the field of view, or when "
             f"the FA correlation with the template was below "
             f"{val('qc', 'min_template_correlation')}.")
     versions = [ver(k, label) for k, label in (
