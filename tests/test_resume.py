@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 RUN_WF = "single_subject_wf_subject01/sub_subject01_wf"
 # Nodes during which the run is killed, in pipeline order.
-KILL_DURING = ("dwi_preproc_wf/preprocess", "cst_wf/register_atlas", "report")
+KILL_DURING = ("dwi_preproc_wf/dwi_correct_wf/correct_motion", "cst_wf/register_atlas", "report")
 
 
 def _start(bids, out):

@@ -155,6 +155,14 @@ def _configure_nipype(work_dir, debug):
         "monitoring": {"enabled": False},
     })
     nlogging.update_logging(config)
+    if not debug:
+        # Nipype reports a failing node (with its traceback) on the console; without --debug
+        # the user gets our one-paragraph message instead, and the run log keeps Nipype's.
+        nipype_logger = logging.getLogger("nipype")
+        nipype_logger.propagate = False
+        for handler in nipype_logger.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.CRITICAL + 1)
 
 
 def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False,
