@@ -98,8 +98,6 @@ run_demo() {
   find "$SCRATCH"/demo/bids -type f -exec sha256sum {} + | sort | cmp - "$SCRATCH"/inputs.sha256
 }
 
-timed "base image (debootstrap)" make_base_image
-timed "image build" build_image
 show_help_and_version() {
   local help
   help=$(podman_ run "${RUN_OPTIONS[@]}" "$IMAGE" --help)
