@@ -208,8 +208,8 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
     den = stage("denoise", dwi, bval, bvec, mask["mask"], method=denoise, n_jobs=n_jobs)
     degibbs = stage("remove_gibbs", den["dwi"], mask["mask"], n_jobs=n_jobs)
     moco = stage("correct_motion", degibbs["dwi"], bval, bvec, mask["mask"], n_jobs=n_jobs)
-    flagged = stage("detect_outliers", moco["dwi"], bval, moco["bvec"], mask["mask"],
-                    moco["qc"])
+    # As in the workflow: dropout is judged on the series before motion resampling.
+    flagged = stage("detect_outliers", degibbs["dwi"], bval, bvec, mask["mask"], moco["qc"])
     checked = stage("check_gradients", moco["dwi"], bval, moco["bvec"], mask["mask"],
                     flagged["qc"])
     dti = stage("fit_tensor", moco["dwi"], bval, checked["bvec"], mask["mask"], flagged["qc"])
@@ -219,7 +219,7 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
     trk = stage("track_cst", dti["fa"], dti["v1"], mask["mask"], reg["rois"], reg["qc"],
                 n_jobs=n_jobs)
     prof = stage("tract_profiles", trk["left"], trk["right"], dti["fa"], dti["md"], dti["rd"],
-                 dti["ad"], reg["levels"], reg["rois"])
+                 dti["ad"], reg["levels"], reg["rois"], subject=label)
     stage("assess", prof["json"], reg["qc"], trk["qc"], pre_qc, subject=label, entities={},
           input_files=[dwi, bval, bvec], parameters={})
     return rows
