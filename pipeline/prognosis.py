@@ -1,10 +1,15 @@
-"""A first, cited, rule-based prognosis summary from the CST asymmetry.
+"""A cited, rule-based prognosis summary from the CST asymmetry and, when known, PREP2.
 
 Research use only, not a medical device. The imaging tier follows the PREP
 algorithm's MRI step (Stinear et al. 2012): it applies to patients whose
 paretic upper limb has no motor-evoked potential (MEP−) on TMS, which imaging
 alone cannot tell, so the summary says what the asymmetry would mean in that
 case and what else is needed.
+
+When the participant's SAFE score, age, MEP status and NIHSS are known
+(:mod:`pipeline.clinical`), the PREP2 decision tree (Stinear et al. 2017) gives
+its prediction of upper-limb function 3 months after the stroke; PREP2 uses no
+imaging, so it stands beside the imaging tier, not instead of it.
 """
 
 DISCLAIMER = ("Research use only — not a medical device. Not for diagnosis or treatment "
@@ -17,18 +22,104 @@ REFERENCES = {
     "stinear2012": ("Stinear CM, Barber PA, Petoe M, Anwar S, Byblow WD. The PREP algorithm "
                     "predicts potential for upper limb recovery after stroke. Brain "
                     "2012;135:2527–2535. doi:10.1093/brain/aws146"),
+    "stinear2017": ("Stinear CM, Byblow WD, Ackerley SJ, Smith MC, Borges VM, Barber PA. "
+                    "PREP2: A biomarker-based algorithm for predicting upper limb function "
+                    "after stroke. Ann Clin Transl Neurol 2017;4:811–820. "
+                    "doi:10.1002/acn3.488"),
     "werring2000": ("Werring DJ, Toosy AT, Clark CA, et al. Diffusion tensor imaging can detect "
                     "and quantify corticospinal tract degeneration after stroke. J Neurol "
                     "Neurosurg Psychiatry 2000;69:269–272. doi:10.1136/jnnp.69.2.269"),
 }
 
 DEFAULT_PREP_PLIC_AI = 0.25
+#: PREP2 cut-offs (Stinear et al. 2017): SAFE score (0-10) on day 3 from which Excellent or
+#: Good is predicted without TMS; SAFE score from which the prediction is Excellent at any
+#: age; age (years) from which a SAFE score below that gives Good instead of Excellent;
+#: NIHSS on day 3 from which an MEP− patient is predicted Poor rather than Limited.
+DEFAULT_PREP2_THRESHOLDS = {"prep2_safe": 5.0, "prep2_safe_any_age": 8.0, "prep2_age": 80.0,
+                            "prep2_nihss": 7.0}
 
 LMN_NOTE = ("Lower-motor-neuron involvement is not assessable by brain diffusion MRI.")
 
 
+def prep2_prediction(clinical, thresholds=None):
+    """The PREP2 decision tree (Stinear et al. 2017) on a participant's bedside scores.
+
+    Step 1: SAFE ≥ ``prep2_safe`` → Excellent, unless the patient is at least
+    ``prep2_age`` years old with SAFE < ``prep2_safe_any_age`` → Good.
+    Step 2 (SAFE below): MEP+ → Good. Step 3 (MEP−): NIHSS < ``prep2_nihss``
+    → Limited, else Poor.
+
+    Parameters
+    ----------
+    clinical : dict or None
+        ``safe_score``, ``age``, ``mep_status`` ("positive"/"negative"),
+        ``nihss``; a missing key or None means not known
+        (:func:`pipeline.clinical.read_clinical_scores`).
+    thresholds : dict, optional
+        Overrides of :data:`DEFAULT_PREP2_THRESHOLDS`.
+
+    Returns
+    -------
+    dict
+        ``prediction``: "Excellent", "Good", "Limited", "Poor", or None when a
+        score the tree needs is missing (listed in ``missing``); ``steps``: the
+        decisions taken, each with its score and cut-off; ``thresholds``;
+        ``source``.
+    """
+    limits = {**DEFAULT_PREP2_THRESHOLDS, **(thresholds or {})}
+    known = {k: v for k, v in (clinical or {}).items() if v is not None}
+    safe, age = known.get("safe_score"), known.get("age")
+    mep, nihss = known.get("mep_status"), known.get("nihss")
+    steps, missing, prediction = [], [], None
+    if safe is None:
+        missing.append("safe_score")
+    elif safe >= limits["prep2_safe"]:
+        steps.append(f"Step 1: SAFE score {safe:g} ≥ {limits['prep2_safe']:g}: no TMS needed.")
+        if safe >= limits["prep2_safe_any_age"]:
+            prediction = "Excellent"
+            steps.append(f"SAFE score {safe:g} ≥ {limits['prep2_safe_any_age']:g}: Excellent "
+                         f"at any age.")
+        elif age is None:
+            missing.append("age")
+        elif age < limits["prep2_age"]:
+            prediction = "Excellent"
+            steps.append(f"Age {age:g} < {limits['prep2_age']:g} years: Excellent.")
+        else:
+            prediction = "Good"
+            steps.append(f"Age {age:g} ≥ {limits['prep2_age']:g} years with SAFE score "
+                         f"< {limits['prep2_safe_any_age']:g}: Good.")
+    else:
+        steps.append(f"Step 1: SAFE score {safe:g} < {limits['prep2_safe']:g}: TMS needed.")
+        if mep is None:
+            missing.append("mep_status")
+        elif mep == "positive":
+            prediction = "Good"
+            steps.append("Step 2: upper-limb MEP present (MEP+): Good.")
+        else:
+            steps.append("Step 2: no upper-limb MEP (MEP−): NIHSS decides.")
+            if nihss is None:
+                missing.append("nihss")
+            elif nihss < limits["prep2_nihss"]:
+                prediction = "Limited"
+                steps.append(f"Step 3: NIHSS {nihss:g} < {limits['prep2_nihss']:g}: Limited.")
+            else:
+                prediction = "Poor"
+                steps.append(f"Step 3: NIHSS {nihss:g} ≥ {limits['prep2_nihss']:g}: Poor.")
+    return {"prediction": prediction, "steps": steps, "missing": missing,
+            "thresholds": limits, "source": REFERENCES["stinear2017"]}
+
+
+def _prep2_sentence(prep2):
+    if prep2["prediction"] is not None:
+        return (f"PREP2 (Stinear et al. 2017) on this participant's bedside scores predicts "
+                f"'{prep2['prediction']}' upper-limb function at 3 months.")
+    return ("PREP2 (Stinear et al. 2017) could not be applied: participants.tsv lacks "
+            + ", ".join(prep2["missing"]) + ".")
+
+
 def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLIC_AI,
-                      qc_reasons=()):
+                      qc_reasons=(), clinical=None, prep2_thresholds=None):
     """Summarise what the CST asymmetry means for motor recovery.
 
     Parameters
@@ -42,18 +133,45 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
         PREP cut-off on the PLIC FA asymmetry (0.25 in Stinear et al. 2012).
     qc_reasons : sequence of str
         Why the CST could not be assessed, if it could not.
+    clinical : dict, optional
+        The participant's PREP2 scores (see :func:`prep2_prediction`); without
+        any, the summary carries no PREP2 statement.
+    prep2_thresholds : dict, optional
+        Overrides of :data:`DEFAULT_PREP2_THRESHOLDS`.
 
     Returns
     -------
     dict with ``category, summary, rationale (list), references (list),
-    thresholds, disclaimer``.
+    thresholds, disclaimer`` and ``prep2`` (:func:`prep2_prediction`, or None
+    when no bedside score is known).
     """
+    has_scores = any(v is not None for v in (clinical or {}).values())
+    prep2 = prep2_prediction(clinical, prep2_thresholds) if has_scores else None
+    summary = _imaging_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons)
+    summary["prep2"] = prep2
+    mep = (clinical or {}).get("mep_status")
+    if summary["category"].startswith("umn_damage_plic_asymmetry_") and mep is not None:
+        summary["rationale"].append(
+            "This participant is MEP− (participants.tsv): the PREP MRI step applies."
+            if mep == "negative" else
+            "This participant is MEP+ (participants.tsv): the PREP MRI step does not apply; "
+            "PREP predicts at least 'Notable' recovery for MEP+ patients.")
+    if prep2 is not None:
+        summary["summary"] += " " + _prep2_sentence(prep2)
+        summary["rationale"] += ["PREP2: " + step for step in prep2["steps"]]
+        summary["references"].append(prep2["source"])
+        summary["thresholds"].update(prep2["thresholds"])
+    return summary
+
+
+def _imaging_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons):
+    """The imaging tier: UMN damage and what the PLIC asymmetry means under PREP (2012)."""
     refs = [REFERENCES["stinear2007"], REFERENCES["stinear2012"]]
     thresholds = {"prep_plic_ai": prep_plic_ai}
     if not localization.get("assessable", True):
         return {"category": "not_assessable",
                 "summary": "The CST could not be assessed; no statement on UMN damage or "
-                           "recovery is made.",
+                           "recovery from imaging is made.",
                 "rationale": list(qc_reasons) or ["Quality control failed."],
                 "references": [], "thresholds": thresholds, "disclaimer": DISCLAIMER}
     magnitude = abs(fa_ai_plic) if fa_ai_plic == fa_ai_plic else None  # NaN-safe

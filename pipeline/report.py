@@ -1378,6 +1378,11 @@ def _prognosis_html(metrics) -> str:
     parts = ['<section id="prognosis"><h2>Prognosis</h2>',
              f'<p><b>Category:</b> {_esc(_humanise(prog.get("category") or "n/a"))}</p>',
              f'<p>{_esc(prog.get("summary") or "")}</p>']
+    prep2 = prog.get("prep2")
+    if isinstance(prep2, dict):
+        parts.append(_prep2_html(prep2, _get(metrics, "clinical") or {}))
+        # its steps are listed in the PREP2 block just drawn
+        rationale = [r for r in rationale if not str(r).startswith("PREP2: ")]
     if rationale:
         parts.append("<h3>Rationale</h3>" + _list_html(rationale))
     thr = prog.get("thresholds")
@@ -1389,6 +1394,23 @@ def _prognosis_html(metrics) -> str:
     parts.append(f'<p class="muted"><i>{_esc(prog.get("disclaimer") or DISCLAIMER)}</i></p>')
     parts.append("</section>")
     return "".join(parts)
+
+
+def _prep2_html(prep2, clinical) -> str:
+    """PREP2 tier with the participant's scores and the decisions that led to it."""
+    scores = [("SAFE score (day 3)", clinical.get("safe_score")), ("Age (years)",
+              clinical.get("age")), ("MEP status", clinical.get("mep_status")),
+              ("NIHSS (day 3)", clinical.get("nihss"))]
+    cells = "".join(f"<tr><th>{_esc(label)}</th><td>{_esc(_fmt_value(value))}</td></tr>"
+                    for label, value in scores)
+    tier = prep2.get("prediction")
+    head = (f'<p><b>PREP2 prediction:</b> <span class="big">{_esc(tier)}</span> upper-limb '
+            "function at 3 months (from bedside scores, not from imaging).</p>" if tier else
+            "<p><b>PREP2 prediction:</b> not possible: participants.tsv lacks "
+            + _esc(", ".join(prep2.get("missing") or [])) + ".</p>")
+    return ("<h3>PREP2 (Stinear et al. 2017)</h3>" + head
+            + '<table class="qc"><tbody>' + cells + "</tbody></table>"
+            + _list_html(prep2.get("steps") or []))
 
 
 def _summary_table(metrics, counts) -> str:

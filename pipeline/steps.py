@@ -510,8 +510,13 @@ def preprocessing_notices(pre_qc):
 
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
            out_dir, subject, entities, input_files, parameters, thresholds=None,
-           qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI):
-    """Localisation, prognosis, QC and provenance → the metrics JSON (public contract)."""
+           qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI, clinical=None,
+           prep2_thresholds=None):
+    """Localisation, prognosis, QC and provenance → the metrics JSON (public contract).
+
+    ``clinical``: the participant's bedside scores for PREP2
+    (:func:`pipeline.clinical.read_clinical_scores`), recorded under ``clinical``.
+    """
     profiles = json.loads(Path(profiles_json).read_text())
     reg_qc = json.loads(Path(registration_qc_file).read_text())
     trk_qc = json.loads(Path(tracking_qc_file).read_text())
@@ -526,7 +531,8 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
         thresholds=thresholds, assessable=assessable)
     fa_ai_plic = profiles["fa_ai_plic"]
     prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
-                                       prep_plic_ai=prep_plic_ai, qc_reasons=reasons)
+                                       prep_plic_ai=prep_plic_ai, qc_reasons=reasons,
+                                       clinical=clinical, prep2_thresholds=prep2_thresholds)
     coverage = reg_qc["roi_coverage"]
     metrics = {
         "subject": subject,
@@ -541,6 +547,7 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
         },
         "localization": loc,
         "prognosis": prog,
+        "clinical": clinical,
         "qc": {
             "assessable": assessable,
             "warnings": reasons,

@@ -46,13 +46,21 @@ def load_metrics(out_dir, stem):
 
 PHANTOM_LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
 PHANTOM_STEM = "sub-subject01"
+#: Bedside scores given to the lesion phantom's participant (a severe stroke: PREP2 'Poor').
+PHANTOM_CLINICAL = {"age": 67.0, "safe_score": 3.0, "mep_status": "negative", "nihss": 9.0}
 
 
 @pytest.fixture(scope="session")
 def lesion_phantom(tmp_path_factory):
-    """The demo phantom (left internal-capsule lesion) as a BIDS dataset, and its ground truth."""
+    """The demo phantom (left internal-capsule lesion) as a BIDS dataset, and its ground truth.
+
+    Its participants.tsv carries the PREP2 columns (:data:`PHANTOM_CLINICAL`).
+    """
     bids = tmp_path_factory.mktemp("lesion") / "bids"
     truth = make_phantom_dataset(bids, subject="subject01", lesion=PHANTOM_LESION, seed=0)
+    columns = ["participant_id", *PHANTOM_CLINICAL]
+    values = ["sub-subject01", *(str(v) for v in PHANTOM_CLINICAL.values())]
+    (bids / "participants.tsv").write_text("\t".join(columns) + "\n" + "\t".join(values) + "\n")
     return bids, truth
 
 

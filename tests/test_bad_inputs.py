@@ -200,6 +200,14 @@ def _image_is_a_folder(ds):
     return IMAGE
 
 
+def _participants_with(column, value):
+    def build(ds):
+        (ds.root / "participants.tsv").write_text(
+            f"participant_id\t{column}\nsub-{SUBJECT}\t{value}\n")
+        return "participants.tsv"
+    return build
+
+
 #: name -> (how to break the copy, what the message must say about why)
 CASES = {
     # ---- missing or unreadable files
@@ -250,6 +258,11 @@ CASES = {
     "bvec-three-directions": (_with_bvecs(_three_directions), "Only 3 distinct"),
     # ---- dataset and subject
     "subject-folder-without-dwi": (_no_dwi_folder, "No diffusion run"),
+    # ---- bedside scores for PREP2
+    "participants-safe-score-12": (_participants_with("safe_score", "12"),
+                                   "'safe_score' is '12'"),
+    "participants-mep-unknown-word": (_participants_with("mep_status", "weak"),
+                                      "must be positive or negative"),
 }
 
 #: subject-level cases: (subject argument, text naming it, why)

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.phantom import make_phantom_dataset
 
+from .conftest import PHANTOM_CLINICAL
 from .conftest import PHANTOM_STEM as STEM
 from .conftest import assert_same_tractograms, load_metrics, run_cst_report
 
@@ -29,6 +30,18 @@ def test_lesion_side_level_and_peak(lesion_run):
     # The lesioned (left) side has the lower FA, so the asymmetry is negative.
     assert metrics["asymmetry"]["fa_ai_tract"] < 0
     assert "UMN damage shows along the left CST" in result.stdout
+
+
+def test_prep2_from_participants_tsv_in_metrics_and_report(lesion_run):
+    """SAFE 3, MEP-, NIHSS 9 in participants.tsv: PREP2 'Poor', beside the imaging tier."""
+    out, _, _ = lesion_run
+    metrics = load_metrics(out, STEM)
+    assert metrics["clinical"] == PHANTOM_CLINICAL
+    prep2 = metrics["prognosis"]["prep2"]
+    assert prep2["prediction"] == "Poor" and prep2["missing"] == []
+    assert metrics["prognosis"]["category"].startswith("umn_damage_")
+    html = (out / f"{STEM}.html").read_text()
+    assert "PREP2 prediction:" in html and "Step 3: NIHSS 9 ≥ 7: Poor." in html
 
 
 def test_tracts_are_on_their_own_side_in_world_coordinates(lesion_run):

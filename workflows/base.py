@@ -291,7 +291,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, name="c
     return wf
 
 
-def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
+def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
     """Everything for one diffusion run, from the BIDS files to its derivatives and report.
 
     Parameters
@@ -302,6 +302,9 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
     parameters : dict
         The run configuration (see ``workflows.config.default_parameters``); it
         is recorded in every output's provenance.
+    clinical : dict, optional
+        The participant's bedside scores for PREP2
+        (:func:`pipeline.clinical.read_clinical_scores`).
     name : str
         Defaults to ``<stem>_wf``.
 
@@ -318,13 +321,14 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
 
     assess = _function_node(
         nodes.assess, ["profiles_json", "registration_qc", "tracking_qc", "preprocess_qc",
-                       "subject", "entities", "input_files", "parameters"], ["metrics"],
-        "assess")
+                       "subject", "entities", "input_files", "parameters", "clinical"],
+        ["metrics"], "assess")
     source_files = [str(path) for path in run.source_files]
     assess.inputs.subject = run.subject
     assess.inputs.entities = dict(run.entities)
     assess.inputs.input_files = source_files
     assess.inputs.parameters = parameters
+    assess.inputs.clinical = clinical
 
     report = _function_node(
         nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "v1_file", "left_trk",
@@ -373,7 +377,8 @@ def init_dwi_run_wf(run, *, out_dir, parameters, name=None):
     return wf
 
 
-def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, name="single_subject_wf"):
+def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, clinical=None,
+                           name="single_subject_wf"):
     """One subject: each run (or each set of combined runs) processed and reported.
 
     Parameters
@@ -381,7 +386,10 @@ def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, name="single_
     runs : list of pipeline.bids.DwiRun or pipeline.bids.CombinedRuns
     out_dir, work_dir : path
     parameters : dict
+    clinical : dict, optional
+        The participant's bedside scores (PREP2), from ``participants.tsv``.
     """
     wf = pe.Workflow(name=f"{name}_{runs[0].subject}", base_dir=str(work_dir))
-    wf.add_nodes([init_dwi_run_wf(run, out_dir=out_dir, parameters=parameters) for run in runs])
+    wf.add_nodes([init_dwi_run_wf(run, out_dir=out_dir, parameters=parameters,
+                                  clinical=clinical) for run in runs])
     return wf

@@ -23,8 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline.clinical import read_clinical_scores
 from pipeline.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_ASSESSABLE, EXIT_OK, BusyError,
                              CSTError, InputError)
+from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS
 
 from .config import format_config, read_config
 from .execution import PLUGINS, parse_plugin_args
@@ -109,6 +111,18 @@ def _add_common_options(parser):
                    help="mean |AI| over those nodes for a finding (default 0.20)")
     g.add_argument("--prep-plic-ai", type=float, default=0.25,
                    help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default 0.25)")
+    # PREP2 (Stinear 2017) reads the participant's safe_score, age, mep_status and nihss
+    # from participants.tsv; these are its cut-offs.
+    g.add_argument("--prep2-safe", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_safe"],
+                   help="PREP2: SAFE score from which no TMS is needed (default 5)")
+    g.add_argument("--prep2-safe-any-age", type=float,
+                   default=DEFAULT_PREP2_THRESHOLDS["prep2_safe_any_age"],
+                   help="PREP2: SAFE score predicting Excellent at any age (default 8)")
+    g.add_argument("--prep2-age", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_age"],
+                   help="PREP2: age (years) from which a lower SAFE score gives Good "
+                        "(default 80)")
+    g.add_argument("--prep2-nihss", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_nihss"],
+                   help="PREP2: NIHSS from which an MEP- patient is predicted Poor (default 7)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Nipype logs")
     parser.add_argument("--version", action="version", version=f"cst-integrity {__version__}")
 
@@ -134,7 +148,9 @@ def build_parameters(args):
                      "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
         "localization": {**DEFAULT_THRESHOLDS, "node_ai": args.node_ai,
                          "min_nodes": args.min_nodes, "segment_mean_ai": args.segment_mean_ai},
-        "prognosis": {"prep_plic_ai": args.prep_plic_ai},
+        "prognosis": {"prep_plic_ai": args.prep_plic_ai, "prep2_safe": args.prep2_safe,
+                      "prep2_safe_any_age": args.prep2_safe_any_age, "prep2_age": args.prep2_age,
+                      "prep2_nihss": args.prep2_nihss},
         "qc": dict(DEFAULT_QC_LIMITS),
     }
 
@@ -182,6 +198,7 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
     for run in runs:  # every input is checked before any work starts
         load_dwi(run.dwi, run.bval, run.bvec,
                  b0_threshold=parameters["preprocessing"]["b0_threshold"])
+    clinical = read_clinical_scores(bids_dir, runs[0].subject)
     if parameters["preprocessing"]["combine_runs"]:
         runs = combine_by_session(runs)
     label = runs[0].subject
@@ -194,7 +211,7 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
         _configure_nipype(work_dir, debug)
         LOG.info("sub-%s: %d diffusion run(s): %s", label, len(runs),
                  ", ".join(r.stem for r in runs))
-        _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args or {})
+        _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args or {}, clinical)
 
     exit_code = EXIT_OK
     for run in runs:
@@ -249,11 +266,12 @@ def run_log(log_dir, config_text):
         handler.close()
 
 
-def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args):
+def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clinical):
     from workflows.base import init_single_subject_wf
     from workflows.execution import run_workflow
 
-    wf = init_single_subject_wf(runs, out_dir=out_dir, work_dir=work_dir, parameters=parameters)
+    wf = init_single_subject_wf(runs, out_dir=out_dir, work_dir=work_dir, parameters=parameters,
+                                clinical=clinical)
     n_procs = max(1, parameters["n_jobs"])
     progress = _progress_callback(wf)
     try:

@@ -42,6 +42,10 @@ CONFIG_KEYS = {
     ("localization", "min_nodes"): "min_nodes",
     ("localization", "segment_mean_ai"): "segment_mean_ai",
     ("prognosis", "prep_plic_ai"): "prep_plic_ai",
+    ("prognosis", "prep2_safe"): "prep2_safe",
+    ("prognosis", "prep2_safe_any_age"): "prep2_safe_any_age",
+    ("prognosis", "prep2_age"): "prep2_age",
+    ("prognosis", "prep2_nihss"): "prep2_nihss",
 }
 
 

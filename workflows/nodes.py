@@ -129,16 +129,18 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
 
 
 def assess(profiles_json, registration_qc, tracking_qc, preprocess_qc, subject, entities,
-           input_files, parameters):
+           input_files, parameters, clinical):
     import os
 
     from pipeline.steps import assess as run_assessment
 
+    prognosis = dict(parameters["prognosis"])
     return run_assessment(profiles_json, registration_qc, tracking_qc, preprocess_qc,
                           out_dir=os.getcwd(), subject=subject, entities=entities,
                           input_files=input_files, parameters=parameters,
                           thresholds=parameters["localization"], qc_limits=parameters["qc"],
-                          prep_plic_ai=parameters["prognosis"]["prep_plic_ai"])
+                          prep_plic_ai=prognosis.pop("prep_plic_ai"), clinical=clinical,
+                          prep2_thresholds=prognosis)
 
 
 def report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, mask_file,
