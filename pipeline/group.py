@@ -1,28 +1,58 @@
-"""Group level: one tidy row per subject/run from the participants' metrics JSONs."""
+"""Group level: one tidy row per subject/run, normative profiles from the controls, and
+every other run compared with them (tables, per-run files, one HTML page)."""
 
 import csv
+import html
 import io
 import json
 from pathlib import Path
 
-from .outputs import write_text
+import numpy as np
+
+from . import normative
+from .outputs import file_sha256, provenance, write_json, write_sidecar, write_text
+from .report import _CSS, _new_figure, figure_to_data_uri
 
 GROUP_COLUMNS = ("participant_id", "run", "assessable", "umn_damage", "affected_side", "level",
                  "peak_x", "peak_y", "peak_z", "fa_ai_tract", "fa_ai_plic",
                  "n_streamlines_left", "n_streamlines_right", "fa_mean_left", "fa_mean_right",
-                 "md_mean_left", "md_mean_right", "prognosis_category")
+                 "md_mean_left", "md_mean_right", "prognosis_category",
+                 # against the controls' norms (n/a for controls and without norms)
+                 "control", "normative_umn_damage", "normative_affected_side",
+                 "normative_level", "normative_peak_node", "normative_peak_t")
+NORMS_NAME = "group_desc-norms_tractometry.tsv"
+METRICS_SUFFIX = "_desc-cst_metrics.json"
 
 
-def group_rows(out_dir):
-    """Rows of the group table, from every ``*_desc-cst_metrics.json`` under ``out_dir``."""
+def _runs(out_dir):
+    """(metrics path, metrics dict) of every run under ``out_dir``, sorted by path."""
+    return [(path, json.loads(path.read_text()))
+            for path in sorted(Path(out_dir).glob(f"sub-*/**/*{METRICS_SUFFIX}"))]
+
+
+def _profiles_path(metrics_path):
+    stem = metrics_path.name[: -len(METRICS_SUFFIX)]
+    return metrics_path.with_name(f"{stem}_desc-profiles_tractometry.tsv")
+
+
+def group_rows(out_dir, controls=frozenset(), comparisons=None):
+    """Rows of the group table, from every ``*_desc-cst_metrics.json`` under ``out_dir``.
+
+    ``controls``: labels of the control participants; ``comparisons``: run stem ->
+    :func:`pipeline.normative.compare_with_norms` result, for the normative columns.
+    """
+    comparisons = comparisons or {}
     rows = []
-    for path in sorted(Path(out_dir).glob("sub-*/**/*_desc-cst_metrics.json")):
-        m = json.loads(path.read_text())
+    for path, m in _runs(out_dir):
         loc, cst = m["localization"], m["cst"]
         peak = loc.get("peak_ras_mm") or [None, None, None]
+        stem = path.name[: -len(METRICS_SUFFIX)]
+        normed = (comparisons.get(stem) or {}).get("localization") or {}
+        primary = next((s for s in normed.get("segments", [])
+                        if s["peak_node"] == normed.get("peak_node")), {})
         rows.append({
             "participant_id": f"sub-{m['subject']}",
-            "run": path.name[: -len("_desc-cst_metrics.json")],
+            "run": stem,
             "assessable": m["qc"]["assessable"], "umn_damage": loc["umn_damage"],
             "affected_side": loc["affected_side"], "level": loc["level"],
             "peak_x": peak[0], "peak_y": peak[1], "peak_z": peak[2],
@@ -32,15 +62,166 @@ def group_rows(out_dir):
             "fa_mean_left": cst["left"]["fa_mean"], "fa_mean_right": cst["right"]["fa_mean"],
             "md_mean_left": cst["left"]["md_mean"], "md_mean_right": cst["right"]["md_mean"],
             "prognosis_category": m["prognosis"]["category"],
+            "control": m["subject"] in controls,
+            "normative_umn_damage": normed.get("umn_damage"),
+            "normative_affected_side": normed.get("affected_side"),
+            "normative_level": normed.get("level"),
+            "normative_peak_node": normed.get("peak_node"),
+            "normative_peak_t": primary.get("peak_t"),
         })
     return rows
 
 
-def write_group_table(out_dir):
-    """Write ``OUT/group_desc-cst_metrics.tsv`` (n/a for missing values) and return its path."""
+def _tsv(columns, rows):
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=GROUP_COLUMNS, delimiter="\t", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t", lineterminator="\n")
     writer.writeheader()
-    for row in group_rows(out_dir):
-        writer.writerow({k: "n/a" if v is None else v for k, v in row.items()})
-    return write_text(Path(out_dir) / "group_desc-cst_metrics.tsv", buffer.getvalue())
+    for row in rows:
+        writer.writerow({k: "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v))
+                         else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def write_group_table(out_dir, controls=frozenset(), comparisons=None):
+    """Write ``OUT/group_desc-cst_metrics.tsv`` (n/a for missing values) and return its path."""
+    rows = group_rows(out_dir, controls, comparisons)
+    return write_text(Path(out_dir) / "group_desc-cst_metrics.tsv", _tsv(GROUP_COLUMNS, rows))
+
+
+def _norm_rows(norms, levels):
+    rows = []
+    for (tract, metric), norm in norms.items():
+        for node in range(len(norm["mean"])):
+            rows.append({"tract": tract, "metric": metric, "node": node,
+                         "level": levels[node], "mean": round(float(norm["mean"][node]), 6),
+                         "sd": round(float(norm["sd"][node]), 6), "n": int(norm["n"][node])})
+    return rows
+
+
+def _comparison_rows(profiles, comparison):
+    t = comparison["t"]
+    rows = []
+    for node in range(len(profiles["fa_ai"])):
+        row = {"node": node, "level": profiles["left"]["level"][node],
+               "fa_ai": round(float(profiles["fa_ai"][node]), 6),
+               "t_fa_ai": round(float(t[("asymmetry", "fa_ai")][node]), 4)}
+        for side, tract in normative.TRACTS.items():
+            row[f"fa_{side}"] = round(float(profiles[side]["fa"][node]), 6)
+            row[f"t_fa_{side}"] = round(float(t[(tract, "fa")][node]), 4)
+        rows.append(row)
+    return rows
+
+
+COMPARISON_COLUMNS = ("node", "level", "fa_left", "fa_right", "fa_ai", "t_fa_left", "t_fa_right",
+                      "t_fa_ai")
+
+
+def run_group_level(out_dir, bids_dir, thresholds=None):
+    """The group level of the BIDS-App: norms, comparisons, group table and group page.
+
+    Controls (``participants.tsv`` ``group`` column, see :mod:`pipeline.normative`)
+    whose runs were assessable build the norms when there are at least
+    :data:`pipeline.normative.MIN_CONTROLS`; every other assessable run is then
+    compared with them. Without enough controls only the group table and page
+    are written.
+
+    Returns
+    -------
+    dict
+        ``table``, ``html``, ``norms`` (None without norms), ``n_controls``,
+        ``compared`` (list of per-run comparison TSVs).
+    """
+    out_dir = Path(out_dir)
+    controls = normative.control_labels(bids_dir)
+    runs = [(path, m) for path, m in _runs(out_dir) if m["qc"]["assessable"]]
+    control_runs = [(path, m) for path, m in runs if m["subject"] in controls]
+    others = [(path, m) for path, m in runs if m["subject"] not in controls]
+    comparisons, profiles_of, compared, norms_path, norms = {}, {}, [], None, None
+    if len(control_runs) >= normative.MIN_CONTROLS:
+        control_profiles = [normative.read_profiles(_profiles_path(p)) for p, _ in control_runs]
+        norms = normative.normative_profiles(control_profiles)
+        sources = [_profiles_path(p) for p, _ in control_runs]
+        norms_path = write_text(out_dir / NORMS_NAME, _tsv(
+            ("tract", "metric", "node", "level", "mean", "sd", "n"),
+            _norm_rows(norms, control_profiles[0]["left"]["level"])))
+        write_sidecar(norms_path, description="Normative CST profiles (per-node mean, SD, n) "
+                      "of the control participants' runs", sources=sources,
+                      extra={"Controls": [p.name[: -len(METRICS_SUFFIX)] for p, _ in control_runs],
+                             "SourceChecksums": {str(s): file_sha256(s) for s in sources}})
+        for path, _ in others:
+            stem = path.name[: -len(METRICS_SUFFIX)]
+            profiles = normative.read_profiles(_profiles_path(path))
+            comparison = normative.compare_with_norms(profiles, norms, thresholds)
+            comparisons[stem], profiles_of[stem] = comparison, profiles
+            tsv = write_text(path.with_name(f"{stem}_desc-normative_tractometry.tsv"),
+                             _tsv(COMPARISON_COLUMNS, _comparison_rows(profiles, comparison)))
+            write_json(path.with_name(f"{stem}_desc-normative_localization.json"), {
+                "localization": comparison["localization"],
+                "provenance": provenance(inputs=[_profiles_path(path), norms_path],
+                                         parameters=comparison["localization"]["thresholds"]),
+            })
+            write_sidecar(tsv, description="CST profiles of this run against the controls' "
+                          "norms: Crawford-Howell single-case t per node", sources=[
+                              _profiles_path(path), norms_path])
+            compared.append(str(tsv))
+    table = write_group_table(out_dir, controls, comparisons)
+    page = write_text(out_dir / "group.html", group_html(
+        group_rows(out_dir, controls, comparisons), norms, profiles_of, comparisons,
+        n_controls=len(control_runs)))
+    return {"table": table, "html": page, "norms": norms_path, "n_controls": len(control_runs),
+            "compared": compared}
+
+
+def plot_against_norms(norms, profiles, comparison):
+    """FA asymmetry of one run over the controls' mean ± 2 SD band, findings shaded."""
+    fig = _new_figure(7.5, 2.6)
+    ax = fig.add_subplot(1, 1, 1)
+    norm = norms[("asymmetry", "fa_ai")]
+    nodes = np.arange(len(norm["mean"]))
+    ax.fill_between(nodes, norm["mean"] - 2 * norm["sd"], norm["mean"] + 2 * norm["sd"],
+                    color="0.8", label="controls: mean ± 2 SD")
+    ax.plot(nodes, norm["mean"], color="0.4", lw=1)
+    ax.plot(nodes, profiles["fa_ai"], color="C3", lw=1.5, label="this run")
+    for segment in comparison["localization"]["segments"]:
+        ax.axvspan(segment["start_node"], segment["end_node"], color="C3", alpha=0.15)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlim(0, len(nodes) - 1)
+    ax.set_xlabel("node (0: brainstem end)")
+    ax.set_ylabel("FA AI (L−R)/(L+R)")
+    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    return fig
+
+
+def group_html(rows, norms, profiles_of, comparisons, *, n_controls):
+    """The group page: the table, and each compared run's asymmetry against the norms."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in GROUP_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{esc('n/a' if r[c] is None else str(r[c]))}</td>"
+                                    for c in GROUP_COLUMNS) + "</tr>" for r in rows)
+    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>CST integrity: group</title><style>{_CSS}</style></head><body><main>",
+             "<h1>CST integrity: group</h1>",
+             "<p><b>Research use only — not a medical device.</b></p>",
+             f"<p>{len(rows)} run(s); {n_controls} assessable control run(s). "]
+    if norms is None:
+        parts.append(f"Normative comparison needs at least {normative.MIN_CONTROLS} "
+                     "assessable control runs (participants.tsv, column <code>group</code> = "
+                     "<code>control</code>); none was made.</p>")
+    else:
+        thresholds = normative.DEFAULT_NORMATIVE_THRESHOLDS
+        parts.append("Every other run is compared with the controls node by node "
+                     f"(Crawford–Howell single-case t); a finding needs |t| ≥ "
+                     f"{thresholds['node_t']:g} over ≥ {thresholds['min_nodes']} nodes "
+                     f"(mean |t| ≥ {thresholds['segment_mean_t']:g}). "
+                     f"{esc(normative.REFERENCE)}</p>")
+    parts.append('<div style="overflow-x:auto"><table class="qc"><thead><tr>' + head
+                 + "</tr></thead><tbody>" + body + "</tbody></table></div>")
+    for stem, comparison in comparisons.items():
+        loc = comparison["localization"]
+        verdict = (f"finding on the {loc['affected_side']} CST at the {loc['level']}, peak node "
+                   f"{loc['peak_node']}" if loc["umn_damage"] else "no finding against the norms")
+        uri = figure_to_data_uri(plot_against_norms(norms, profiles_of[stem], comparison))
+        parts.append(f"<h2>{esc(stem)}</h2><p>{esc(verdict)}</p>"
+                     f'<img alt="FA asymmetry of {esc(stem)} against the controls" src="{uri}">')
+    parts.append("</main></body></html>")
+    return "".join(parts)

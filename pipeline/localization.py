@@ -4,9 +4,10 @@ A finding needs a left-right FA asymmetry beyond what healthy subjects show
 (|AI| of a few hundredths, more in crossing regions) that persists over
 several consecutive profile nodes. On the healthy scans of ../shared/data the
 strongest such run (corona radiata, where the CST crosses other bundles) had a
-mean |AI| of 0.15 over 8 nodes; a focal FA drop of 50 % gives about 0.3. Until
-normative profiles are available, a segment must therefore reach a mean |AI| of
-0.20.
+mean |AI| of 0.15 over 8 nodes; a focal FA drop of 50 % gives about 0.3. For a
+single subject a segment must therefore reach a mean |AI| of 0.20. With control
+participants, the group level compares every other run with their per-node
+norms instead (:mod:`pipeline.normative`), which finds smaller focal drops.
 """
 
 import numpy as np
@@ -53,10 +54,65 @@ def asymmetric_segments(ai_profile, *, node_ai, min_nodes, end_nodes=0):
     return segments
 
 
-def _confidence(mean_abs_ai, n_nodes, thresholds):
-    strong = mean_abs_ai >= 1.5 * thresholds["segment_mean_ai"]
-    long_ = n_nodes >= 2 * thresholds["min_nodes"]
+def _confidence(mean_abs, n_nodes, segment_mean, min_nodes):
+    strong = mean_abs >= 1.5 * segment_mean
+    long_ = n_nodes >= 2 * min_nodes
     return "high" if strong and long_ else "moderate" if strong or long_ else "low"
+
+
+def deviation_segments(profile, node_levels, node_xyz, *, node_threshold, min_nodes,
+                       segment_mean, end_nodes=0, statistic="ai"):
+    """Segments of a signed left-versus-right deviation profile that make a finding.
+
+    Parameters
+    ----------
+    profile : (n_nodes,) signed deviation, positive where left FA is the higher:
+        the asymmetry index itself, or its single-case t against controls
+        (:mod:`pipeline.normative`).
+    node_levels, node_xyz : per side, as in :func:`localize_damage`.
+    node_threshold, min_nodes, end_nodes : see :func:`asymmetric_segments`.
+    segment_mean : float
+        Mean |profile| a segment must reach.
+    statistic : str
+        Name of the profile's statistic in the segment keys (``peak_<statistic>``,
+        ``mean_<statistic>``, ``summed_abs_<statistic>``).
+
+    Returns
+    -------
+    list of dict, one per segment: the side with the lower FA, nodes, levels,
+    peak position (RAS mm), peak/mean/summed values and a confidence.
+    """
+    values = np.asarray(profile, dtype=float)
+    segments = []
+    for start, end, sign in asymmetric_segments(values, node_ai=node_threshold,
+                                                min_nodes=min_nodes, end_nodes=end_nodes):
+        nodes = np.arange(start, end + 1)
+        mean_abs = float(np.nanmean(np.abs(values[nodes])))
+        if mean_abs < segment_mean:
+            continue
+        side = "right" if sign > 0 else "left"  # the side with the lower FA
+        peak = int(nodes[np.nanargmax(np.abs(values[nodes]))])
+        levels = node_levels[side]
+        segments.append({
+            "side": side, "start_node": int(start), "end_node": int(end), "peak_node": peak,
+            "start_level": levels[start], "end_level": levels[end], "peak_level": levels[peak],
+            "peak_ras_mm": [round(float(v), 1) for v in node_xyz[side][peak]],
+            f"peak_{statistic}": round(float(values[peak]), 4),
+            f"mean_{statistic}": round(float(np.nanmean(values[nodes])), 4),
+            f"summed_abs_{statistic}": round(float(np.nansum(np.abs(values[nodes]))), 4),
+            "confidence": _confidence(mean_abs, len(nodes), segment_mean, min_nodes),
+        })
+    return segments
+
+
+def primary_finding(segments, statistic="ai"):
+    """The finding of the segment with the largest summed |statistic| (``None`` without any)."""
+    if not segments:
+        return None
+    primary = max(segments, key=lambda s: s[f"summed_abs_{statistic}"])
+    return {"umn_damage": True, "affected_side": primary["side"], "level": primary["peak_level"],
+            "peak_ras_mm": primary["peak_ras_mm"], "peak_node": primary["peak_node"],
+            "confidence": primary["confidence"]}
 
 
 def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, assessable=True):
@@ -84,31 +140,11 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
     if not assessable:
         result["affected_side"] = None
         return result
-    ai = np.asarray(ai_profile, dtype=float)
-    segments = []
-    for start, end, sign in asymmetric_segments(ai, node_ai=thresholds["node_ai"],
-                                                min_nodes=thresholds["min_nodes"],
-                                                end_nodes=thresholds["end_nodes"]):
-        nodes = np.arange(start, end + 1)
-        mean_abs = float(np.nanmean(np.abs(ai[nodes])))
-        if mean_abs < thresholds["segment_mean_ai"]:
-            continue
-        side = "right" if sign > 0 else "left"  # the side with the lower FA
-        peak = int(nodes[np.nanargmax(np.abs(ai[nodes]))])
-        levels = node_levels[side]
-        segments.append({
-            "side": side, "start_node": int(start), "end_node": int(end), "peak_node": peak,
-            "start_level": levels[start], "end_level": levels[end], "peak_level": levels[peak],
-            "peak_ras_mm": [round(float(v), 1) for v in node_xyz[side][peak]],
-            "peak_ai": round(float(ai[peak]), 4),
-            "mean_ai": round(float(np.nanmean(ai[nodes])), 4),
-            "summed_abs_ai": round(float(np.nansum(np.abs(ai[nodes]))), 4),
-            "confidence": _confidence(mean_abs, len(nodes), thresholds),
-        })
+    segments = deviation_segments(ai_profile, node_levels, node_xyz,
+                                  node_threshold=thresholds["node_ai"],
+                                  min_nodes=thresholds["min_nodes"],
+                                  segment_mean=thresholds["segment_mean_ai"],
+                                  end_nodes=thresholds["end_nodes"])
     result["segments"] = segments
-    if segments:
-        primary = max(segments, key=lambda s: s["summed_abs_ai"])
-        result.update(umn_damage=True, affected_side=primary["side"], level=primary["peak_level"],
-                      peak_ras_mm=primary["peak_ras_mm"], peak_node=primary["peak_node"],
-                      confidence=primary["confidence"])
+    result.update(primary_finding(segments) or {})
     return result

@@ -450,10 +450,17 @@ def run_bids_app(parser, argv):
         raise InputError("The BIDS directory does not exist.", path=args.bids_dir,
                          fix="Pass the dataset root as the first argument.")
     if args.analysis_level == "group":
-        from pipeline.group import write_group_table
+        from pipeline.group import run_group_level
 
-        path = write_group_table(args.output_dir)
-        print(f"group table: {path}")
+        written = run_group_level(args.output_dir, args.bids_dir)
+        print(f"group table: {written['table']}")
+        if written["norms"] is None:
+            print(f"norms:       none ({written['n_controls']} assessable control run(s); "
+                  "participants.tsv column 'group' = 'control' marks controls)")
+        else:
+            print(f"norms:       {written['norms']} ({written['n_controls']} control runs; "
+                  f"{len(written['compared'])} other run(s) compared)")
+        print(f"group page:  {written['html']}")
         return EXIT_OK
     labels = ([normalize_subject_label(s) for s in args.participant_label]
               if args.participant_label else
