@@ -14,6 +14,10 @@ cell: not known):
     ``positive``/``negative`` (also ``MEP+``/``MEP-``, ``+``/``-``).
 ``nihss``
     NIH Stroke Scale score on day 3, 0-42.
+``diagnosis``
+    free text, e.g. ``stroke`` or ``ALS``. PREP and PREP2 were made for stroke: a
+    motor neuron disease (ALS, PLS, MND) gets published CST FA cut-offs as context
+    instead (:func:`pipeline.prognosis.motor_neuron_disease_context`).
 
 A value that cannot be one of these is an input error (naming the file, the
 participant and the column), not a silent "unknown": a typo in a SAFE score
@@ -29,7 +33,7 @@ from .errors import InputError
 NUMERIC_COLUMNS = {"age": (0.0, 120.0), "safe_score": (0.0, 10.0), "nihss": (0.0, 42.0)}
 MEP_VALUES = {"positive": "positive", "mep+": "positive", "+": "positive",
               "negative": "negative", "mep-": "negative", "-": "negative"}
-CLINICAL_COLUMNS = (*NUMERIC_COLUMNS, "mep_status")
+CLINICAL_COLUMNS = (*NUMERIC_COLUMNS, "mep_status", "diagnosis")
 MISSING = {"", "n/a"}
 
 
@@ -46,7 +50,7 @@ def read_clinical_scores(bids_dir, label):
     -------
     dict
         ``age`` (years), ``safe_score`` (0-10), ``nihss`` (0-42) as floats,
-        ``mep_status`` as "positive"/"negative"; all None without a
+        ``mep_status`` as "positive"/"negative", ``diagnosis`` as written; all None without a
         ``participants.tsv`` or without a row for the participant.
 
     Raises
@@ -86,4 +90,6 @@ def read_clinical_scores(bids_dir, label):
                 path=path, fix="Write positive (an upper-limb MEP was elicited), negative, "
                                "or n/a when TMS was not done.")
         scores["mep_status"] = MEP_VALUES[text.lower()]
+    text = (row.get("diagnosis") or "").strip()
+    scores["diagnosis"] = None if text.lower() in MISSING else text
     return scores

@@ -10,7 +10,14 @@ When the participant's SAFE score, age, MEP status and NIHSS are known
 (:mod:`pipeline.clinical`), the PREP2 decision tree (Stinear et al. 2017) gives
 its prediction of upper-limb function 3 months after the stroke; PREP2 uses no
 imaging, so it stands beside the imaging tier, not instead of it.
+
+Both were made for stroke. For a motor neuron disease (``diagnosis`` in
+participants.tsv: ALS, PLS, MND) neither is applied; the tract FA at the internal
+capsule and the cerebral peduncle is set beside cut-offs published for ALS, as
+context only.
 """
+
+import re
 
 DISCLAIMER = ("Research use only — not a medical device. Not for diagnosis or treatment "
               "decisions.")
@@ -38,6 +45,14 @@ DEFAULT_PREP_PLIC_AI = 0.25
 #: NIHSS on day 3 from which an MEP− patient is predicted Poor rather than Limited.
 DEFAULT_PREP2_THRESHOLDS = {"prep2_safe": 5.0, "prep2_safe_any_age": 8.0, "prep2_age": 80.0,
                             "prep2_nihss": 7.0}
+
+#: Tract FA at or below which ALS was reported at 3 T (PMID 26221413): scanner- and
+#: method-dependent, so shown as context only, never as a finding.
+MND_FA_CUTOFFS = {"internal_capsule": 0.7085, "cerebral_peduncle": 0.686}
+MND_SOURCE = "PMID 26221413 (3 T; meta-analytic AUC of CST DTI in ALS about 0.75)"
+_MOTOR_NEURON_DISEASE = re.compile(
+    r"\b(als|pls|mnd|amyotrophic lateral sclerosis|primary lateral sclerosis|"
+    r"motor neuron(e)? disease)\b", re.IGNORECASE)
 
 LMN_NOTE = ("Lower-motor-neuron involvement is not assessable by brain diffusion MRI.")
 
@@ -110,6 +125,46 @@ def prep2_prediction(clinical, thresholds=None):
             "thresholds": limits, "source": REFERENCES["stinear2017"]}
 
 
+def is_motor_neuron_disease(diagnosis):
+    """True when the free-text diagnosis names ALS, PLS or another motor neuron disease."""
+    return bool(diagnosis) and _MOTOR_NEURON_DISEASE.search(diagnosis) is not None
+
+
+def motor_neuron_disease_context(fa_by_level, diagnosis):
+    """Tract FA at the internal capsule and peduncle beside published ALS cut-offs.
+
+    Parameters
+    ----------
+    fa_by_level : dict
+        side -> {level: mean tract FA over the profile nodes of that level}.
+    diagnosis : str
+
+    Returns
+    -------
+    dict
+        ``label`` (context only), ``diagnosis``, ``cutoffs``, ``values`` and
+        ``at_or_below`` (side -> level -> FA / bool, None where the tract does not
+        reach the level), ``statements``, ``source``.
+    """
+    values, below, statements = {}, {}, []
+    for side in ("left", "right"):
+        values[side], below[side] = {}, {}
+        for level, cutoff in MND_FA_CUTOFFS.items():
+            fa = (fa_by_level.get(side) or {}).get(level)
+            values[side][level] = fa
+            below[side][level] = None if fa is None else fa <= cutoff
+            name = level.replace("_", " ")
+            statements.append(
+                f"{side.capitalize()} CST FA at the {name}: not measured." if fa is None else
+                f"{side.capitalize()} CST FA at the {name}: {fa:.3f} "
+                f"({'at or below' if fa <= cutoff else 'above'} the reported ALS cut-off "
+                f"{cutoff:g}).")
+    return {"label": "context only: published cut-offs from other scanners and methods, not "
+                     "a diagnostic test", "diagnosis": diagnosis, "cutoffs": dict(MND_FA_CUTOFFS),
+            "values": values, "at_or_below": below, "statements": statements,
+            "source": MND_SOURCE}
+
+
 def _prep2_sentence(prep2):
     if prep2["prediction"] is not None:
         return (f"PREP2 (Stinear et al. 2017) on this participant's bedside scores predicts "
@@ -119,7 +174,7 @@ def _prep2_sentence(prep2):
 
 
 def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLIC_AI,
-                      qc_reasons=(), clinical=None, prep2_thresholds=None):
+                      qc_reasons=(), clinical=None, prep2_thresholds=None, fa_by_level=None):
     """Summarise what the CST asymmetry means for motor recovery.
 
     Parameters
@@ -138,17 +193,27 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
         any, the summary carries no PREP2 statement.
     prep2_thresholds : dict, optional
         Overrides of :data:`DEFAULT_PREP2_THRESHOLDS`.
+    fa_by_level : dict, optional
+        side -> {level: tract FA}, for the motor-neuron-disease context.
 
     Returns
     -------
     dict with ``category, summary, rationale (list), references (list),
-    thresholds, disclaimer`` and ``prep2`` (:func:`prep2_prediction`, or None
-    when no bedside score is known).
+    thresholds, disclaimer``, ``prep2`` (:func:`prep2_prediction`, or None when no
+    bedside score is known or the diagnosis is not a stroke) and ``context``
+    (:func:`motor_neuron_disease_context` for ALS and the like, else None).
     """
-    has_scores = any(v is not None for v in (clinical or {}).values())
-    prep2 = prep2_prediction(clinical, prep2_thresholds) if has_scores else None
+    clinical = clinical or {}
+    diagnosis = clinical.get("diagnosis")
+    if is_motor_neuron_disease(diagnosis):
+        return _motor_neuron_disease_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons,
+                                             diagnosis, fa_by_level or {})
+    scores = {k: v for k, v in clinical.items() if k != "diagnosis"}
+    has_scores = any(v is not None for v in scores.values())
+    prep2 = prep2_prediction(scores, prep2_thresholds) if has_scores else None
     summary = _imaging_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons)
     summary["prep2"] = prep2
+    summary["context"] = None
     mep = (clinical or {}).get("mep_status")
     if summary["category"].startswith("umn_damage_plic_asymmetry_") and mep is not None:
         summary["rationale"].append(
@@ -161,6 +226,34 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
         summary["rationale"] += ["PREP2: " + step for step in prep2["steps"]]
         summary["references"].append(prep2["source"])
         summary["thresholds"].update(prep2["thresholds"])
+    return summary
+
+
+def _motor_neuron_disease_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons,
+                                  diagnosis, fa_by_level):
+    """The imaging finding without the stroke rules, and the ALS cut-offs as context."""
+    summary = _imaging_summary(localization, fa_ai_plic, prep_plic_ai, qc_reasons)
+    summary.update(prep2=None, context=None, references=[], thresholds={})
+    not_stroke = (f"PREP and PREP2 were made for stroke; they are not applied to "
+                  f"'{diagnosis}'.")
+    if summary["category"] == "not_assessable":
+        summary["rationale"].append(not_stroke)
+        return summary
+    context = motor_neuron_disease_context(fa_by_level, diagnosis)
+    if localization.get("umn_damage"):
+        side = localization["affected_side"]
+        level = (localization.get("level") or "unknown level").replace("_", " ")
+        summary["category"] = "umn_damage"
+        other = "right" if side == "left" else "left"
+        summary["summary"] = (f"Reduced FA along the {side} CST relative to the {other}, peak "
+                              f"at the {level}. {LMN_NOTE}")
+        summary["rationale"] = [f"Reduced FA along the {side} CST, peak at the {level}."]
+    summary["summary"] += (" In motor neuron disease both tracts may be affected alike, which "
+                           "an asymmetry cannot show; see the context below.")
+    summary["rationale"] += [not_stroke, f"Context ({context['label']}):", *context["statements"]]
+    summary["references"] = [MND_SOURCE]
+    summary["thresholds"] = {f"als_fa_{k}": v for k, v in MND_FA_CUTOFFS.items()}
+    summary["context"] = context
     return summary
 
 

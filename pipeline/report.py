@@ -1383,6 +1383,15 @@ def _prognosis_html(metrics) -> str:
         parts.append(_prep2_html(prep2, _get(metrics, "clinical") or {}))
         # its steps are listed in the PREP2 block just drawn
         rationale = [r for r in rationale if not str(r).startswith("PREP2: ")]
+    context = prog.get("context")
+    if isinstance(context, dict):
+        parts.append(f"<h3>Context for {_esc(context.get('diagnosis') or 'this diagnosis')}"
+                     f"</h3><p class=\"muted\">{_esc(context.get('label') or '')}; "
+                     f"{_esc(context.get('source') or '')}</p>"
+                     + _list_html(context.get("statements") or []))
+        statements = set(context.get("statements") or [])
+        rationale = [r for r in rationale if r not in statements
+                     and not str(r).startswith("Context (")]
     if rationale:
         parts.append("<h3>Rationale</h3>" + _list_html(rationale))
     thr = prog.get("thresholds")

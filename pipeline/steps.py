@@ -405,6 +405,7 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
         if finite.any():
             node_label[finite] = tracking.labels_along(xyz[finite], levels, affine)
         node_levels[side] = [level_names.get(int(v)) for v in node_label]
+        summary[side]["fa_by_level"] = tractometry.mean_by_level(prof["fa"], node_levels[side])
         node_xyz[side] = xyz
         fa_profiles[side] = prof["fa"]
         for node in range(tractometry.N_NODES):
@@ -532,7 +533,9 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
     fa_ai_plic = profiles["fa_ai_plic"]
     prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
                                        prep_plic_ai=prep_plic_ai, qc_reasons=reasons,
-                                       clinical=clinical, prep2_thresholds=prep2_thresholds)
+                                       clinical=clinical, prep2_thresholds=prep2_thresholds,
+                                       fa_by_level={s: profiles["cst"][s].get("fa_by_level")
+                                                    for s in SIDES})
     coverage = reg_qc["roi_coverage"]
     metrics = {
         "subject": subject,

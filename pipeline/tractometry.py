@@ -81,6 +81,17 @@ def bundle_summary(bundle, profiles):
     return summary
 
 
+def mean_by_level(values, node_levels):
+    """Mean of a profile over the nodes of each anatomical level: {level: mean or None}."""
+    values = np.asarray(values, dtype=float)
+    means = {}
+    for level in dict.fromkeys(v for v in node_levels if v):
+        chosen = values[[lv == level for lv in node_levels]]
+        finite = chosen[np.isfinite(chosen)]
+        means[level] = round(float(finite.mean()), 5) if finite.size else None
+    return means
+
+
 def asymmetry_index(left, right):
     """AI = (L − R) / (L + R); positive when the left value is higher. NaN where undefined."""
     left = np.asarray(left, dtype=float)

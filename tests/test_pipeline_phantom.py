@@ -29,6 +29,9 @@ def test_lesion_side_level_and_peak(lesion_run):
     assert error <= 12.0, f"peak {loc['peak_ras_mm']} is {error:.1f} mm from the lesion"
     # The lesioned (left) side has the lower FA, so the asymmetry is negative.
     assert metrics["asymmetry"]["fa_ai_tract"] < 0
+    by_level = {side: metrics["cst"][side]["fa_by_level"] for side in ("left", "right")}
+    assert by_level["left"]["internal_capsule"] < by_level["right"]["internal_capsule"] - 0.1
+    assert abs(by_level["left"]["pons"] - by_level["right"]["pons"]) < 0.05
     assert "UMN damage shows along the left CST" in result.stdout
 
 

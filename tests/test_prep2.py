@@ -95,10 +95,11 @@ def test_scores_are_read_from_participants_tsv(tmp_path):
         ["sub-01", "72", "F", "4", "MEP-", "n/a"],
         ["sub-02", "n/a", "M", "", "positive", "3"])
     assert read_clinical_scores(bids, "01") == {"age": 72.0, "safe_score": 4.0,
-                                                "nihss": None, "mep_status": "negative"}
+                                                "nihss": None, "mep_status": "negative",
+                                                "diagnosis": None}
     assert read_clinical_scores(bids, "02") == {"age": None, "safe_score": None, "nihss": 3.0,
-                                                "mep_status": "positive"}
-    nobody = dict.fromkeys(("age", "safe_score", "nihss", "mep_status"))
+                                                "mep_status": "positive", "diagnosis": None}
+    nobody = dict.fromkeys(("age", "safe_score", "nihss", "mep_status", "diagnosis"))
     assert read_clinical_scores(bids, "03") == nobody          # not listed
     assert read_clinical_scores(tmp_path / "none", "01") == nobody  # no participants.tsv
     (tmp_path / "ages").mkdir()
@@ -124,3 +125,36 @@ def test_known_mep_status_says_whether_the_prep_mri_step_applies(mep, expected):
     result = prognosis_summary(LEFT_DAMAGE, -0.1, clinical=_scores(mep=mep))
     assert any(expected in r for r in result["rationale"])
     assert result["prep2"]["missing"] == ["safe_score"]
+
+
+FA_BY_LEVEL = {"left": {"cerebral_peduncle": 0.62, "internal_capsule": 0.69},
+               "right": {"cerebral_peduncle": 0.71, "internal_capsule": 0.74}}
+
+
+@pytest.mark.parametrize("diagnosis", ["ALS", "sporadic amyotrophic lateral sclerosis",
+                                       "PLS", "motor neurone disease"])
+def test_motor_neuron_disease_gets_als_cutoffs_as_context_and_no_stroke_rules(diagnosis):
+    clinical = {**_scores(safe=3, age=60, mep="negative", nihss=9), "diagnosis": diagnosis}
+    result = prognosis_summary(LEFT_DAMAGE, -0.12, clinical=clinical, fa_by_level=FA_BY_LEVEL)
+    assert result["prep2"] is None and result["category"] == "umn_damage"
+    assert "PREP" not in result["summary"] and "context" in result["summary"]
+    assert any("not applied to" in r for r in result["rationale"])
+    context = result["context"]
+    assert context["label"].startswith("context only")
+    assert context["at_or_below"] == {"left": {"internal_capsule": True,
+                                               "cerebral_peduncle": True},
+                                      "right": {"internal_capsule": False,
+                                                "cerebral_peduncle": False}}
+    assert "Left CST FA at the cerebral peduncle: 0.620 (at or below the reported ALS cut-off "\
+           "0.686)." in context["statements"]
+    assert result["references"] == [context["source"]]
+
+
+def test_stroke_or_no_diagnosis_keeps_the_stroke_rules():
+    for diagnosis in ("ischaemic stroke", "falsely suspected", None):  # "als" inside a word
+        clinical = {**_scores(safe=9), "diagnosis": diagnosis}
+        result = prognosis_summary(NO_DAMAGE, 0.01, clinical=clinical, fa_by_level=FA_BY_LEVEL)
+        assert result["context"] is None and result["prep2"]["prediction"] == "Excellent"
+    missing = prognosis_summary(LEFT_DAMAGE, -0.1, clinical={"diagnosis": "ALS"})
+    assert missing["context"]["values"]["left"]["internal_capsule"] is None
+    assert "not measured" in missing["context"]["statements"][0]
