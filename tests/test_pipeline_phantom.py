@@ -39,7 +39,7 @@ def test_prep2_from_participants_tsv_in_metrics_and_report(lesion_run):
     """SAFE 3, MEP-, NIHSS 9 in participants.tsv: PREP2 'Poor', beside the imaging tier."""
     out, _, _ = lesion_run
     metrics = load_metrics(out, STEM)
-    assert metrics["clinical"] == PHANTOM_CLINICAL
+    assert metrics["clinical"] == {**PHANTOM_CLINICAL, "diagnosis": None}
     prep2 = metrics["prognosis"]["prep2"]
     assert prep2["prediction"] == "Poor" and prep2["missing"] == []
     assert metrics["prognosis"]["category"].startswith("umn_damage_")
