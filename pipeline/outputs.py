@@ -19,6 +19,13 @@ PIPELINE_NAME = "cst-integrity"
 _VERSIONED_PACKAGES = ("dipy", "nibabel", "nipype", "numpy", "scipy", "joblib", "matplotlib")
 
 
+def _file_mode():
+    """Mode of a newly created file under the process umask (0644 for umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -34,6 +41,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); outputs get the mode any new file would.
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

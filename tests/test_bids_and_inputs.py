@@ -387,3 +387,20 @@ def test_tensor_fit_is_independent_of_storage_order(tmp_path, fibre):
     md = (l1 + 2 * l2) / 3
     fa_true = np.sqrt(1.5 * ((l1 - md) ** 2 + 2 * (l2 - md) ** 2) / (l1 ** 2 + 2 * l2 ** 2))
     assert fa_ras[3, 4, 2] == pytest.approx(fa_true, abs=1e-4)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_of_any_new_file(tmp_path, umask, mode):
+    """Atomic writes go through a private temporary file; the output must not stay private."""
+    import os
+    import stat
+
+    from pipeline.outputs import write_json
+
+    previous = os.umask(umask)
+    try:
+        path = write_json(tmp_path / "out.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert not list(tmp_path.glob(".*tmp*"))
