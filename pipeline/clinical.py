@@ -43,6 +43,18 @@ def participants_file(bids_dir):
     return path if path.is_file() else None
 
 
+def participant_rows(bids_dir):
+    """Rows of ``participants.tsv`` by participant id (``sub-<label>``); empty without it."""
+    path = participants_file(bids_dir)
+    if path is None:
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = {}
+        for row in csv.DictReader(handle, delimiter="\t"):
+            rows.setdefault((row.get("participant_id") or "").strip(), row)
+        return rows
+
+
 def read_clinical_scores(bids_dir, label):
     """The PREP2 inputs of ``sub-<label>``; each None when its column or value is missing.
 
@@ -59,15 +71,10 @@ def read_clinical_scores(bids_dir, label):
         When a present value is not a valid score.
     """
     scores = dict.fromkeys(CLINICAL_COLUMNS)
+    row = participant_rows(bids_dir).get(f"sub-{label}")
+    if row is None:
+        return scores
     path = participants_file(bids_dir)
-    if path is None:
-        return scores
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle, delimiter="\t")
-                if (row.get("participant_id") or "").strip() == f"sub-{label}"]
-    if not rows:
-        return scores
-    row = rows[0]
     for column, (lowest, highest) in NUMERIC_COLUMNS.items():
         text = (row.get(column) or "").strip()
         if text.lower() in MISSING:
@@ -79,8 +86,8 @@ def read_clinical_scores(bids_dir, label):
         if not lowest <= value <= highest:
             raise InputError(
                 f"sub-{label}: '{column}' is {text!r}; it must be a number from {lowest:g} "
-                f"to {highest:g}.", path=path, fix=f"Correct the value, or write n/a when it "
-                                                   f"is not known.")
+                f"to {highest:g}.", path=path,
+                fix="Correct the value, or write n/a when it is not known.")
         scores[column] = value
     text = (row.get("mep_status") or "").strip()
     if text.lower() not in MISSING:

@@ -16,11 +16,9 @@ Comparing an individual's test score against norms derived from small samples.
 Clin Neuropsychol 1998;12:482-486. doi:10.1076/clin.12.4.482.7241).
 """
 
-import csv
-from pathlib import Path
-
 import numpy as np
 
+from .clinical import participant_rows
 from .localization import DEFAULT_THRESHOLDS, deviation_segments, primary_finding
 from .report import read_profiles_tsv
 
@@ -42,13 +40,9 @@ REFERENCE = ("Crawford JR, Howell DC. Comparing an individual's test score again
 
 def control_labels(bids_dir):
     """Labels (without ``sub-``) of the control participants in ``participants.tsv``."""
-    path = Path(bids_dir) / "participants.tsv"
-    if not path.is_file():
-        return set()
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["participant_id"].strip()[4:] for row in csv.DictReader(handle, delimiter="\t")
-                if (row.get("group") or "").strip().lower() in CONTROL_GROUPS
-                and (row.get("participant_id") or "").strip().startswith("sub-")}
+    return {participant[4:] for participant, row in participant_rows(bids_dir).items()
+            if participant.startswith("sub-")
+            and (row.get("group") or "").strip().lower() in CONTROL_GROUPS}
 
 
 def read_profiles(tsv_path):
