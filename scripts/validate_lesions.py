@@ -15,7 +15,7 @@ Usage (repository root, the README's venv)::
     .venv/bin/python scripts/validate_lesions.py --out /tmp/cst-validation \\
         --subjects philips01 philips02 toshiba01 --severity severe mild --n-jobs 2
 
-A rerun with the same ``--out`` reuses every finished run (each keeps its work folder).
+A rerun with the same ``--out`` resumes every run from its work folder.
 """
 
 import argparse
@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.dwi import load_dwi  # noqa: E402
+from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
 from pipeline.lesion_model import implant_lesion  # noqa: E402
 from pipeline.localization import DEFAULT_THRESHOLDS  # noqa: E402
 from pipeline.normative import read_profiles  # noqa: E402
@@ -45,16 +46,19 @@ MIN_LEVEL_NODES = 4
 
 
 def run_report(bids, label, out, n_jobs):
-    """``cst-report`` on one subject (reused when its metrics exist); the metrics dict."""
+    """``cst-report`` on one subject; the metrics dict.
+
+    A rerun resumes from the run's work folder, so after a change of the detection
+    settings only the assessment and the report are redone.
+    """
     metrics = out / f"sub-{label}" / "dwi" / f"sub-{label}_desc-cst_metrics.json"
-    if not metrics.is_file():
-        started = time.monotonic()
-        done = subprocess.run([str(Path(sys.executable).with_name("cst-report")), label,
-                               "--bids-dir", str(bids), "--out-dir", str(out),
-                               "--n-jobs", str(n_jobs)], capture_output=True, text=True)
-        if not metrics.is_file():
-            raise RuntimeError(f"cst-report failed on {bids} sub-{label}:\n{done.stderr}")
-        print(f"    ran sub-{label} in {time.monotonic() - started:.0f} s", flush=True)
+    started = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).with_name("cst-report")), label,
+                           "--bids-dir", str(bids), "--out-dir", str(out),
+                           "--n-jobs", str(n_jobs)], capture_output=True, text=True)
+    if done.returncode not in (EXIT_OK, EXIT_NOT_ASSESSABLE) or not metrics.is_file():
+        raise RuntimeError(f"cst-report failed on {bids} sub-{label}:\n{done.stderr}")
+    print(f"    ran sub-{label} in {time.monotonic() - started:.0f} s", flush=True)
     return json.loads(metrics.read_text())
 
 

@@ -26,6 +26,7 @@ from pipeline import __version__
 from pipeline.clinical import read_clinical_scores
 from pipeline.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_ASSESSABLE, EXIT_OK, BusyError,
                              CSTError, InputError)
+from pipeline.localization import DEFAULT_THRESHOLDS
 from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS
 
 from .config import format_config, read_config
@@ -103,12 +104,12 @@ def _add_common_options(parser):
     g.add_argument("--seeds-per-voxel", type=int, default=10,
                    help="seeds per voxel of the CST ROIs (default 10)")
     g = parser.add_argument_group("detection and prognosis")
-    g.add_argument("--node-ai", type=float, default=0.10,
-                   help="|AI| at a profile node counted as asymmetric (default 0.10)")
-    g.add_argument("--min-nodes", type=int, default=6,
-                   help="consecutive asymmetric nodes for a finding (default 6)")
-    g.add_argument("--segment-mean-ai", type=float, default=0.20,
-                   help="mean |AI| over those nodes for a finding (default 0.20)")
+    g.add_argument("--node-ai", type=float, default=DEFAULT_THRESHOLDS["node_ai"],
+                   help="|AI| at a profile node counted as asymmetric (default %(default)g)")
+    g.add_argument("--min-nodes", type=int, default=DEFAULT_THRESHOLDS["min_nodes"],
+                   help="consecutive asymmetric nodes for a finding (default %(default)d)")
+    g.add_argument("--segment-mean-ai", type=float, default=DEFAULT_THRESHOLDS["segment_mean_ai"],
+                   help="mean |AI| over those nodes for a finding (default %(default)g)")
     g.add_argument("--prep-plic-ai", type=float, default=0.25,
                    help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default 0.25)")
     # PREP2 (Stinear 2017) reads the participant's safe_score, age, mep_status and nihss
@@ -129,7 +130,6 @@ def _add_common_options(parser):
 
 def build_parameters(args):
     """The run configuration recorded in every output's provenance."""
-    from pipeline.localization import DEFAULT_THRESHOLDS
     from pipeline.steps import DEFAULT_QC_LIMITS
 
     return {
