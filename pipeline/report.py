@@ -1516,6 +1516,9 @@ def _tracking_qc_html(qc, metrics) -> str:
     parts = ["<h3>Tractography</h3>"]
     facts = [("Seeds", _fmt_value(trk.get("n_seeds"))),
              ("Streamlines tracked", _fmt_value(trk.get("n_streamlines_tracked")))]
+    if trk.get("method"):
+        reason = _get(trk, "model_choice", "reason")
+        facts.insert(0, ("Model", str(trk["method"]) + (f" ({reason})" if reason else "")))
     if trk.get("inferior_landmark"):
         facts.append(("Inferior landmark", str(trk["inferior_landmark"]).replace("_", " ")))
     parts.append('<ul class="facts">' + "".join(
@@ -1801,8 +1804,23 @@ def methods_text(metrics) -> str:
         "The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
         "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior "
         "limb of the internal capsule, cerebral peduncle, pons) were warped to the subject.")
+    tracking_qc = _get(metrics, "qc", "tracking") or {}
+    choice = tracking_qc.get("model_choice") if isinstance(tracking_qc, dict) else None
+    if isinstance(choice, dict) and choice.get("model") == "csd":
+        getter = ("Probabilistic" if _get(metrics, "provenance", "parameters", "tracking",
+                                          "direction") == "prob" else "Deterministic")
+        sentences.append(
+            f"Fibre orientation distributions were estimated by constrained spherical "
+            f"deconvolution (Tournier et al. 2007; DIPY) of order "
+            f"{_esc(_fmt_value(choice.get('sh_order')))} on the b = "
+            f"{_esc(_fmt_value(choice.get('shell_bvalue')))} s/mm² shell "
+            f"({_esc(_fmt_value(choice.get('n_directions')))} directions), with a single-fibre "
+            f"response from {_esc(_fmt_value(choice.get('n_response_voxels')))} voxels of high FA.")
+        model_words = f"{getter} CSD tractography"
+    else:
+        model_words = "Deterministic tensor tractography"
     sentences.append(
-        f"Deterministic tensor tractography was seeded with {val('tracking', 'seeds_per_voxel')} "
+        f"{model_words} was seeded with {val('tracking', 'seeds_per_voxel')} "
         f"seeds per voxel in the brainstem and internal-capsule ROIs (random seed "
         f"{val('seed')}), with a step of {val('tracking', 'step_mm', unit=' mm')}, stopping "
         f"where FA &lt; {val('tracking', 'fa_stop')} or the turning angle exceeds "

@@ -15,8 +15,9 @@ import numpy as np
 
 import atlases
 
-from . import (combine, denoise as denoise_module, gibbs, gradient_check, localization, motion,
-               outliers, outputs, preprocess, prognosis, registration, tracking, tractometry)
+from . import (combine, denoise as denoise_module, fodf, gibbs, gradient_check, localization,
+               motion, outliers, outputs, preprocess, prognosis, registration, tracking,
+               tractometry)
 from .dwi import load_dwi
 from .errors import InputError
 
@@ -319,6 +320,71 @@ def register_atlas(fa_file, mask_file, *, out_dir):
     return {k: str(v) for k, v in paths.items()}
 
 
+#: Margin (mm) around the CST ROIs of both sides inside which CSD is fitted.
+CSD_BOX_MARGIN_MM = 10.0
+
+
+def cst_search_box(rois, affine, margin_mm=CSD_BOX_MARGIN_MM):
+    """Boolean grid of the box around all CST ROIs (both sides), grown by ``margin_mm``.
+
+    A CST streamline runs from the brainstem ROI to the motor target, so it stays
+    in this box; fitting fibre ODFs outside it would only cost time.
+    """
+    inside = np.argwhere(rois > 0)
+    box = np.zeros(rois.shape, dtype=bool)
+    if len(inside) == 0:
+        return box
+    margin = np.ceil(margin_mm / np.linalg.norm(affine[:3, :3], axis=0)).astype(int)
+    low = np.maximum(inside.min(axis=0) - margin, 0)
+    high = np.minimum(inside.max(axis=0) + margin + 1, rois.shape)
+    box[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = True
+    return box
+
+
+def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_file, *,
+             out_dir, model="dti", fa_stop=0.2, b0_threshold=50.0, n_jobs=1):
+    """Choose the tracking model for the acquisition and, for CSD, fit the fibre ODFs.
+
+    Parameters
+    ----------
+    model : {"dti", "csd", "auto"}
+        See :func:`pipeline.fodf.choose_model`; "csd" on too few directions is an
+        input error.
+
+    Returns dict of paths: ``sh`` (spherical-harmonic coefficients, or None for
+    the tensor) and ``qc`` (JSON: the choice, its reason, the response function).
+    CSD is fitted in brain voxels with FA ≥ ``fa_stop`` (tracking stops elsewhere)
+    inside :func:`cst_search_box`; outlier volumes are left out as for the tensor.
+    """
+    out_dir = Path(out_dir)
+    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
+    excluded = json.loads(Path(outliers_file).read_text())["excluded"] if outliers_file else []
+    keep = np.ones(len(scan.bvals), dtype=bool)
+    keep[list(excluded)] = False
+    bvals, bvecs = scan.bvals[keep], scan.bvecs_fsl[keep]
+    choice = fodf.choose_model(bvals, bvecs, b0_threshold, requested=model)
+    if model == "csd" and choice["sh_order"] is None:
+        raise InputError(
+            f"CSD was asked for, but only {choice['n_directions']} distinct directions are on "
+            f"the b={choice['shell_bvalue']:g} shell; order 4 needs "
+            f"{fodf.SH_ORDER_BY_DIRECTIONS[-1][0]}.", path=dwi_file,
+            fix="Track with the tensor (--model dti or auto).")
+    qc = {**choice, "requested": model}
+    sh_path = None
+    if choice["model"] == "csd":
+        mask = _load(mask_file, dtype=np.uint8)[0] > 0
+        fa, _ = _load(fa_file)
+        rois, _ = _load(rois_file, dtype=np.int16)
+        fit_mask = mask & (fa >= fa_stop) & cst_search_box(rois, scan.affine)
+        data = scan.img.get_fdata(dtype=np.float32)[..., keep]
+        sh, info = fodf.fit_csd(data, bvals, bvecs, scan.affine, mask, fa,
+                                b0_threshold=b0_threshold, shell=choice["shell_bvalue"],
+                                sh_order=choice["sh_order"], fit_mask=fit_mask, n_jobs=n_jobs)
+        sh_path = str(outputs.save_nifti(out_dir / "fodf_sh.nii", sh, scan.affine))
+        qc.update(info, n_fitted_voxels=int(fit_mask.sum()), sh_basis=fodf.SH_BASIS)
+    return {"sh": sh_path, "qc": str(outputs.write_json(out_dir / "fodf_qc.json", qc))}
+
+
 def _landmarks(coverage, min_coverage):
     """Inferior landmark for both sides: the pons when scanned on both sides, else the peduncle."""
     pons_ok = all(coverage.get(f"pons_{HEMI[s]}", 0) >= min_coverage for s in SIDES)
@@ -326,11 +392,13 @@ def _landmarks(coverage, min_coverage):
 
 
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
-              fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
-              min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
+              sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5,
+              seeds_per_voxel=10, min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
     """Track, select, orient, clip and clean CST_L and CST_R.
 
-    The seed chunks are tracked over ``n_jobs`` local workers, or on the Dask
+    With ``sh_file`` (CSD fibre ODFs from :func:`fit_fodf`) the tracking follows
+    them, ``direction`` "prob" or "det"; without, the tensor's principal direction
+    (deterministic). The model choice (``fodf_qc_file``) is kept in the tracking QC. The seed chunks are tracked over ``n_jobs`` local workers, or on the Dask
     cluster named by ``dask_scheduler`` (an address, or ``"slurm"``; see
     :func:`pipeline.parallel.dask_backend`); the streamlines are the same.
 
@@ -354,12 +422,21 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
     seed_region &= fa >= fa_stop
     seeds = tracking.seeds_in_mask(seed_region, affine, seeds_per_voxel=seeds_per_voxel,
                                    random_seed=seed)
-    streamlines = tracking.track_dti_deterministic(
-        seeds, v1, fa, mask, affine, fa_stop=fa_stop, max_angle_deg=max_angle_deg,
-        step_mm=step_mm, n_jobs=n_jobs, random_seed=seed, dask_scheduler=dask_scheduler)
+    common = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm, n_jobs=n_jobs,
+                  random_seed=seed, dask_scheduler=dask_scheduler)
+    if sh_file:
+        sh, _ = _load(sh_file)
+        streamlines = tracking.track_csd(seeds, sh, np.where(mask, fa, 0), affine,
+                                         direction=direction, **common)
+        method = f"CSD, {'probabilistic' if direction == 'prob' else 'deterministic'}"
+    else:
+        streamlines = tracking.track_dti_deterministic(seeds, v1, fa, mask, affine, **common)
+        method = "tensor, deterministic"
 
-    qc = {"n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
+    qc = {"method": method, "n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
           "inferior_landmark": lower, "sides": {}}
+    if fodf_qc_file:
+        qc["model_choice"] = json.loads(Path(fodf_qc_file).read_text())
     paths = {}
     for side in SIDES:
         h, other = HEMI[side], HEMI["right" if side == "left" else "left"]

@@ -1,4 +1,4 @@
-"""CST tractography: tensor peaks, seeding, parallel deterministic tracking,
+"""CST tractography: tensor peaks, seeding, parallel tracking (tensor or CSD),
 anatomical selection, orientation, clipping and outlier cleaning.
 
 All streamlines are in world RAS+ millimetres.
@@ -8,15 +8,19 @@ import numpy as np
 from dipy.direction.peaks import PeaksAndMetrics
 from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
 from dipy.tracking.streamline import Streamlines
-from dipy.tracking.tracker import eudx_tracking
+from dipy.data import default_sphere
+from dipy.tracking.tracker import deterministic_tracking, eudx_tracking, probabilistic_tracking
 from dipy.tracking.utils import length
 from nibabel.affines import apply_affine
 
+from . import fodf
 from .parallel import dask_backend, parallel_map
 from .tractometry import core_mahalanobis, resample_bundle
 
 #: Seeds per tracking chunk. The chunk layout (hence the output) never depends on n_jobs.
 SEED_CHUNK_SIZE = 4000
+#: Directions the CSD direction getters sample the fibre ODF on (362 vertices, ~9.5° apart).
+TRACKING_SPHERE = default_sphere
 
 
 def tensor_peak_arrays(v1, fa, mask):
@@ -66,18 +70,38 @@ def seeds_in_mask(mask, affine, *, seeds_per_voxel, random_seed):
     return (centres[:, None, :] + offsets @ canonical.T).reshape(-1, 3)
 
 
-def _track_chunk(seeds, peak_indices, peak_values, vertices, fa, affine, params, random_seed):
-    pam = PeaksAndMetrics()
-    pam.peak_indices = peak_indices
-    pam.peak_values = peak_values
-    pam.odf_vertices = vertices
-    stopping = ThresholdStoppingCriterion(np.asarray(fa, dtype=np.float64), params["fa_stop"])
-    generated = eudx_tracking(
-        np.asarray(seeds, dtype=np.float64), stopping, affine, pam=pam,
-        step_size=params["step_mm"], max_angle=params["max_angle_deg"],
-        pmf_threshold=params["fa_stop"], min_len=params["min_length_mm"],
-        max_len=params["max_length_mm"], nbr_threads=1, random_seed=random_seed)
+def _track_chunk(seeds, method, fields, affine, params, random_seed):
+    """One seed chunk through DIPY's tracker (single-threaded: the chunks are the parallelism)."""
+    stopping = ThresholdStoppingCriterion(np.asarray(fields["stop_map"], dtype=np.float64),
+                                          params["stop_threshold"])
+    common = dict(step_size=params["step_mm"], max_angle=params["max_angle_deg"],
+                  min_len=params["min_length_mm"], max_len=params["max_length_mm"],
+                  nbr_threads=1, random_seed=random_seed)
+    seeds = np.asarray(seeds, dtype=np.float64)
+    if method == "dti_det":
+        pam = PeaksAndMetrics()
+        pam.peak_indices = fields["peak_indices"]
+        pam.peak_values = fields["peak_values"]
+        pam.odf_vertices = fields["vertices"]
+        generated = eudx_tracking(seeds, stopping, affine, pam=pam,
+                                  pmf_threshold=params["stop_threshold"], **common)
+    else:
+        tracker = {"csd_prob": probabilistic_tracking, "csd_det": deterministic_tracking}[method]
+        generated = tracker(seeds, stopping, affine, sh=np.asarray(fields["sh"], dtype=np.float64),
+                            sphere=TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
+                            pmf_threshold=params["pmf_threshold"], **common)
     return [np.asarray(s, dtype=np.float32) for s in generated]
+
+
+def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed, dask_scheduler):
+    """Fixed seed chunks, one random stream each (``random_seed + 1 + chunk index``), over
+    ``n_jobs`` workers or a Dask cluster; the streamlines in seed order."""
+    chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
+    with dask_backend(dask_scheduler, n_workers=n_jobs):
+        results = parallel_map(_track_chunk, [
+            (chunk, method, fields, affine, params, random_seed + 1 + i)
+            for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
+    return [s for chunk in results for s in chunk]
 
 
 def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,
@@ -109,14 +133,48 @@ def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_ang
     list of float32 ndarray (n_points, 3), world mm, in seed order.
     """
     peak_indices, peak_values, vertices = tensor_peak_arrays(v1, fa, mask)
-    params = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm,
+    fields = {"stop_map": fa, "peak_indices": peak_indices, "peak_values": peak_values,
+              "vertices": vertices}
+    params = dict(stop_threshold=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm,
                   min_length_mm=min_length_mm, max_length_mm=max_length_mm)
-    chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
-    with dask_backend(dask_scheduler, n_workers=n_jobs):
-        results = parallel_map(_track_chunk, [
-            (chunk, peak_indices, peak_values, vertices, fa, affine, params, random_seed + 1 + i)
-            for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
-    return [s for chunk in results for s in chunk]
+    return _track_chunks(seeds, "dti_det", fields, affine, params, n_jobs=n_jobs,
+                         random_seed=random_seed, dask_scheduler=dask_scheduler)
+
+
+def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_threshold=0.1,
+              max_angle_deg=45.0, step_mm=0.5, min_length_mm=20.0, max_length_mm=250.0,
+              n_jobs=1, random_seed=0, dask_scheduler=None):
+    """Tracking on CSD fibre ODFs, probabilistic or deterministic, parallel over seed chunks.
+
+    Parameters
+    ----------
+    seeds : ndarray (N, 3), world mm
+    sh : ndarray (X, Y, Z, n_coefficients), fibre ODFs from :func:`pipeline.fodf.fit_csd`
+    fa : ndarray (X, Y, Z)
+        Tracking stops where FA falls below ``fa_stop`` (as for the tensor, so the two
+        models reach the same white matter).
+    direction : {"prob", "det"}
+        ``prob``: each step drawn from the ODF within ``max_angle_deg`` of the last
+        (DIPY's probabilistic direction getter); ``det``: the ODF maximum closest to
+        the last direction.
+    pmf_threshold : float
+        ODF values below this fraction are not followed.
+    n_jobs, random_seed, dask_scheduler
+        As in :func:`track_dti_deterministic`: each chunk has its own random stream,
+        so probabilistic streamlines too are identical for any ``n_jobs``.
+
+    Returns
+    -------
+    list of float32 ndarray (n_points, 3), world mm, in seed order.
+    """
+    if direction not in ("prob", "det"):
+        raise ValueError(f"direction must be 'prob' or 'det', not {direction!r}")
+    fields = {"stop_map": fa, "sh": sh}
+    params = dict(stop_threshold=fa_stop, pmf_threshold=pmf_threshold, step_mm=step_mm,
+                  max_angle_deg=max_angle_deg, min_length_mm=min_length_mm,
+                  max_length_mm=max_length_mm)
+    return _track_chunks(seeds, f"csd_{direction}", fields, affine, params, n_jobs=n_jobs,
+                         random_seed=random_seed, dask_scheduler=dask_scheduler)
 
 
 def labels_along(points, labels, affine):

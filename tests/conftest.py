@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_BIDS = Path(os.environ.get("CST_SHARED_BIDS", REPO.parent / "shared" / "data" / "bids"))
 
 
+@pytest.fixture(autouse=True)
+def always_parallel(monkeypatch):
+    """In-process tests send even small work to the workers, so that comparisons of
+    n_jobs really compare serial with parallel runs (the command line keeps its
+    measured-cost rule, :data:`pipeline.parallel.MIN_PARALLEL_SECONDS`)."""
+    import pipeline.parallel
+
+    monkeypatch.setattr(pipeline.parallel, "MIN_PARALLEL_SECONDS", 0.0)
+
+
 def run_cst_report(subject, bids_dir, out_dir, *extra, work_dir=None):
     """Run ``cst-report`` in a fresh process, as a user would; return the CompletedProcess."""
     args = [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",

@@ -77,6 +77,26 @@ def test_tracking_on_a_dask_cluster_equals_local(tube):
     assert any("_track_chunk" in task["key"] for task in tasks.data)
 
 
+def test_probabilistic_csd_on_a_dask_cluster_equals_local(tube):
+    """The random streams are per chunk, so probabilistic tracking on Dask repeats the local run."""
+    distributed = pytest.importorskip("distributed")
+    from dipy.reconst.shm import sf_to_sh
+
+    seeds, (_, fa, _, affine), _ = tube
+    sphere = tracking.TRACKING_SPHERE
+    odf_along_z = np.exp(-20.0 * (1.0 - sphere.z ** 2))  # one fibre population along z
+    sh = np.zeros(SHAPE + (28,))
+    sh[fa > 0.5] = sf_to_sh(odf_along_z, sphere, sh_order_max=6, basis_type="descoteaux07",
+                            legacy=False)
+    local = tracking.track_csd(seeds, sh, fa, affine, direction="prob", random_seed=5)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        on_dask = tracking.track_csd(seeds, sh, fa, affine, direction="prob", n_jobs=2,
+                                     random_seed=5, dask_scheduler=cluster.scheduler_address)
+    _assert_same_streamlines(local, on_dask)
+    assert np.mean([np.ptp(s[:, 2]) > 40 for s in local]) > 0.5  # they follow the tube
+
+
 def test_missing_dask_is_a_usage_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
     with pytest.raises(InputError, match=r"cst-integrity\[dask\]"):

@@ -92,13 +92,17 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     Outputs
     -------
     fa, md, rd, ad, v1, qc (preprocessing QC JSON)
+    dwi, bval, bvec, outliers_qc
+        The corrected series, its gradients (b-vectors rotated and checked) and
+        the outlier volumes, for fibre-ODF models.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["dwi_file", "bval_file", "bvec_file", "source_bvec_file", "mask", "denoise_qc",
                 "combine_qc"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["fa", "md", "rd", "ad", "v1", "qc"]),
-                         name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec", "outliers_qc"]),
+        name="outputnode")
     flag = _function_node(nodes.detect_outliers, ["dwi_file", "bval_file", "bvec_file",
                                                   "mask_file", "motion_qc", "b0_threshold",
                                                   "action"], ["qc"], "detect_outliers")
@@ -152,6 +156,10 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
         (fit, outputnode, [("fa", "fa"), ("md", "md"), ("rd", "rd"), ("ad", "ad"),
                            ("v1", "v1")]),
         (collect, outputnode, [("qc", "qc")]),
+        (series, outputnode, [(series_field, "dwi")]),
+        (inputnode, outputnode, [("bval_file", "bval")]),
+        (check, outputnode, [("bvec", "bvec")]),
+        (flag, outputnode, [("qc", "outliers_qc")]),
     ])
     return wf
 
@@ -173,12 +181,13 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
 
     Outputs
     -------
-    mask, fa, md, rd, ad, v1, qc (preprocessing QC JSON)
+    mask, fa, md, rd, ad, v1, qc (preprocessing QC JSON), dwi, bval, bvec, outliers_qc
     """
     pre, n_jobs = parameters["preprocessing"], parameters["n_jobs"]
     wf = pe.Workflow(name=name)
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["mask", "fa", "md", "rd", "ad", "v1", "qc"]), name="outputnode")
+        fields=["mask", "fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec",
+                "outliers_qc"]), name="outputnode")
     correct_wf = init_dwi_correct_wf(
         b0_threshold=pre["b0_threshold"], motion=pre["motion"], outliers=pre["outliers"],
         gradient_check=pre["gradient_check"], dti_max_bvalue=pre["dti_max_bvalue"],
@@ -222,20 +231,23 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
                                         ("denoise_qc", "inputnode.denoise_qc"),
                                         ("qc", "inputnode.combine_qc")]),
                     (join, outputnode, [("mask", "mask")])])
-    wf.connect([(correct_wf, outputnode, [(f"outputnode.{k}", k)
-                                          for k in ("fa", "md", "rd", "ad", "v1", "qc")])])
+    wf.connect([(correct_wf, outputnode, [
+        (f"outputnode.{k}", k)
+        for k in ("fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec", "outliers_qc")])])
     return wf
 
 
-def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, name="cst_wf"):
-    """Template registration, CST tracking and 100-node tract profiles.
+def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_threshold=50.0,
+                name="cst_wf"):
+    """Template registration, the tracking model, CST tracking and 100-node tract profiles.
 
     Parameters
     ----------
     subject : str
         Subject label (written in the profiles table).
     tracking : dict
-        Keyword arguments of :func:`pipeline.steps.track_cst` (fa_stop,
+        ``model`` ("dti", "csd" or "auto"; :func:`pipeline.steps.fit_fodf`) and
+        keyword arguments of :func:`pipeline.steps.track_cst` (direction, fa_stop,
         max_angle_deg, step_mm, seeds_per_voxel, min_coverage).
     n_jobs : int
         joblib workers for tracking (the streamlines do not depend on it).
@@ -245,28 +257,40 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, name="c
         Track on this Dask cluster (scheduler address, or ``"slurm"`` for a
         dask-jobqueue SLURMCluster of ``n_jobs`` workers) instead of locally.
 
+    b0_threshold : float
+        b-values (s/mm²) at or below this are b0 (for the CSD fit).
+
     Inputs
     ------
-    fa, md, rd, ad, v1, mask
+    fa, md, rd, ad, v1, mask, and dwi, bval, bvec, outliers_qc (for CSD)
 
     Outputs
     -------
-    rois, levels, template_mask, registration_qc, left, right, tracking_qc, profiles_tsv,
-    profiles_json
+    rois, levels, template_mask, registration_qc, left, right, tracking_qc, fodf_qc,
+    profiles_tsv, profiles_json
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["fa", "md", "rd", "ad", "v1", "mask"]),
-                        name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["fa", "md", "rd", "ad", "v1", "mask", "dwi", "bval", "bvec", "outliers_qc"]),
+        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["rois", "levels", "template_mask", "registration_qc", "left", "right",
-                "tracking_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
+                "tracking_qc", "fodf_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
     register = _function_node(nodes.register_atlas, ["fa_file", "mask_file"],
                               ["rois", "levels", "template_mask", "qc"], "register_atlas")
+    fodf = _function_node(
+        nodes.fit_fodf, ["dwi_file", "bval_file", "bvec_file", "mask_file", "fa_file",
+                         "rois_file", "outliers_qc", "model", "fa_stop", "b0_threshold",
+                         "n_jobs"], ["sh", "qc"], "fit_fodf", n_procs=n_jobs)
+    fodf.inputs.trait_set(model=tracking.get("model", "dti"),
+                          fa_stop=tracking.get("fa_stop", 0.2), b0_threshold=b0_threshold,
+                          n_jobs=n_jobs)
     track = _function_node(
         nodes.track_cst, ["fa_file", "v1_file", "mask_file", "rois_file", "registration_qc",
-                          "tracking", "n_jobs", "seed", "dask_scheduler"], ["left", "right", "qc"],
+                          "sh_file", "fodf_qc", "tracking", "n_jobs", "seed", "dask_scheduler"],
+        ["left", "right", "qc"],
         "track_cst", n_procs=1 if dask_scheduler else n_jobs)  # Dask workers do the tracking
-    track.inputs.tracking = tracking
+    track.inputs.tracking = {k: v for k, v in tracking.items() if k != "model"}
     track.inputs.n_jobs = n_jobs
     track.inputs.seed = seed
     track.inputs.dask_scheduler = dask_scheduler
@@ -279,6 +303,12 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, name="c
         (inputnode, register, [("fa", "fa_file"), ("mask", "mask_file")]),
         (inputnode, track, [("fa", "fa_file"), ("v1", "v1_file"), ("mask", "mask_file")]),
         (register, track, [("rois", "rois_file"), ("qc", "registration_qc")]),
+        (inputnode, fodf, [("dwi", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
+                           ("mask", "mask_file"), ("fa", "fa_file"),
+                           ("outliers_qc", "outliers_qc")]),
+        (register, fodf, [("rois", "rois_file")]),
+        (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc")]),
+        (fodf, outputnode, [("qc", "fodf_qc")]),
         (inputnode, profiles, [("fa", "fa_file"), ("md", "md_file"), ("rd", "rd_file"),
                                ("ad", "ad_file")]),
         (register, profiles, [("levels", "levels_file"), ("rois", "rois_file")]),
@@ -317,7 +347,8 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
     cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
                          n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"],
-                         dask_scheduler=parameters.get("dask_scheduler"))
+                         dask_scheduler=parameters.get("dask_scheduler"),
+                         b0_threshold=parameters["preprocessing"]["b0_threshold"])
 
     assess = _function_node(
         nodes.assess, ["profiles_json", "registration_qc", "tracking_qc", "preprocess_qc",
@@ -352,7 +383,11 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
         (preproc_wf, cst_wf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
                               ("outputnode.rd", "inputnode.rd"), ("outputnode.ad", "inputnode.ad"),
                               ("outputnode.v1", "inputnode.v1"),
-                              ("outputnode.mask", "inputnode.mask")]),
+                              ("outputnode.mask", "inputnode.mask"),
+                              ("outputnode.dwi", "inputnode.dwi"),
+                              ("outputnode.bval", "inputnode.bval"),
+                              ("outputnode.bvec", "inputnode.bvec"),
+                              ("outputnode.outliers_qc", "inputnode.outliers_qc")]),
         (cst_wf, assess, [("outputnode.profiles_json", "profiles_json"),
                           ("outputnode.registration_qc", "registration_qc"),
                           ("outputnode.tracking_qc", "tracking_qc")]),

@@ -96,6 +96,13 @@ def _add_common_options(parser):
                    help="combine the runs of a session (e.g. dir-AP and dir-PA) into one series "
                         "after aligning them; default: each run processed and reported alone")
     g = parser.add_argument_group("tracking")
+    g.add_argument("--model", choices=("dti", "csd", "auto"), default="dti",
+                   help="fibre model: the tensor (deterministic), CSD fibre ODFs (DIPY; response "
+                        "from the data), or auto: CSD when the shell's directions allow "
+                        "order 4 (16 or more), else the tensor (default dti)")
+    g.add_argument("--direction", choices=("prob", "det"), default="prob",
+                   help="with CSD: probabilistic or deterministic direction getter "
+                        "(default prob)")
     g.add_argument("--fa-stop", type=float, default=0.2, help="stop tracking below this FA "
                    "(default 0.2)")
     g.add_argument("--max-angle", type=float, default=45.0, help="max turn per step, degrees "
@@ -143,7 +150,8 @@ def build_parameters(args):
                           "combine_runs": bool(args.combine_runs),
                           "brain_mask": "median_otsu(median_radius=2, numpass=1)",
                           "tensor_fit": "WLS"},
-        "tracking": {"fa_stop": args.fa_stop, "max_angle_deg": args.max_angle,
+        "tracking": {"model": args.model, "direction": args.direction,
+                     "fa_stop": args.fa_stop, "max_angle_deg": args.max_angle,
                      "step_mm": args.step_mm, "seeds_per_voxel": args.seeds_per_voxel,
                      "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
         "localization": {**DEFAULT_THRESHOLDS, "node_ai": args.node_ai,

@@ -34,6 +34,8 @@ CONFIG_KEYS = {
     ("preprocessing", "gradient_check"): "gradient_check",
     ("preprocessing", "dti_max_bvalue"): "dti_max_bvalue",
     ("preprocessing", "combine_runs"): "combine_runs",
+    ("tracking", "model"): "model",
+    ("tracking", "direction"): "direction",
     ("tracking", "fa_stop"): "fa_stop",
     ("tracking", "max_angle_deg"): "max_angle",
     ("tracking", "step_mm"): "step_mm",

@@ -106,14 +106,27 @@ def register_atlas(fa_file, mask_file):
     return out["rois"], out["levels"], out["template_mask"], out["qc"]
 
 
-def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, tracking, n_jobs, seed,
-              dask_scheduler=None):
+def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_qc, model,
+             fa_stop, b0_threshold, n_jobs):
+    import os
+
+    from pipeline.steps import fit_fodf as fit
+
+    out = fit(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_qc,
+              out_dir=os.getcwd(), model=model, fa_stop=fa_stop, b0_threshold=b0_threshold,
+              n_jobs=n_jobs)
+    return out["sh"], out["qc"]
+
+
+def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, sh_file, fodf_qc,
+              tracking, n_jobs, seed, dask_scheduler=None):
     import os
 
     from pipeline.steps import track_cst as track
 
     out = track(fa_file, v1_file, mask_file, rois_file, registration_qc, out_dir=os.getcwd(),
-                n_jobs=n_jobs, seed=seed, dask_scheduler=dask_scheduler, **tracking)
+                sh_file=sh_file, fodf_qc_file=fodf_qc, n_jobs=n_jobs, seed=seed, dask_scheduler=dask_scheduler,
+                **tracking)
     return out["left"], out["right"], out["qc"]
 
 
