@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import apply_affine
 
 import atlases
 
@@ -385,6 +386,12 @@ def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outl
     return {"sh": sh_path, "qc": str(outputs.write_json(out_dir / "fodf_qc.json", qc))}
 
 
+def _centroid_mm(region, affine):
+    """World mm centroid of a boolean region (None when empty)."""
+    ijk = np.argwhere(region)
+    return apply_affine(affine, ijk.mean(axis=0)) if len(ijk) else None
+
+
 def _landmarks(coverage, min_coverage):
     """Inferior landmark for both sides: the pons when scanned on both sides, else the peduncle."""
     pons_ok = all(coverage.get(f"pons_{HEMI[s]}", 0) >= min_coverage for s in SIDES)
@@ -392,13 +399,22 @@ def _landmarks(coverage, min_coverage):
 
 
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
-              sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5,
-              seeds_per_voxel=10, min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
+              sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, gap_fa=0.1,
+              corridor_radius_mm=12.0, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
+              min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
     """Track, select, orient, clip and clean CST_L and CST_R.
 
     With ``sh_file`` (CSD fibre ODFs from :func:`fit_fodf`) the tracking follows
     them, ``direction`` "prob" or "det"; without, the tensor's principal direction
-    (deterministic). The model choice (``fodf_qc_file``) is kept in the tracking QC. The seed chunks are tracked over ``n_jobs`` local workers, or on the Dask
+    (deterministic). The model choice (``fodf_qc_file``) is kept in the tracking QC.
+
+    Tracking stops below ``fa_stop``, except inside each side's CST corridor (within
+    ``corridor_radius_mm`` of the line through its ROIs' centroids: brainstem
+    landmark, peduncle, PLIC, motor target), where it crosses FA down to ``gap_fa``
+    (:func:`pipeline.tracking.bridge_low_fa`): a lesion must not erase the tract
+    it damages. ``gap_fa`` ≥ ``fa_stop`` turns this off.
+
+    The seed chunks are tracked over ``n_jobs`` local workers, or on the Dask
     cluster named by ``dask_scheduler`` (an address, or ``"slurm"``; see
     :func:`pipeline.parallel.dask_backend`); the streamlines are the same.
 
@@ -422,19 +438,33 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
     seed_region &= fa >= fa_stop
     seeds = tracking.seeds_in_mask(seed_region, affine, seeds_per_voxel=seeds_per_voxel,
                                    random_seed=seed)
+    corridor = np.zeros(mask.shape, dtype=bool)
+    for side in SIDES:
+        waypoints = [_centroid_mm(rois == labels[f"{roi}_{HEMI[side]}"], affine)
+                     for roi in dict.fromkeys((lower, "peduncle", "plic", "motor"))]
+        waypoints = [w for w in waypoints if w is not None]
+        if len(waypoints) >= 2:
+            corridor |= tracking.corridor_mask(np.array(waypoints), mask.shape, affine,
+                                               radius_mm=corridor_radius_mm)
+    corridor &= mask
+    stop_map = tracking.bridge_low_fa(np.where(mask, fa, 0), corridor, fa_stop=fa_stop,
+                                      gap_fa=gap_fa)
     common = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm, n_jobs=n_jobs,
                   random_seed=seed, dask_scheduler=dask_scheduler)
     if sh_file:
         sh, _ = _load(sh_file)
-        streamlines = tracking.track_csd(seeds, sh, np.where(mask, fa, 0), affine,
-                                         direction=direction, **common)
+        streamlines = tracking.track_csd(seeds, sh, stop_map, affine, direction=direction,
+                                         **common)
         method = f"CSD, {'probabilistic' if direction == 'prob' else 'deterministic'}"
     else:
-        streamlines = tracking.track_dti_deterministic(seeds, v1, fa, mask, affine, **common)
+        streamlines = tracking.track_dti_deterministic(seeds, v1, stop_map, mask, affine,
+                                                       **common)
         method = "tensor, deterministic"
 
     qc = {"method": method, "n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
-          "inferior_landmark": lower, "sides": {}}
+          "inferior_landmark": lower, "corridor_voxels": int(corridor.sum()),
+          "bridged_voxels": int(np.count_nonzero(stop_map != np.where(mask, fa, 0))),
+          "sides": {}}
     if fodf_qc_file:
         qc["model_choice"] = json.loads(Path(fodf_qc_file).read_text())
     paths = {}

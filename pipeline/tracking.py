@@ -19,6 +19,8 @@ from .tractometry import core_mahalanobis, resample_bundle
 
 #: Seeds per tracking chunk. The chunk layout (hence the output) never depends on n_jobs.
 SEED_CHUNK_SIZE = 4000
+#: How far above ``fa_stop`` a bridged voxel is set in the stopping map.
+BRIDGE_MARGIN = 0.01
 #: Directions the CSD direction getters sample the fibre ODF on (362 vertices, ~9.5° apart).
 TRACKING_SPHERE = default_sphere
 
@@ -68,6 +70,46 @@ def seeds_in_mask(mask, affine, *, seeds_per_voxel, random_seed):
     offsets = np.random.default_rng(random_seed).uniform(
         -0.5, 0.5, size=(len(centres), seeds_per_voxel, 3))
     return (centres[:, None, :] + offsets @ canonical.T).reshape(-1, 3)
+
+
+def corridor_mask(waypoints_mm, shape, affine, *, radius_mm):
+    """Voxels within ``radius_mm`` of the polyline through ``waypoints_mm`` (world mm).
+
+    Parameters
+    ----------
+    waypoints_mm : (K, 3) world RAS mm, in order along the tract
+    shape : grid shape ; affine : (4, 4) voxel → world
+    radius_mm : float
+
+    Returns
+    -------
+    bool ndarray of ``shape``
+    """
+    ijk = np.indices(shape).reshape(3, -1).T
+    points = apply_affine(affine, ijk)
+    distance = np.full(len(points), np.inf)
+    for a, b in zip(waypoints_mm[:-1], waypoints_mm[1:]):
+        segment = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+        along = np.clip((points - a) @ segment / max(segment @ segment, 1e-12), 0.0, 1.0)
+        distance = np.minimum(distance, np.linalg.norm(points - a - along[:, None] * segment,
+                                                       axis=1))
+    return (distance <= radius_mm).reshape(shape)
+
+
+def bridge_low_fa(fa, corridor, *, fa_stop, gap_fa):
+    """Stopping map that lets tracking cross low FA inside the CST corridor.
+
+    A focal lesion lowers FA, sometimes below ``fa_stop``, while the fibres' direction
+    survives; stopping there would lose the damaged tract, and with it the evidence.
+    Inside ``corridor`` voxels with FA ≥ ``gap_fa`` are therefore raised to just
+    above ``fa_stop`` (+ :data:`BRIDGE_MARGIN`; DIPY goes on only where the map
+    exceeds the threshold) in the map the tracker stops on; the FA measured along
+    the tract is untouched. Outside the corridor nothing changes.
+    """
+    bridged = np.asarray(fa, dtype=np.float32).copy()
+    lift = np.asarray(corridor, dtype=bool) & (bridged >= gap_fa) & (bridged <= fa_stop)
+    bridged[lift] = fa_stop + BRIDGE_MARGIN
+    return bridged
 
 
 def _track_chunk(seeds, method, fields, affine, params, random_seed):

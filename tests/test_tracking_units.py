@@ -428,3 +428,46 @@ def test_probabilistic_csd_is_identical_for_any_n_jobs(crossing_field, monkeypat
     other = tracking.track_csd(f["seeds"], f["sh"], f["stop_map"], AFFINE, direction="prob",
                                random_seed=12)
     assert not all(len(a) == len(b) and np.array_equal(a, b) for a, b in zip(runs[1], other))
+
+
+# --------------------------------------------------------------------------- lesion bridging
+
+def test_corridor_is_the_tube_around_the_waypoints():
+    shape, affine = (30, 30, 30), np.diag([2.0, 2.0, 2.0, 1.0])
+    corridor = tracking.corridor_mask(np.array([[10.0, 10.0, 0.0], [10.0, 10.0, 40.0],
+                                                [40.0, 10.0, 40.0]]), shape, affine,
+                                      radius_mm=4.0)
+    ijk = np.argwhere(corridor)
+    xyz = apply_affine(affine, ijk)
+    # distance to the nearest of the two segments ≤ 4 mm, and every such voxel is in
+    d1 = np.hypot(xyz[:, 0] - 10, xyz[:, 1] - 10) * (xyz[:, 2] <= 40) + \
+        np.where(xyz[:, 2] > 40, np.linalg.norm(xyz - [10, 10, 40], axis=1), 0)
+    d2 = np.hypot(xyz[:, 1] - 10, xyz[:, 2] - 40)
+    assert np.all(np.minimum(d1, d2) <= 4.0 + 1e-9)
+    assert corridor[5, 5, 10] and corridor[15, 5, 20] and not corridor[5, 5, 25]
+    assert corridor[14, 6, 21]  # (28, 12, 42) mm: 2.8 mm from the second segment
+
+
+def test_tracking_crosses_a_focal_low_fa_gap_only_inside_the_corridor():
+    """A lesion-like FA drop (0.7 → 0.15 over 6 mm) cuts the tube unless bridged."""
+    v1, fa, mask, tube = _tube_field()
+    lesion = tube.copy()
+    lesion[:, :, :18] = False
+    lesion[:, :, 21:] = False
+    fa = np.where(lesion, 0.15, fa)
+    seeds = seeds_in_mask(tube & ~lesion, AFFINE, seeds_per_voxel=1, random_seed=7)
+    plain = track_dti_deterministic(seeds, v1, fa, mask, AFFINE)
+    bridged_map = tracking.bridge_low_fa(fa, tube, fa_stop=0.2, gap_fa=0.1)
+    bridged = track_dti_deterministic(seeds, v1, bridged_map, mask, AFFINE)
+    assert np.allclose(bridged_map[lesion], 0.21) and np.all(bridged_map[~tube] == 0.05)
+    assert max(np.ptp(s[:, 2]) for s in plain) < 45   # nothing crosses the 6 mm gap
+    # straight along voxel z: a streamline's (i, j) is its seed's; from the tube's core
+    # (where interpolation with the background stays above fa_stop) all get through
+    inv = np.linalg.inv(AFFINE)
+    radius = np.array([np.hypot(*(apply_affine(inv, s[0])[:2] - CENTRE_IJ)) for s in bridged])
+    span = np.array([np.ptp(s[:, 2]) for s in bridged])
+    assert (radius <= 2.0).sum() > 100 and np.all(span[radius <= 2.0] > 70)
+    # outside the corridor the gap still stops tracking
+    assert max(np.ptp(s[:, 2]) for s in track_dti_deterministic(
+        seeds, v1, tracking.bridge_low_fa(fa, np.zeros_like(tube), fa_stop=0.2, gap_fa=0.1),
+        mask, AFFINE)) < 45

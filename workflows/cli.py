@@ -105,6 +105,13 @@ def _add_common_options(parser):
                         "(default prob)")
     g.add_argument("--fa-stop", type=float, default=0.2, help="stop tracking below this FA "
                    "(default 0.2)")
+    g.add_argument("--gap-fa", type=float, default=0.1,
+                   help="inside the CST corridor, tracking crosses FA down to this (a lesion "
+                        "must not erase its tract; default 0.1; set it to --fa-stop to turn "
+                        "this off)")
+    g.add_argument("--corridor-radius", type=float, default=12.0, metavar="MM",
+                   help="radius of the CST corridor around the line through the CST ROIs "
+                        "(default 12 mm)")
     g.add_argument("--max-angle", type=float, default=45.0, help="max turn per step, degrees "
                    "(default 45)")
     g.add_argument("--step-mm", type=float, default=0.5, help="step size, mm (default 0.5)")
@@ -151,7 +158,8 @@ def build_parameters(args):
                           "brain_mask": "median_otsu(median_radius=2, numpass=1)",
                           "tensor_fit": "WLS"},
         "tracking": {"model": args.model, "direction": args.direction,
-                     "fa_stop": args.fa_stop, "max_angle_deg": args.max_angle,
+                     "fa_stop": args.fa_stop, "gap_fa": args.gap_fa,
+                     "corridor_radius_mm": args.corridor_radius, "max_angle_deg": args.max_angle,
                      "step_mm": args.step_mm, "seeds_per_voxel": args.seeds_per_voxel,
                      "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
         "localization": {**DEFAULT_THRESHOLDS, "node_ai": args.node_ai,

@@ -37,6 +37,8 @@ CONFIG_KEYS = {
     ("tracking", "model"): "model",
     ("tracking", "direction"): "direction",
     ("tracking", "fa_stop"): "fa_stop",
+    ("tracking", "gap_fa"): "gap_fa",
+    ("tracking", "corridor_radius_mm"): "corridor_radius",
     ("tracking", "max_angle_deg"): "max_angle",
     ("tracking", "step_mm"): "step_mm",
     ("tracking", "seeds_per_voxel"): "seeds_per_voxel",
