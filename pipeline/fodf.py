@@ -102,13 +102,13 @@ def response_mask(fa, mask):
 
 
 def _fit_chunk(signals, gtab, response, sh_order):
-    model = ConstrainedSphericalDeconvModel(gtab, response, sh_order_max=sh_order)
     with warnings.catch_warnings():  # DIPY's CSD fits in the legacy basis; converted below
         warnings.filterwarnings("ignore", message="The legacy descoteaux07",
                                 category=PendingDeprecationWarning)
         # noisy voxels (e.g. outside the white matter) that reach the iteration limit keep
         # their last estimate; a warning per voxel would say nothing more
         warnings.filterwarnings("ignore", message="maximum number of iterations exceeded")
+        model = ConstrainedSphericalDeconvModel(gtab, response, sh_order_max=sh_order)
         legacy = model.fit(signals).shm_coeff
     return convert_sh_from_legacy(legacy, SH_BASIS).astype(np.float32)
 

@@ -107,3 +107,28 @@ def implant_lesion(data, bvals, bvecs_fsl, affine, centre_ras_mm, *, radius_mm, 
             "fa_after": round(float(np.mean(after.fa)), 4),
             "ad_before": float(np.mean(before.ad)), "ad_after": float(np.mean(after.ad))}
     return lesioned, info
+
+
+def profile_lesion_site(profile_levels, profile_xyz, level, *, end_nodes, min_nodes=4):
+    """Where along a tract profile a lesion of ``level`` goes: its middle node and position.
+
+    Parameters
+    ----------
+    profile_levels : list of level names per node (one side's profile)
+    profile_xyz : (n_nodes, 3) world RAS mm of the nodes
+    level : str
+    end_nodes : int
+        Nodes at each end that detection leaves out (and so a lesion site avoids).
+    min_nodes : int
+        Fewest nodes of ``level`` inside that window for a site.
+
+    Returns
+    -------
+    (node, centre_mm) or None when the profile covers too little of ``level``.
+    """
+    n_nodes = len(profile_levels)
+    nodes = [n for n in range(end_nodes, n_nodes - end_nodes) if profile_levels[n] == level]
+    if len(nodes) < min_nodes:
+        return None
+    node = int(nodes[len(nodes) // 2])
+    return node, np.asarray(profile_xyz[node], dtype=float)

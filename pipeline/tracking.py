@@ -129,7 +129,7 @@ def _track_chunk(seeds, method, fields, affine, params, random_seed):
                                   pmf_threshold=params["stop_threshold"], **common)
     else:
         tracker = {"csd_prob": probabilistic_tracking, "csd_det": deterministic_tracking}[method]
-        generated = tracker(seeds, stopping, affine, sh=np.asarray(fields["sh"], dtype=np.float64),
+        generated = tracker(seeds, stopping, affine, sh=fields["sh"],
                             sphere=TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
                             pmf_threshold=params["pmf_threshold"], **common)
     return [np.asarray(s, dtype=np.float32) for s in generated]
@@ -211,7 +211,9 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
     """
     if direction not in ("prob", "det"):
         raise ValueError(f"direction must be 'prob' or 'det', not {direction!r}")
-    fields = {"stop_map": fa, "sh": sh}
+    # float64 once, here: DIPY's trackers need it, and the workers then share one memmap
+    fields = {"stop_map": np.asarray(fa, dtype=np.float64),
+              "sh": np.ascontiguousarray(sh, dtype=np.float64)}
     params = dict(stop_threshold=fa_stop, pmf_threshold=pmf_threshold, step_mm=step_mm,
                   max_angle_deg=max_angle_deg, min_length_mm=min_length_mm,
                   max_length_mm=max_length_mm)

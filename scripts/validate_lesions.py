@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.dwi import load_dwi  # noqa: E402
 from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
-from pipeline.lesion_model import implant_lesion  # noqa: E402
+from pipeline.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
 from pipeline.localization import DEFAULT_THRESHOLDS  # noqa: E402
 from pipeline.normative import read_profiles  # noqa: E402
 
@@ -65,16 +65,14 @@ def run_report(bids, label, out, n_jobs):
 def lesion_sites(profiles_tsv):
     """(side, level, node, centre RAS mm) for every level and side the profile allows."""
     profiles = read_profiles(profiles_tsv)
-    window = np.arange(DEFAULT_THRESHOLDS["end_nodes"], 100 - DEFAULT_THRESHOLDS["end_nodes"])
     sites = []
     for side in ("left", "right"):
-        levels = profiles[side]["level"]
         for level in LEVELS:
-            nodes = [n for n in window if levels[n] == level]
-            if len(nodes) < MIN_LEVEL_NODES:
-                continue
-            node = int(nodes[len(nodes) // 2])
-            sites.append((side, level, node, profiles[side]["xyz"][node]))
+            site = profile_lesion_site(profiles[side]["level"], profiles[side]["xyz"], level,
+                                       end_nodes=DEFAULT_THRESHOLDS["end_nodes"],
+                                       min_nodes=MIN_LEVEL_NODES)
+            if site is not None:
+                sites.append((side, level, *site))
     return sites
 
 

@@ -164,3 +164,53 @@ def test_wrong_bvec_sign_is_fixed_and_reported(out_root, tmp_path):
     assert stopped.returncode == EXIT_BAD_INPUT, stopped.stderr
     assert "flip x" in stopped.stderr and str(bvec_file) in stopped.stderr
     assert "Traceback" not in stopped.stderr
+
+
+def test_cst_survives_a_corona_radiata_lesion_and_shows_it(out_root, tmp_path):
+    """FA −60 % in a 6 mm sphere on the left CST in the corona radiata of sub-philips02.
+
+    The lesion's FA (0.42 → 0.17) falls below the stopping FA (0.2): without the
+    corridor's gap tolerance the damaged tract is cut there (measured: the profile
+    then shows only a diluted dip of −0.09, from streamlines that go around it).
+    """
+    from pipeline.dwi import load_dwi
+    from pipeline.lesion_model import implant_lesion, profile_lesion_site
+    from pipeline.localization import DEFAULT_THRESHOLDS
+    from pipeline.normative import read_profiles
+
+    subject = "philips02"
+    healthy_out = _run(subject, out_root)
+    tsv = f"sub-{subject}/dwi/sub-{subject}_desc-profiles_tractometry.tsv"
+    healthy = read_profiles(healthy_out / tsv)
+    node, centre = profile_lesion_site(healthy["left"]["level"], healthy["left"]["xyz"],
+                                       "corona_radiata",
+                                       end_nodes=DEFAULT_THRESHOLDS["end_nodes"])
+    bids = tmp_path / "bids"
+    dwi_dir = bids / f"sub-{subject}" / "dwi"
+    dwi_dir.mkdir(parents=True)
+    shutil.copy(SHARED_BIDS / "dataset_description.json", bids)
+    source = SHARED_BIDS / f"sub-{subject}" / "dwi" / f"sub-{subject}_dwi"
+    for suffix in (".bval", ".bvec", ".json"):
+        shutil.copy(f"{source}{suffix}", dwi_dir)
+    scan = load_dwi(f"{source}.nii.gz", f"{source}.bval", f"{source}.bvec", check_data=False)
+    lesioned, info = implant_lesion(np.asarray(scan.img.dataobj), scan.bvals, scan.bvecs_fsl,
+                                    scan.affine, centre, radius_mm=6.0, fa_drop=0.6)
+    assert info["fa_after"] < 0.2 < info["fa_before"], info  # below the stopping FA
+    nib.save(nib.Nifti1Image(lesioned, scan.img.affine, scan.img.header),
+             str(dwi_dir / f"sub-{subject}_dwi.nii.gz"))
+
+    out = tmp_path / "out"
+    result = run_cst_report(subject, bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    metrics = load_metrics(out, f"sub-{subject}")
+    n_left, n_right = (metrics["cst"][s]["n_streamlines"] for s in ("left", "right"))
+    assert n_left >= 0.5 * n_right, (n_left, n_right)       # the damaged CST is still there
+    profile = read_profiles(out / tsv)
+    drop = profile["left"]["fa"] - healthy["left"]["fa"]
+    deepest = int(np.nanargmin(drop))
+    assert drop[deepest] < -0.15, drop[deepest]             # measured: −0.23
+    assert np.linalg.norm(profile["left"]["xyz"][deepest] - centre) <= 6.0
+    assert np.nanmin(profile["right"]["fa"] - healthy["right"]["fa"]) > -0.05
+    found = metrics["localization"]
+    assert (found["affected_side"], found["level"]) == ("left", "corona_radiata"), found
+    assert np.linalg.norm(np.subtract(found["peak_ras_mm"], centre)) <= 12.0
