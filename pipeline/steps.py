@@ -400,7 +400,7 @@ def _landmarks(coverage, min_coverage):
 
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
               sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, gap_fa=0.1,
-              corridor_radius_mm=12.0, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
+              corridor_radius_mm=8.0, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
               min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
     """Track, select, orient, clip and clean CST_L and CST_R.
 

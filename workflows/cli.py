@@ -109,9 +109,9 @@ def _add_common_options(parser):
                    help="inside the CST corridor, tracking crosses FA down to this (a lesion "
                         "must not erase its tract; default 0.1; set it to --fa-stop to turn "
                         "this off)")
-    g.add_argument("--corridor-radius", type=float, default=12.0, metavar="MM",
+    g.add_argument("--corridor-radius", type=float, default=8.0, metavar="MM",
                    help="radius of the CST corridor around the line through the CST ROIs "
-                        "(default 12 mm)")
+                        "(default 8 mm)")
     g.add_argument("--max-angle", type=float, default=45.0, help="max turn per step, degrees "
                    "(default 45)")
     g.add_argument("--step-mm", type=float, default=0.5, help="step size, mm (default 0.5)")
