@@ -248,7 +248,8 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     tracking : dict
         ``model`` ("dti", "csd" or "auto"; :func:`pipeline.steps.fit_fodf`) and
         keyword arguments of :func:`pipeline.steps.track_cst` (direction, fa_stop,
-        max_angle_deg, step_mm, seeds_per_voxel, min_coverage).
+        gap_fa, corridor_radius_mm, max_angle_deg, step_mm, seeds_per_voxel,
+        min_coverage).
     n_jobs : int
         joblib workers for tracking (the streamlines do not depend on it).
     seed : int
