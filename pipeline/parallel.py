@@ -15,10 +15,10 @@ SLURM_CLUSTER = "slurm"
 #: Size of one Dask worker job on SLURM unless dask-jobqueue's configuration sets it.
 DEFAULT_SLURM_WORKER = {"cores": 1, "memory": "2GiB"}
 
-#: Work that would take less than this (s) in this process is not sent to workers.
-#: Measured here: two loky workers take 1-4 s to start and receive ~200 MB of arrays;
-#: EuDX on 20k seeds took 1.1 s serially and 5.1 s "in parallel" on a loaded machine.
-MIN_PARALLEL_SECONDS = 4.0
+#: What starting the workers and handing them the arrays costs (s): measured on
+#: sub-philips01 (benchmarks/bench_tracking.py), EuDX on 100k seeds took 4.4 s here and
+#: 5.2 s over 2 workers, i.e. 3 s more than half the serial time.
+WORKER_START_SECONDS = 3.0
 
 _ON_DASK = ContextVar("on_dask", default=False)
 
@@ -26,11 +26,11 @@ _ON_DASK = ContextVar("on_dask", default=False)
 def parallel_map(function, argument_tuples, *, n_jobs):
     """``[function(*args) for args in argument_tuples]`` over ``n_jobs`` joblib workers.
 
-    Parallel only where it pays: the first call runs here and is timed, and when
-    the others would take less than :data:`MIN_PARALLEL_SECONDS` in this process
-    they run here too (starting workers and handing them the arrays costs about
-    that much), so ``n_jobs > 1`` is never much slower than serial. The calls and
-    their arguments are the same either way, so are the results.
+    Parallel only where it pays: the first call runs here and is timed; the others
+    go to the workers only when that saves more than starting them costs
+    (:data:`WORKER_START_SECONDS`), so ``n_jobs > 1`` is never much slower than
+    serial. The calls and their arguments are the same either way, so are the
+    results.
 
     Large arrays reach the workers as copy-on-write memmaps (DIPY's Cython code
     rejects the read-only ones joblib uses by default). The worker processes
@@ -49,7 +49,9 @@ def parallel_map(function, argument_tuples, *, n_jobs):
         started = time.perf_counter()
         results.append(function(*argument_tuples[0]))
         per_call = time.perf_counter() - started
-        if per_call * (len(argument_tuples) - 1) < MIN_PARALLEL_SECONDS:
+        remaining = per_call * (len(argument_tuples) - 1)
+        saved = remaining * (1 - 1 / min(n_jobs, len(argument_tuples) - 1))
+        if saved < WORKER_START_SECONDS:
             return results + [function(*args) for args in argument_tuples[1:]]
     with Parallel(n_jobs=n_jobs, mmap_mode="c") as parallel:  # removes its memmap folder
         results += parallel(delayed(function)(*args) for args in argument_tuples[len(results):])

@@ -132,7 +132,12 @@ def _track_chunk(seeds, method, fields, affine, params, random_seed):
         generated = tracker(seeds, stopping, affine, sh=fields["sh"],
                             sphere=TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
                             pmf_threshold=params["pmf_threshold"], **common)
-    return [np.asarray(s, dtype=np.float32) for s in generated]
+    streamlines = [np.asarray(s, dtype=np.float32) for s in generated]
+    # One array and its lengths travel back from a worker far faster than thousands of
+    # small arrays (pickling each costs more than tracking it).
+    lengths = np.array([len(s) for s in streamlines], dtype=np.int64)
+    points = np.concatenate(streamlines) if streamlines else np.zeros((0, 3), np.float32)
+    return points, lengths
 
 
 def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed, dask_scheduler):
@@ -143,7 +148,8 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
         results = parallel_map(_track_chunk, [
             (chunk, method, fields, affine, params, random_seed + 1 + i)
             for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
-    return [s for chunk in results for s in chunk]
+    return [s for points, lengths in results
+            for s in np.split(points, np.cumsum(lengths)[:-1])] if results else []
 
 
 def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,

@@ -18,10 +18,10 @@ SHARED_BIDS = Path(os.environ.get("CST_SHARED_BIDS", REPO.parent / "shared" / "d
 def always_parallel(monkeypatch):
     """In-process tests send even small work to the workers, so that comparisons of
     n_jobs really compare serial with parallel runs (the command line keeps its
-    measured-cost rule, :data:`pipeline.parallel.MIN_PARALLEL_SECONDS`)."""
+    measured-cost rule, :data:`pipeline.parallel.WORKER_START_SECONDS`)."""
     import pipeline.parallel
 
-    monkeypatch.setattr(pipeline.parallel, "MIN_PARALLEL_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline.parallel, "WORKER_START_SECONDS", 0.0)
 
 
 def run_cst_report(subject, bids_dir, out_dir, *extra, work_dir=None):

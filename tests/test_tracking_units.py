@@ -328,9 +328,9 @@ def test_parallel_map_keeps_cheap_work_in_this_process(monkeypatch):
 
     import pipeline.parallel as parallel
 
-    monkeypatch.setattr(parallel, "MIN_PARALLEL_SECONDS", 4.0)
+    monkeypatch.setattr(parallel, "WORKER_START_SECONDS", 4.0)
     assert set(parallel.parallel_map(os.getpid, [()] * 4, n_jobs=2)) == {os.getpid()}
-    monkeypatch.setattr(parallel, "MIN_PARALLEL_SECONDS", 0.0)
+    monkeypatch.setattr(parallel, "WORKER_START_SECONDS", 0.0)
     pids = parallel.parallel_map(os.getpid, [()] * 4, n_jobs=2)
     assert pids[0] == os.getpid()  # the timed first call
     assert set(pids[1:]) - {os.getpid()}  # the rest went to workers
