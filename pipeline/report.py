@@ -1819,15 +1819,19 @@ def methods_text(metrics) -> str:
         model_words = f"{getter} CSD tractography"
     else:
         model_words = "Deterministic tensor tractography"
+    gap_fa = _num(_get(params, "tracking", "gap_fa"))
+    gap_clause = (
+        f", except that within {val('tracking', 'corridor_radius_mm', unit=' mm')} of the "
+        f"line through each side's CST ROIs tracking went on through FA down to "
+        f"{val('tracking', 'gap_fa')} (so that a focal lesion does not cut the tract it "
+        f"damages)" if math.isfinite(gap_fa) and gap_fa < _num(_get(params, "tracking", "fa_stop"))
+        else "")
     sentences.append(
         f"{model_words} was seeded with {val('tracking', 'seeds_per_voxel')} "
         f"seeds per voxel in the brainstem and internal-capsule ROIs (random seed "
         f"{val('seed')}), with a step of {val('tracking', 'step_mm', unit=' mm')}, stopping "
         f"where FA &lt; {val('tracking', 'fa_stop')} or the turning angle exceeds "
-        f"{val('tracking', 'max_angle_deg', unit='°')}, except that within "
-        f"{val('tracking', 'corridor_radius_mm', unit=' mm')} of the line through each "
-        f"side's CST ROIs tracking went on through FA down to {val('tracking', 'gap_fa')} "
-        f"(so that a focal lesion does not cut the tract it damages); the pons was used as "
+        f"{val('tracking', 'max_angle_deg', unit='°')}{gap_clause}; the pons was used as "
         f"the inferior "
         f"landmark when at least {pct('tracking', 'min_coverage')} of each pons ROI lay in "
         f"the field of view (otherwise the cerebral peduncle). Per hemisphere, streamlines "
