@@ -447,7 +447,8 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
             corridor |= tracking.corridor_mask(np.array(waypoints), mask.shape, affine,
                                                radius_mm=corridor_radius_mm)
     corridor &= mask
-    stop_map = tracking.bridge_low_fa(np.where(mask, fa, 0), corridor, fa_stop=fa_stop,
+    brain_fa = np.where(mask, fa, 0)
+    stop_map = tracking.bridge_low_fa(brain_fa, corridor, fa_stop=fa_stop,
                                       gap_fa=gap_fa)
     common = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm, n_jobs=n_jobs,
                   random_seed=seed, dask_scheduler=dask_scheduler)
@@ -463,7 +464,7 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
 
     qc = {"method": method, "n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
           "inferior_landmark": lower, "corridor_voxels": int(corridor.sum()),
-          "bridged_voxels": int(np.count_nonzero(stop_map != np.where(mask, fa, 0))),
+          "bridged_voxels": int(np.count_nonzero(stop_map != brain_fa)),
           "sides": {}}
     if fodf_qc_file:
         qc["model_choice"] = json.loads(Path(fodf_qc_file).read_text())
