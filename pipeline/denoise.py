@@ -5,7 +5,9 @@ Veraart et al. 2016 eigenvalue classifier, Manjón et al. 2013 overlapping-patch
 weighting) evaluated for thousands of patches at once with batched numpy
 linear algebra. DIPY runs it one voxel at a time in a Python loop, which took
 108 s on a 128×128×60×33 scan; the batched form gives the same numbers
-(checked against DIPY in the tests) in a fraction of that time.
+(checked against DIPY in the tests) in a fraction of that time. The pipeline
+centres patches on every second voxel (:data:`PIPELINE_PATCH_STRIDE`), which
+costs a sixth as much for practically the same result.
 """
 
 import numpy as np
@@ -16,6 +18,14 @@ DENOISE_METHODS = ("mppca", "patch2self", "none")
 
 #: Patches handled together in one batched eigendecomposition (memory ~ batch × patch × volumes).
 PATCH_BATCH = 2048
+#: Default patch-centre spacing of the pipeline's MP-PCA: every second voxel along each axis,
+#: so each voxel still averages 27 overlapping 5×5×5 patch estimates (DIPY: 125). On
+#: sub-philips01 with simulated Rician noise (σ = 1400, truth = its stride-1 denoised
+#: series) the error to the truth rose 2 % (1238 → 1260) and the FA error did not change
+#: (mean |ΔFA| 0.0083 → 0.0084), for 1/6 of the time (30 s → 5 s on one core).
+PIPELINE_PATCH_STRIDE = 2
+#: Patch half-width (voxels) of the pipeline's MP-PCA: 5×5×5 patches, DIPY's default.
+PIPELINE_PATCH_RADIUS = 2
 
 
 def mask_bounding_box(mask, margin=2):
@@ -138,12 +148,16 @@ def mppca(data, mask, *, patch_radius=2, patch_stride=1, slab_thickness=16, n_jo
     nz = data.shape[2]
     cores = [(z, min(z + slab_thickness, nz)) for z in range(0, nz, slab_thickness)]
     spans = [(max(a - pad, 0), min(b + pad, nz)) for a, b in cores]
+    # The slab with the most brain goes first: parallel_map times its first call to
+    # decide whether workers pay, and the lowest slab often holds little brain.
+    order = sorted(range(len(spans)), key=lambda i: -int(mask[:, :, slice(*cores[i])].sum()))
     jobs = [(data[:, :, lo:hi], mask[:, :, lo:hi], patch_radius, (0, 0, (-lo) % patch_stride),
-             patch_stride) for lo, hi in spans]
+             patch_stride) for lo, hi in (spans[i] for i in order)]
     results = parallel_map(_mppca_block, jobs, n_jobs=n_jobs)
     denoised = np.empty(data.shape, dtype=np.float32)
     sigma = np.empty(data.shape[:3], dtype=np.float32)
-    for (a, b), (lo, _), (d, s) in zip(cores, spans, results):
+    for i, (d, s) in zip(order, results):
+        (a, b), (lo, _) = cores[i], spans[i]
         denoised[:, :, a:b] = d[:, :, a - lo:b - lo]
         sigma[:, :, a:b] = s[:, :, a - lo:b - lo]
     return denoised, sigma
@@ -173,8 +187,8 @@ def patch2self(data, bvals):
     return denoised
 
 
-def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=2, patch_stride=1,
-                n_jobs=1):
+def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=PIPELINE_PATCH_RADIUS,
+                patch_stride=PIPELINE_PATCH_STRIDE, n_jobs=1):
     """Denoise a 4D DWI series inside the brain mask.
 
     Parameters
@@ -185,7 +199,8 @@ def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=2, patch_stri
     method : {"mppca", "patch2self", "none"}
         MP-PCA (Veraart et al. 2016) or Patch2Self (Fadnavis et al. 2020).
     patch_radius, patch_stride : int
-        MP-PCA patch geometry (see :func:`mppca`).
+        MP-PCA patch geometry (see :func:`mppca`); ``patch_stride=1`` reproduces
+        DIPY exactly, the default is :data:`PIPELINE_PATCH_STRIDE`.
     n_jobs : int
         Workers for MP-PCA (the result does not depend on it).
 

@@ -76,6 +76,10 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
                                                  n_jobs=n_jobs)
     voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
     qc = {"method": method, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
+          "mppca_patch_radius": denoise_module.PIPELINE_PATCH_RADIUS if method == "mppca"
+          else None,
+          "mppca_patch_stride": denoise_module.PIPELINE_PATCH_STRIDE if method == "mppca"
+          else None,
           "noise_sigma_median": None, "snr_b0": None}
     if sigma is not None:
         noise = float(np.median(sigma[mask]))
@@ -301,6 +305,7 @@ def register_atlas(fa_file, mask_file, *, out_dir):
         "template_mask_dice": round(registration.dice(template_in_subject, mask), 3),
         "roi_coverage": {name: round(value, 3) for name, value in registration.roi_coverage(
             mask_in_template, template_rois, atlases.CST_ROI_LABELS).items()},
+        "parameters": registration.registration_parameters(),
         "affine_template_to_subject": np.round(affine_matrix, 5).tolist(),
         # Stretch factors of the affine part: an adult head is within ~15 % of the template.
         "affine_scales": np.round(np.linalg.svd(affine_matrix[:3, :3], compute_uv=False),
