@@ -6,10 +6,10 @@ from dipy.align import affine_registration, syn_registration
 
 #: Mutual information of the rigid and affine stages is estimated on this fraction of the
 #: template's voxels (DIPY's regular grid with a fixed-seed jitter, so reruns agree).
-#: Against all voxels and 500/100/20 iterations on the four real scans of
-#: ../shared/data (philips01, philips02, siemens01, toshiba01, uih01) the warped FA
-#: correlated with the template as well or better (e.g. 0.615 → 0.619, 0.831 → 0.833),
-#: in a quarter of the time (affine 38 s → 6–16 s).
+#: Against all voxels and 500/100/20 iterations, on five real scans of ../shared/data
+#: (philips01, philips02, siemens01, toshiba01, uih01) the warped FA correlated with the
+#: template as well or better (e.g. 0.615 → 0.619, 0.831 → 0.833), in a quarter of the
+#: time (affine 36–46 s → 6–16 s).
 AFFINE_SAMPLING_PROPORTION = 0.3
 #: Iterations of the rigid and affine stages, coarsest level first.
 AFFINE_LEVEL_ITERS = (100, 50, 10)
