@@ -20,12 +20,12 @@ AFFINE_FACTORS = (4, 2, 1)
 SYN_LEVEL_ITERS = (10, 10, 5)
 
 
-def register_fa_to_template(fa, fa_affine, template_fa, template_affine, *,
-                            syn_level_iters=SYN_LEVEL_ITERS):
+def register_fa_to_template(fa, fa_affine, template_fa, template_affine):
     """Affine (centre of mass → rigid → affine, MI) then SyN (CC).
 
     The template is the static image, so the cost of the registration does not
-    depend on the subject's resolution. Parameters: the module constants.
+    depend on the subject's resolution. Settings: the module constants, as
+    :func:`registration_parameters` records them.
 
     Returns
     -------
@@ -43,7 +43,7 @@ def register_fa_to_template(fa, fa_affine, template_fa, template_affine, *,
         factors=list(AFFINE_FACTORS), sampling_proportion=AFFINE_SAMPLING_PROPORTION)
     _, mapping = syn_registration(
         moving, static, moving_affine=fa_affine, static_affine=template_affine,
-        prealign=affine_matrix, level_iters=list(syn_level_iters))
+        prealign=affine_matrix, level_iters=list(SYN_LEVEL_ITERS))
     return mapping, affine_matrix
 
 
