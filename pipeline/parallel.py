@@ -23,7 +23,7 @@ WORKER_START_SECONDS = 3.0
 _ON_DASK = ContextVar("on_dask", default=False)
 
 
-def parallel_map(function, argument_tuples, *, n_jobs):
+def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     """``[function(*args) for args in argument_tuples]`` over ``n_jobs`` joblib workers.
 
     Parallel only where it pays: the first call runs here and is timed; the others
@@ -31,6 +31,11 @@ def parallel_map(function, argument_tuples, *, n_jobs):
     (:data:`WORKER_START_SECONDS`), so ``n_jobs > 1`` is never much slower than
     serial. The calls and their arguments are the same either way, so are the
     results.
+
+    ``threads=True`` is for functions that release the GIL for their work (Numba
+    ``nogil`` kernels): the workers are threads of this process, which share the
+    arrays instead of receiving them and cost nothing to start, so there is no
+    timed first call.
 
     Large arrays reach the workers as copy-on-write memmaps (DIPY's Cython code
     rejects the read-only ones joblib uses by default). The worker processes
@@ -45,7 +50,7 @@ def parallel_map(function, argument_tuples, *, n_jobs):
     if not on_dask and (n_jobs == 1 or len(argument_tuples) < 2):
         return [function(*args) for args in argument_tuples]
     results = []
-    if not on_dask:
+    if not on_dask and not threads:
         started = time.perf_counter()
         results.append(function(*argument_tuples[0]))
         per_call = time.perf_counter() - started
@@ -53,9 +58,10 @@ def parallel_map(function, argument_tuples, *, n_jobs):
         saved = remaining * (1 - 1 / min(n_jobs, len(argument_tuples) - 1))
         if saved < WORKER_START_SECONDS:
             return results + [function(*args) for args in argument_tuples[1:]]
-    with Parallel(n_jobs=n_jobs, mmap_mode="c") as parallel:  # removes its memmap folder
+    # ``prefer`` is only a hint: inside dask_backend the calls still go to Dask.
+    with Parallel(n_jobs=n_jobs, mmap_mode="c", prefer="threads" if threads else None) as parallel:
         results += parallel(delayed(function)(*args) for args in argument_tuples[len(results):])
-    if not on_dask:
+    if not on_dask and not threads:
         get_reusable_executor().shutdown(wait=True)
     return results
 

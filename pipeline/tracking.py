@@ -9,11 +9,11 @@ from dipy.direction.peaks import PeaksAndMetrics
 from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
 from dipy.tracking.streamline import Streamlines
 from dipy.data import default_sphere
-from dipy.tracking.tracker import deterministic_tracking, eudx_tracking, probabilistic_tracking
+from dipy.tracking.tracker import deterministic_tracking, eudx_tracking
 from dipy.tracking.utils import length
-from nibabel.affines import apply_affine
+from nibabel.affines import apply_affine, voxel_sizes
 
-from . import fodf
+from . import cone_tracking, fodf
 from .parallel import dask_backend, parallel_map
 from .tractometry import core_mahalanobis, resample_bundle
 
@@ -112,8 +112,26 @@ def bridge_low_fa(fa, corridor, *, fa_stop, gap_fa):
     return bridged
 
 
+def _track_chunk_in_cone(seeds, fields, affine, params, random_seed):
+    """One seed chunk through :func:`pipeline.cone_tracking.track_seeds` (CSD, probabilistic)."""
+    inverse = np.linalg.inv(affine)
+    seeds_voxels = np.ascontiguousarray(apply_affine(inverse, seeds), dtype=np.float64)
+    shape = np.array(fields["stop_map"].shape, dtype=np.int64)
+    sh = np.asarray(fields["sh"])
+    points, lengths = cone_tracking.track_seeds(
+        seeds_voxels, sh.reshape(-1, sh.shape[-1]), np.asarray(fields["odf_max"]).reshape(-1),
+        np.asarray(fields["stop_map"]).reshape(-1), shape, params["stop_threshold"],
+        fields["basis"], fields["cone_basis"], fields["vertices"], fields["neighbours"], fields["counts"],
+        params["pmf_threshold"], params["step_mm"] / voxel_sizes(affine),
+        int(params["max_length_mm"] / params["step_mm"]),
+        int(params["min_length_mm"] / params["step_mm"]), random_seed)
+    return apply_affine(affine, points).astype(np.float32), lengths
+
+
 def _track_chunk(seeds, method, fields, affine, params, random_seed):
-    """One seed chunk through DIPY's tracker (single-threaded: the chunks are the parallelism)."""
+    """One seed chunk through the tracker (single-threaded: the chunks are the parallelism)."""
+    if method == "csd_prob":
+        return _track_chunk_in_cone(seeds, fields, affine, params, random_seed)
     stopping = ThresholdStoppingCriterion(np.asarray(fields["stop_map"], dtype=np.float64),
                                           params["stop_threshold"])
     common = dict(step_size=params["step_mm"], max_angle=params["max_angle_deg"],
@@ -128,8 +146,7 @@ def _track_chunk(seeds, method, fields, affine, params, random_seed):
         generated = eudx_tracking(seeds, stopping, affine, pam=pam,
                                   pmf_threshold=params["stop_threshold"], **common)
     else:
-        tracker = {"csd_prob": probabilistic_tracking, "csd_det": deterministic_tracking}[method]
-        generated = tracker(seeds, stopping, affine, sh=fields["sh"],
+        generated = deterministic_tracking(seeds, stopping, affine, sh=fields["sh"],
                             sphere=TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
                             pmf_threshold=params["pmf_threshold"], **common)
     streamlines = [np.asarray(s, dtype=np.float32) for s in generated]
@@ -145,9 +162,10 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
     ``n_jobs`` workers or a Dask cluster; the streamlines in seed order."""
     chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
     with dask_backend(dask_scheduler, n_workers=n_jobs):
+        # The cone tracker is a Numba kernel that releases the GIL: threads suffice.
         results = parallel_map(_track_chunk, [
             (chunk, method, fields, affine, params, random_seed + 1 + i)
-            for i, chunk in enumerate(chunks)], n_jobs=n_jobs)
+            for i, chunk in enumerate(chunks)], n_jobs=n_jobs, threads=method == "csd_prob")
     return [s for points, lengths in results
             for s in np.split(points, np.cumsum(lengths)[:-1])] if results else []
 
@@ -203,8 +221,9 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
         models reach the same white matter).
     direction : {"prob", "det"}
         ``prob``: each step drawn from the ODF within ``max_angle_deg`` of the last
-        (DIPY's probabilistic direction getter); ``det``: the ODF maximum closest to
-        the last direction.
+        (DIPY's probabilistic model, evaluated only inside that cone:
+        :mod:`pipeline.cone_tracking`); ``det``: the ODF maximum closest to the last
+        direction (DIPY's deterministic tracker).
     pmf_threshold : float
         ODF values below this fraction are not followed.
     n_jobs, random_seed, dask_scheduler
@@ -217,9 +236,19 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
     """
     if direction not in ("prob", "det"):
         raise ValueError(f"direction must be 'prob' or 'det', not {direction!r}")
-    # float64 once, here: DIPY's trackers need it, and the workers then share one memmap
-    fields = {"stop_map": np.asarray(fa, dtype=np.float64),
-              "sh": np.ascontiguousarray(sh, dtype=np.float64)}
+    # Converted once, here, so that the workers share one memmap of each array.
+    fields = {"stop_map": np.ascontiguousarray(fa, dtype=np.float64)}
+    if direction == "prob":
+        sh = np.ascontiguousarray(sh, dtype=np.float32)
+        basis = cone_tracking.odf_basis(TRACKING_SPHERE, sh.shape[-1], fodf.SH_BASIS)
+        neighbours, counts = cone_tracking.cone_neighbours(TRACKING_SPHERE.vertices,
+                                                           max_angle_deg)
+        fields.update(sh=sh, basis=basis, odf_max=cone_tracking.odf_maxima(sh, basis),
+                      cone_basis=cone_tracking.cone_basis(basis, neighbours, counts),
+                      vertices=np.ascontiguousarray(TRACKING_SPHERE.vertices, np.float64),
+                      neighbours=neighbours, counts=counts)
+    else:  # DIPY's tracker needs float64
+        fields["sh"] = np.ascontiguousarray(sh, dtype=np.float64)
     params = dict(stop_threshold=fa_stop, pmf_threshold=pmf_threshold, step_mm=step_mm,
                   max_angle_deg=max_angle_deg, min_length_mm=min_length_mm,
                   max_length_mm=max_length_mm)

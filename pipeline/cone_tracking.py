@@ -1,0 +1,275 @@
+"""Probabilistic tracking on fibre ODFs that samples only inside the turning cone.
+
+Same model as DIPY's probabilistic direction getter (``dipy.tracking.tracker.
+probabilistic_tracking``): the ODF, given as spherical-harmonic coefficients, is
+interpolated trilinearly at the current point, evaluated on a discrete sphere,
+values below ``pmf_threshold`` × its maximum are dropped, and the next direction
+is drawn among the vertices within ``max_angle`` of the last one with probability
+∝ the ODF. DIPY evaluates the ODF on the whole sphere at every step and then
+discards what lies outside the cone; at 45° that is ~70 % of the work. Here each
+vertex's cone (its neighbours within ``max_angle``, a fixed list because every
+step lands exactly on a vertex) is computed once, and only those vertices are
+evaluated, in single precision. The one number the full sphere is still needed
+for, the ODF maximum of the threshold, is taken from a per-voxel map of the
+maxima, interpolated like the coefficients (an upper bound of the interpolated
+ODF's maximum, so the threshold is never lower than DIPY's).
+
+Stepping, stopping and length rules are DIPY's: positions in voxel
+coordinates, ``point += direction * step / voxel size``, tracking goes on while
+the trilinearly interpolated stopping map exceeds its threshold (the point that
+fails is not kept), at most ``max_points`` steps each way from the seed, the
+streamline kept when it has ``min_points`` to ``max_points`` points. Each seed
+starts along the ODF maximum at the seed and is tracked both ways, the backward
+half along the reverse of the first step taken (DIPY: ``seeds_directions_pairs``
+with one peak per seed).
+
+The kernel is compiled by Numba (cached on disk after the first call) and uses
+Numba's own random stream seeded per call, so a call's output depends only on
+its arguments, never on which process runs it.
+"""
+
+import numpy as np
+from dipy.reconst.shm import order_from_ncoef, sh_to_sf_matrix
+from numba import njit
+
+#: Voxels per block when the ODF maxima are computed (bounds the (block, vertices) matrix).
+MAXIMA_BLOCK = 20000
+
+
+def cone_neighbours(vertices, max_angle_deg):
+    """For each vertex, the vertices within ``max_angle_deg`` of it or of its antipode.
+
+    Returns
+    -------
+    neighbours : int32 (n_vertices, k_max), padded with -1
+    counts : int32 (n_vertices,)
+    """
+    cos_similarity = np.cos(np.deg2rad(max_angle_deg))
+    inside = np.abs(vertices @ vertices.T) >= cos_similarity
+    counts = inside.sum(axis=1).astype(np.int32)
+    neighbours = np.full((len(vertices), counts.max()), -1, dtype=np.int32)
+    for v, row in enumerate(inside):
+        members = np.flatnonzero(row)
+        neighbours[v, :len(members)] = members
+    return neighbours, counts
+
+
+def odf_basis(sphere, n_coefficients, basis_type):
+    """(n_vertices, n_coefficients) float32 matrix from SH coefficients to ODF values."""
+    order = int(order_from_ncoef(n_coefficients))
+    matrix = sh_to_sf_matrix(sphere, sh_order_max=order, basis_type=basis_type,
+                             legacy=False, return_inv=False)
+    return np.ascontiguousarray(matrix.T, dtype=np.float32)
+
+
+def cone_basis(basis, neighbours, counts):
+    """Per vertex, the basis rows of its cone transposed: float32 (n_vertices,
+    n_coefficients, k_max), zero-padded, so the ODF over a cone is a sum of
+    contiguous rows scaled by the coefficients."""
+    blocks = np.zeros((len(neighbours), basis.shape[1], neighbours.shape[1]), dtype=np.float32)
+    for v, (members, n) in enumerate(zip(neighbours, counts)):
+        blocks[v, :, :n] = basis[members[:n]].T
+    return blocks
+
+
+def odf_maxima(sh, basis):
+    """Per-voxel maximum of the ODF over the sphere, float32 of ``sh.shape[:3]``."""
+    coefficients = np.asarray(sh, dtype=np.float32).reshape(-1, sh.shape[-1])
+    maxima = np.zeros(len(coefficients), dtype=np.float32)
+    nonzero = np.flatnonzero(np.any(coefficients != 0, axis=1))
+    for start in range(0, len(nonzero), MAXIMA_BLOCK):
+        block = nonzero[start:start + MAXIMA_BLOCK]
+        maxima[block] = (coefficients[block] @ basis.T).max(axis=1)
+    return maxima.reshape(sh.shape[:3])
+
+
+@njit(cache=True, nogil=True)
+def _trilinear_corners(point, shape, flat_index, weight):
+    """DIPY's trilinear scheme: the 8 corner voxels (flat indices) and weights of
+    ``point`` (voxel coordinates); False outside [-0.5, shape - 0.5)."""
+    low = np.empty(3, np.int64)
+    high = np.empty(3, np.int64)
+    fraction = np.empty(3)
+    for axis in range(3):
+        if point[axis] < -0.5 or point[axis] >= shape[axis] - 0.5:
+            return False
+        floor = np.floor(point[axis])
+        fraction[axis] = point[axis] - floor
+        low[axis] = max(int(floor), 0)
+        high[axis] = min(int(floor) + 1, shape[axis] - 1)
+    corner = 0
+    for a in range(2):
+        i = high[0] if a else low[0]
+        wa = fraction[0] if a else 1.0 - fraction[0]
+        for b in range(2):
+            j = high[1] if b else low[1]
+            wb = fraction[1] if b else 1.0 - fraction[1]
+            for c in range(2):
+                k = high[2] if c else low[2]
+                wc = fraction[2] if c else 1.0 - fraction[2]
+                flat_index[corner] = (i * shape[1] + j) * shape[2] + k
+                weight[corner] = wa * wb * wc
+                corner += 1
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _interpolate_coefficients(sh, flat_index, weight, out):
+    out[:] = 0.0
+    for corner in range(8):
+        w = np.float32(weight[corner])
+        row = sh[flat_index[corner]]
+        for c in range(out.shape[0]):
+            out[c] += w * row[c]
+
+
+@njit(cache=True, nogil=True)
+def _interpolate_scalar(values, flat_index, weight):
+    value = 0.0
+    for corner in range(8):
+        value += weight[corner] * values[flat_index[corner]]
+    return value
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def cone_odf(coefficients, vertex, cone_basis, counts, threshold, values):
+    """ODF of ``coefficients`` on the cone of ``vertex`` (its :func:`cone_neighbours`,
+    in that order) into ``values``, zero where below ``threshold`` or negative;
+    returns the number of cone vertices."""
+    n_cone = counts[vertex]
+    values[:n_cone] = 0.0
+    for c in range(coefficients.shape[0]):  # contiguous over the cone: vectorises
+        weight_c = coefficients[c]
+        row = cone_basis[vertex, c]
+        for k in range(n_cone):
+            values[k] += weight_c * row[k]
+    for k in range(n_cone):
+        if values[k] < threshold or values[k] < 0:
+            values[k] = 0.0
+    return n_cone
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold,
+          cone_basis, vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
+          scratch):
+    """Track from ``start`` along ``sign * vertices[vertex]``; points into ``out``.
+
+    Returns (number of points kept, vertex and sign of the first step kept, or -1, 0).
+    """
+    coefficients, values, cdf, flat_index, weight = scratch
+    point = start.copy()
+    out[0] = point
+    n_points = 1
+    first_vertex, first_sign = -1, 0
+    # The corners of the current point serve both its stopping test and its ODF.
+    inside = _trilinear_corners(point, shape, flat_index, weight)
+    for _ in range(1, max_points):
+        if not inside:
+            break
+        _interpolate_coefficients(sh, flat_index, weight, coefficients)
+        threshold = pmf_threshold * _interpolate_scalar(odf_max, flat_index, weight)
+        n_cone = cone_odf(coefficients, vertex, cone_basis, counts, threshold, values)
+        total = 0.0
+        for k in range(n_cone):
+            total += values[k]
+            cdf[k] = total
+        if total <= 0.0:
+            break
+        draw = np.random.random() * total
+        chosen = 0
+        while chosen < n_cone - 1 and cdf[chosen] <= draw:
+            chosen += 1
+        new_vertex = neighbours[vertex, chosen]
+        alignment = 0.0
+        for axis in range(3):
+            alignment += vertices[vertex, axis] * vertices[new_vertex, axis]
+        sign = sign if alignment > 0 else -sign
+        vertex = new_vertex
+        for axis in range(3):
+            point[axis] += sign * vertices[vertex, axis] * step_voxels[axis]
+        inside = _trilinear_corners(point, shape, flat_index, weight)
+        if not inside or _interpolate_scalar(stop_map, flat_index, weight) <= stop_threshold:
+            break
+        if first_vertex < 0:
+            first_vertex, first_sign = vertex, sign
+        out[n_points] = point
+        n_points += 1
+    return n_points, first_vertex, first_sign
+
+
+@njit(cache=True, nogil=True)
+def track_seeds(seeds_voxels, sh, odf_max, stop_map, shape, stop_threshold, basis, cone_basis,
+                vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
+                min_points, random_seed):
+    """Probabilistic streamlines from each seed (voxel coordinates).
+
+    Parameters
+    ----------
+    seeds_voxels : float64 (N, 3)
+    sh : float32 (n_voxels, n_coefficients), the grid's coefficients, C order flattened
+    odf_max : float32 (n_voxels,), :func:`odf_maxima` flattened
+    stop_map : float64 (n_voxels,), flattened ; shape : int64 (3,)
+    stop_threshold : float
+    basis : float32 (n_vertices, n_coefficients), :func:`odf_basis`
+    cone_basis : float32, :func:`cone_basis` of it
+    vertices : float64 (n_vertices, 3) ; neighbours, counts : :func:`cone_neighbours`
+    pmf_threshold : float, fraction of the ODF maximum
+    step_voxels : float64 (3,), step size / voxel size per axis
+    max_points, min_points : int, per streamline
+    random_seed : int, seeds Numba's random stream for this call
+
+    Returns
+    -------
+    points : float64 (M, 3), voxel coordinates of all kept streamlines, in seed order
+    lengths : int64 (K,), points per kept streamline
+    """
+    np.random.seed(random_seed)
+    n_coefficients = basis.shape[1]
+    scratch = (np.empty(n_coefficients, np.float32), np.empty(neighbours.shape[1], np.float32),
+               np.empty(neighbours.shape[1]), np.empty(8, np.int64), np.empty(8))
+    coefficients, _, _, flat_index, weight = scratch
+    forward = np.empty((max_points, 3))
+    backward = np.empty((max_points, 3))
+    points = np.empty((max(len(seeds_voxels), 1) * 64, 3))
+    lengths = np.empty(len(seeds_voxels), np.int64)
+    n_kept = 0
+    n_stored = 0
+    for s in range(len(seeds_voxels)):
+        seed = seeds_voxels[s]
+        if not _trilinear_corners(seed, shape, flat_index, weight):
+            continue
+        _interpolate_coefficients(sh, flat_index, weight, coefficients)
+        best, best_value = -1, 0.0
+        for v in range(basis.shape[0]):
+            value = 0.0
+            for c in range(n_coefficients):
+                value += basis[v, c] * coefficients[c]
+            if value > best_value:
+                best, best_value = v, value
+        if best < 0:
+            continue
+        n_forward, first_vertex, first_sign = _walk(
+            seed, best, 1, forward, sh, odf_max, stop_map, shape, stop_threshold, cone_basis,
+            vertices, neighbours, counts, pmf_threshold, step_voxels, max_points, scratch)
+        back_vertex, back_sign = (first_vertex, -first_sign) if first_vertex >= 0 else (best, -1)
+        n_backward, _, _ = _walk(
+            seed, back_vertex, back_sign, backward, sh, odf_max, stop_map, shape,
+            stop_threshold, cone_basis, vertices, neighbours, counts, pmf_threshold, step_voxels,
+            max_points, scratch)
+        n_total = n_forward + n_backward - 1
+        if n_total < min_points or n_total > max_points:
+            continue
+        if n_stored + n_total > len(points):
+            grown = np.empty((2 * len(points) + n_total, 3))
+            grown[:n_stored] = points[:n_stored]
+            points = grown
+        for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
+            points[n_stored] = backward[i]
+            n_stored += 1
+        for i in range(n_forward):
+            points[n_stored] = forward[i]
+            n_stored += 1
+        lengths[n_kept] = n_total
+        n_kept += 1
+    return points[:n_stored].copy(), lengths[:n_kept].copy()
