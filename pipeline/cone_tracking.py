@@ -84,29 +84,37 @@ def odf_maxima(sh, basis):
 
 
 @njit(cache=True, nogil=True)
+def _axis_corners(x, size):
+    """Lower and upper grid index and the upper one's weight along one axis (DIPY's
+    clamping at the edges); lower index -1 when ``x`` is outside [-0.5, size - 0.5)."""
+    if x < -0.5 or x >= size - 0.5:
+        return -1, -1, 0.0
+    floor = np.floor(x)
+    return max(int(floor), 0), min(int(floor) + 1, size - 1), x - floor
+
+
+@njit(cache=True, nogil=True)
 def _trilinear_corners(point, shape, flat_index, weight):
     """DIPY's trilinear scheme: the 8 corner voxels (flat indices) and weights of
-    ``point`` (voxel coordinates); False outside [-0.5, shape - 0.5)."""
-    low = np.empty(3, np.int64)
-    high = np.empty(3, np.int64)
-    fraction = np.empty(3)
-    for axis in range(3):
-        if point[axis] < -0.5 or point[axis] >= shape[axis] - 0.5:
-            return False
-        floor = np.floor(point[axis])
-        fraction[axis] = point[axis] - floor
-        low[axis] = max(int(floor), 0)
-        high[axis] = min(int(floor) + 1, shape[axis] - 1)
+    ``point`` (voxel coordinates); False outside [-0.5, shape - 0.5).
+
+    Scalars only, no arrays: this runs at every step, and an allocation per step
+    would cost more than the interpolation (and serialise threads on the allocator)."""
+    i0, i1, fi = _axis_corners(point[0], shape[0])
+    j0, j1, fj = _axis_corners(point[1], shape[1])
+    k0, k1, fk = _axis_corners(point[2], shape[2])
+    if i0 < 0 or j0 < 0 or k0 < 0:
+        return False
     corner = 0
     for a in range(2):
-        i = high[0] if a else low[0]
-        wa = fraction[0] if a else 1.0 - fraction[0]
+        i = i1 if a else i0
+        wa = fi if a else 1.0 - fi
         for b in range(2):
-            j = high[1] if b else low[1]
-            wb = fraction[1] if b else 1.0 - fraction[1]
+            j = j1 if b else j0
+            wb = fj if b else 1.0 - fj
             for c in range(2):
-                k = high[2] if c else low[2]
-                wc = fraction[2] if c else 1.0 - fraction[2]
+                k = k1 if c else k0
+                wc = fk if c else 1.0 - fk
                 flat_index[corner] = (i * shape[1] + j) * shape[2] + k
                 weight[corner] = wa * wb * wc
                 corner += 1
@@ -118,9 +126,9 @@ def _interpolate_coefficients(sh, flat_index, weight, out):
     out[:] = 0.0
     for corner in range(8):
         w = np.float32(weight[corner])
-        row = sh[flat_index[corner]]
+        index = flat_index[corner]
         for c in range(out.shape[0]):
-            out[c] += w * row[c]
+            out[c] += w * sh[index, c]
 
 
 @njit(cache=True, nogil=True)
@@ -140,9 +148,8 @@ def cone_odf(coefficients, vertex, cone_basis, counts, threshold, values):
     values[:n_cone] = 0.0
     for c in range(coefficients.shape[0]):  # contiguous over the cone: vectorises
         weight_c = coefficients[c]
-        row = cone_basis[vertex, c]
         for k in range(n_cone):
-            values[k] += weight_c * row[k]
+            values[k] += weight_c * cone_basis[vertex, c, k]
     for k in range(n_cone):
         if values[k] < threshold or values[k] < 0:
             values[k] = 0.0
@@ -157,8 +164,8 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
 
     Returns (number of points kept, vertex and sign of the first step kept, or -1, 0).
     """
-    coefficients, values, cdf, flat_index, weight = scratch
-    point = start.copy()
+    coefficients, values, cdf, flat_index, weight, point = scratch
+    point[:] = start
     out[0] = point
     n_points = 1
     first_vertex, first_sign = -1, 0
@@ -199,14 +206,26 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
 
 
 @njit(cache=True, nogil=True)
-def track_seeds(seeds_voxels, sh, odf_max, stop_map, shape, stop_threshold, basis, cone_basis,
+def _to_world(voxel, affine, out):
+    for axis in range(3):
+        out[axis] = (affine[axis, 0] * voxel[0] + affine[axis, 1] * voxel[1]
+                     + affine[axis, 2] * voxel[2] + affine[axis, 3])
+
+
+@njit(cache=True, nogil=True)
+def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, basis, cone_basis,
                 vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
                 min_points, random_seed):
-    """Probabilistic streamlines from each seed (voxel coordinates).
+    """Probabilistic streamlines from each seed.
+
+    Tracking runs in voxel coordinates; seeds and streamlines are in world
+    coordinates (mm), mapped here rather than by numpy around the call, whose BLAS
+    threads would compete with the tracking threads.
 
     Parameters
     ----------
-    seeds_voxels : float64 (N, 3)
+    seeds : float64 (N, 3), world coordinates (mm)
+    affine : float64 (4, 4), voxel to world of the grid
     sh : float32 (n_voxels, n_coefficients), the grid's coefficients, C order flattened
     odf_max : float32 (n_voxels,), :func:`odf_maxima` flattened
     stop_map : float64 (n_voxels,), flattened ; shape : int64 (3,)
@@ -221,22 +240,27 @@ def track_seeds(seeds_voxels, sh, odf_max, stop_map, shape, stop_threshold, basi
 
     Returns
     -------
-    points : float64 (M, 3), voxel coordinates of all kept streamlines, in seed order
+    points : float32 (M, 3), world coordinates of all kept streamlines, in seed order
     lengths : int64 (K,), points per kept streamline
     """
     np.random.seed(random_seed)
     n_coefficients = basis.shape[1]
+    # Scratch arrays made once per call: no allocation in the per-step code.
     scratch = (np.empty(n_coefficients, np.float32), np.empty(neighbours.shape[1], np.float32),
-               np.empty(neighbours.shape[1]), np.empty(8, np.int64), np.empty(8))
-    coefficients, _, _, flat_index, weight = scratch
+               np.empty(neighbours.shape[1]), np.empty(8, np.int64), np.empty(8), np.empty(3))
+    coefficients, _, _, flat_index, weight, _ = scratch
+    seed = np.empty(3)
     forward = np.empty((max_points, 3))
     backward = np.empty((max_points, 3))
-    points = np.empty((max(len(seeds_voxels), 1) * 64, 3))
-    lengths = np.empty(len(seeds_voxels), np.int64)
+    inverse = np.linalg.inv(affine)
+    points = np.empty((max(len(seeds), 1) * 64, 3), np.float32)
+    lengths = np.empty(len(seeds), np.int64)
     n_kept = 0
     n_stored = 0
-    for s in range(len(seeds_voxels)):
-        seed = seeds_voxels[s]
+    for s in range(len(seeds)):
+        for axis in range(3):
+            seed[axis] = (inverse[axis, 0] * seeds[s, 0] + inverse[axis, 1] * seeds[s, 1]
+                          + inverse[axis, 2] * seeds[s, 2] + inverse[axis, 3])
         if not _trilinear_corners(seed, shape, flat_index, weight):
             continue
         _interpolate_coefficients(sh, flat_index, weight, coefficients)
@@ -261,14 +285,14 @@ def track_seeds(seeds_voxels, sh, odf_max, stop_map, shape, stop_threshold, basi
         if n_total < min_points or n_total > max_points:
             continue
         if n_stored + n_total > len(points):
-            grown = np.empty((2 * len(points) + n_total, 3))
+            grown = np.empty((2 * len(points) + n_total, 3), np.float32)
             grown[:n_stored] = points[:n_stored]
             points = grown
         for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
-            points[n_stored] = backward[i]
+            _to_world(backward[i], affine, points[n_stored])
             n_stored += 1
         for i in range(n_forward):
-            points[n_stored] = forward[i]
+            _to_world(forward[i], affine, points[n_stored])
             n_stored += 1
         lengths[n_kept] = n_total
         n_kept += 1

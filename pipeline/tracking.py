@@ -114,18 +114,16 @@ def bridge_low_fa(fa, corridor, *, fa_stop, gap_fa):
 
 def _track_chunk_in_cone(seeds, fields, affine, params, random_seed):
     """One seed chunk through :func:`pipeline.cone_tracking.track_seeds` (CSD, probabilistic)."""
-    inverse = np.linalg.inv(affine)
-    seeds_voxels = np.ascontiguousarray(apply_affine(inverse, seeds), dtype=np.float64)
     shape = np.array(fields["stop_map"].shape, dtype=np.int64)
     sh = np.asarray(fields["sh"])
-    points, lengths = cone_tracking.track_seeds(
-        seeds_voxels, sh.reshape(-1, sh.shape[-1]), np.asarray(fields["odf_max"]).reshape(-1),
+    return cone_tracking.track_seeds(
+        np.ascontiguousarray(seeds, dtype=np.float64), np.asarray(affine, dtype=np.float64),
+        sh.reshape(-1, sh.shape[-1]), np.asarray(fields["odf_max"]).reshape(-1),
         np.asarray(fields["stop_map"]).reshape(-1), shape, params["stop_threshold"],
         fields["basis"], fields["cone_basis"], fields["vertices"], fields["neighbours"], fields["counts"],
         params["pmf_threshold"], params["step_mm"] / voxel_sizes(affine),
         int(params["max_length_mm"] / params["step_mm"]),
         int(params["min_length_mm"] / params["step_mm"]), random_seed)
-    return apply_affine(affine, points).astype(np.float32), lengths
 
 
 def _track_chunk(seeds, method, fields, affine, params, random_seed):

@@ -110,8 +110,10 @@ def test_the_same_seed_gives_the_same_streamlines_and_another_seed_others(sh_fie
     basis = cone_tracking.odf_basis(default_sphere, sh_field.shape[-1], fodf.SH_BASIS)
     neighbours, counts = cone_tracking.cone_neighbours(default_sphere.vertices, MAX_ANGLE_DEG)
     sh = np.ascontiguousarray(sh_field, dtype=np.float32)
+    affine = np.array([[-2.0, 0, 0, 6], [0, 2, 0, -3], [0, 0, 2, 1], [0, 0, 0, 1]])  # LAS
+    seeds_voxels = np.random.default_rng(0).uniform(0.5, 2.5, size=(40, 3))
     arguments = (
-        np.random.default_rng(0).uniform(0.5, 2.5, size=(40, 3)), sh.reshape(-1, 45),
+        seeds_voxels @ affine[:3, :3].T + affine[:3, 3], affine, sh.reshape(-1, 45),
         cone_tracking.odf_maxima(sh, basis).reshape(-1), np.full(64, 0.5),
         np.array([4, 4, 4], dtype=np.int64), 0.2, basis,
         cone_tracking.cone_basis(basis, neighbours, counts),
@@ -124,6 +126,8 @@ def test_the_same_seed_gives_the_same_streamlines_and_another_seed_others(sh_fie
     np.testing.assert_array_equal(first[1], again[1])
     assert first[1].sum() == len(first[0]) > 0
     assert not (len(first[0]) == len(other[0]) and np.array_equal(first[0], other[0]))
-    # every step is 0.25 voxel long, across the seed where the two halves meet too
+    # every step is 0.25 voxel (0.5 mm) long, across the seed where the two halves meet too
     steps = np.linalg.norm(np.diff(first[0][:first[1][0]], axis=0), axis=1)
-    np.testing.assert_allclose(steps, 0.25, rtol=1e-6)
+    np.testing.assert_allclose(steps, 0.5, rtol=1e-5)
+    # the first streamline passes through its seed, in world coordinates
+    assert np.min(np.linalg.norm(first[0][:first[1][0]] - arguments[0][0], axis=1)) < 1e-5
