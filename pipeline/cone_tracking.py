@@ -1,18 +1,19 @@
-"""Probabilistic tracking on fibre ODFs that samples only inside the turning cone.
+"""Tracking on fibre ODFs evaluated only inside the turning cone.
 
-Same model as DIPY's probabilistic direction getter (``dipy.tracking.tracker.
-probabilistic_tracking``): the ODF, given as spherical-harmonic coefficients, is
-interpolated trilinearly at the current point, evaluated on a discrete sphere,
-values below ``pmf_threshold`` × its maximum are dropped, and the next direction
-is drawn among the vertices within ``max_angle`` of the last one with probability
-∝ the ODF. DIPY evaluates the ODF on the whole sphere at every step and then
-discards what lies outside the cone; at 45° that is ~70 % of the work. Here each
-vertex's cone (its neighbours within ``max_angle``, a fixed list because every
-step lands exactly on a vertex) is computed once, and only those vertices are
-evaluated, in single precision. The one number the full sphere is still needed
-for, the ODF maximum of the threshold, is taken from a per-voxel map of the
-maxima, interpolated like the coefficients (an upper bound of the interpolated
-ODF's maximum, so the threshold is never lower than DIPY's).
+Same models as DIPY's probabilistic and deterministic trackers (``dipy.tracking.
+tracker.probabilistic_tracking`` and ``deterministic_tracking``): the ODF, given
+as spherical-harmonic coefficients, is interpolated trilinearly at the current
+point, evaluated on a discrete sphere, values below ``pmf_threshold`` × its
+maximum are dropped, and the next direction is, among the vertices within
+``max_angle`` of the last one, drawn with probability ∝ the ODF (probabilistic)
+or the ODF's maximum (deterministic). DIPY evaluates the ODF on the whole sphere
+at every step and then discards what lies outside the cone; at 45° that is ~70 %
+of the work. Here each vertex's cone (its neighbours within ``max_angle``, a
+fixed list because every step lands exactly on a vertex) is computed once, and
+only those vertices are evaluated, in single precision. The one number the full
+sphere is still needed for, the ODF maximum of the threshold, is taken from a
+per-voxel map of the maxima, interpolated like the coefficients (an upper bound
+of the interpolated ODF's maximum, so the threshold is never lower than DIPY's).
 
 Stepping, stopping and length rules are DIPY's: positions in voxel
 coordinates, ``point += direction * step / voxel size``, tracking goes on while
@@ -159,8 +160,11 @@ def cone_odf(coefficients, vertex, cone_basis, counts, threshold, values):
 @njit(cache=True, nogil=True, fastmath=True)
 def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold,
           cone_basis, vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
-          scratch):
+          deterministic, scratch):
     """Track from ``start`` along ``sign * vertices[vertex]``; points into ``out``.
+
+    Each step: the ODF maximum in the cone (``deterministic``), else a draw from the
+    cone's ODF.
 
     Returns (number of points kept, vertex and sign of the first step kept, or -1, 0).
     """
@@ -177,16 +181,24 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
         _interpolate_coefficients(sh, flat_index, weight, coefficients)
         threshold = pmf_threshold * _interpolate_scalar(odf_max, flat_index, weight)
         n_cone = cone_odf(coefficients, vertex, cone_basis, counts, threshold, values)
-        total = 0.0
-        for k in range(n_cone):
-            total += values[k]
-            cdf[k] = total
-        if total <= 0.0:
-            break
-        draw = np.random.random() * total
-        chosen = 0
-        while chosen < n_cone - 1 and cdf[chosen] <= draw:
-            chosen += 1
+        if deterministic:
+            chosen = 0  # the first maximum in sphere order, as numpy's argmax in DIPY
+            for k in range(1, n_cone):
+                if values[k] > values[chosen]:
+                    chosen = k
+            if values[chosen] <= 0.0:
+                break
+        else:
+            total = 0.0
+            for k in range(n_cone):
+                total += values[k]
+                cdf[k] = total
+            if total <= 0.0:
+                break
+            draw = np.random.random() * total
+            chosen = 0
+            while chosen < n_cone - 1 and cdf[chosen] <= draw:
+                chosen += 1
         new_vertex = neighbours[vertex, chosen]
         alignment = 0.0
         for axis in range(3):
@@ -215,8 +227,8 @@ def _to_world(voxel, affine, out):
 @njit(cache=True, nogil=True)
 def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, basis, cone_basis,
                 vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
-                min_points, random_seed):
-    """Probabilistic streamlines from each seed.
+                min_points, deterministic, random_seed):
+    """Streamlines from each seed, probabilistic or deterministic.
 
     Tracking runs in voxel coordinates; seeds and streamlines are in world
     coordinates (mm), mapped here rather than by numpy around the call, whose BLAS
@@ -236,7 +248,8 @@ def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, bas
     pmf_threshold : float, fraction of the ODF maximum
     step_voxels : float64 (3,), step size / voxel size per axis
     max_points, min_points : int, per streamline
-    random_seed : int, seeds Numba's random stream for this call
+    deterministic : bool, the ODF maximum in the cone at each step instead of a draw
+    random_seed : int, seeds Numba's random stream for this call (probabilistic)
 
     Returns
     -------
@@ -275,12 +288,13 @@ def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, bas
             continue
         n_forward, first_vertex, first_sign = _walk(
             seed, best, 1, forward, sh, odf_max, stop_map, shape, stop_threshold, cone_basis,
-            vertices, neighbours, counts, pmf_threshold, step_voxels, max_points, scratch)
+            vertices, neighbours, counts, pmf_threshold, step_voxels, max_points, deterministic,
+            scratch)
         back_vertex, back_sign = (first_vertex, -first_sign) if first_vertex >= 0 else (best, -1)
         n_backward, _, _ = _walk(
             seed, back_vertex, back_sign, backward, sh, odf_max, stop_map, shape,
             stop_threshold, cone_basis, vertices, neighbours, counts, pmf_threshold, step_voxels,
-            max_points, scratch)
+            max_points, deterministic, scratch)
         n_total = n_forward + n_backward - 1
         if n_total < min_points or n_total > max_points:
             continue

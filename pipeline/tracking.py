@@ -9,7 +9,7 @@ from dipy.direction.peaks import PeaksAndMetrics
 from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
 from dipy.tracking.streamline import Streamlines
 from dipy.data import default_sphere
-from dipy.tracking.tracker import deterministic_tracking, eudx_tracking
+from dipy.tracking.tracker import eudx_tracking
 from dipy.tracking.utils import length
 from nibabel.affines import apply_affine, voxel_sizes
 
@@ -112,8 +112,8 @@ def bridge_low_fa(fa, corridor, *, fa_stop, gap_fa):
     return bridged
 
 
-def _track_chunk_in_cone(seeds, fields, affine, params, random_seed):
-    """One seed chunk through :func:`pipeline.cone_tracking.track_seeds` (CSD, probabilistic)."""
+def _track_chunk_in_cone(seeds, fields, affine, params, random_seed, *, deterministic):
+    """One seed chunk through :func:`pipeline.cone_tracking.track_seeds` (CSD)."""
     shape = np.array(fields["stop_map"].shape, dtype=np.int64)
     sh = np.asarray(fields["sh"])
     return cone_tracking.track_seeds(
@@ -123,30 +123,25 @@ def _track_chunk_in_cone(seeds, fields, affine, params, random_seed):
         fields["basis"], fields["cone_basis"], fields["vertices"], fields["neighbours"], fields["counts"],
         params["pmf_threshold"], params["step_mm"] / voxel_sizes(affine),
         int(params["max_length_mm"] / params["step_mm"]),
-        int(params["min_length_mm"] / params["step_mm"]), random_seed)
+        int(params["min_length_mm"] / params["step_mm"]), deterministic, random_seed)
 
 
 def _track_chunk(seeds, method, fields, affine, params, random_seed):
     """One seed chunk through the tracker (single-threaded: the chunks are the parallelism)."""
-    if method == "csd_prob":
-        return _track_chunk_in_cone(seeds, fields, affine, params, random_seed)
+    if method in ("csd_prob", "csd_det"):
+        return _track_chunk_in_cone(seeds, fields, affine, params, random_seed,
+                                    deterministic=method == "csd_det")
     stopping = ThresholdStoppingCriterion(np.asarray(fields["stop_map"], dtype=np.float64),
                                           params["stop_threshold"])
     common = dict(step_size=params["step_mm"], max_angle=params["max_angle_deg"],
                   min_len=params["min_length_mm"], max_len=params["max_length_mm"],
                   nbr_threads=1, random_seed=random_seed)
-    seeds = np.asarray(seeds, dtype=np.float64)
-    if method == "dti_det":
-        pam = PeaksAndMetrics()
-        pam.peak_indices = fields["peak_indices"]
-        pam.peak_values = fields["peak_values"]
-        pam.odf_vertices = fields["vertices"]
-        generated = eudx_tracking(seeds, stopping, affine, pam=pam,
-                                  pmf_threshold=params["stop_threshold"], **common)
-    else:
-        generated = deterministic_tracking(seeds, stopping, affine, sh=fields["sh"],
-                            sphere=TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
-                            pmf_threshold=params["pmf_threshold"], **common)
+    pam = PeaksAndMetrics()
+    pam.peak_indices = fields["peak_indices"]
+    pam.peak_values = fields["peak_values"]
+    pam.odf_vertices = fields["vertices"]
+    generated = eudx_tracking(np.asarray(seeds, dtype=np.float64), stopping, affine, pam=pam,
+                              pmf_threshold=params["stop_threshold"], **common)
     streamlines = [np.asarray(s, dtype=np.float32) for s in generated]
     # One array and its lengths travel back from a worker far faster than thousands of
     # small arrays (pickling each costs more than tracking it).
@@ -163,7 +158,7 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
         # The cone tracker is a Numba kernel that releases the GIL: threads suffice.
         results = parallel_map(_track_chunk, [
             (chunk, method, fields, affine, params, random_seed + 1 + i)
-            for i, chunk in enumerate(chunks)], n_jobs=n_jobs, threads=method == "csd_prob")
+            for i, chunk in enumerate(chunks)], n_jobs=n_jobs, threads=method != "dti_det")
     return [s for points, lengths in results
             for s in np.split(points, np.cumsum(lengths)[:-1])] if results else []
 
@@ -218,10 +213,10 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
         Tracking stops where FA falls below ``fa_stop`` (as for the tensor, so the two
         models reach the same white matter).
     direction : {"prob", "det"}
-        ``prob``: each step drawn from the ODF within ``max_angle_deg`` of the last
-        (DIPY's probabilistic model, evaluated only inside that cone:
-        :mod:`pipeline.cone_tracking`); ``det``: the ODF maximum closest to the last
-        direction (DIPY's deterministic tracker).
+        ``prob``: each step drawn from the ODF within ``max_angle_deg`` of the last;
+        ``det``: the ODF maximum within that cone. DIPY's probabilistic and
+        deterministic models, evaluated only inside the cone
+        (:mod:`pipeline.cone_tracking`).
     pmf_threshold : float
         ODF values below this fraction are not followed.
     n_jobs, random_seed, dask_scheduler
@@ -234,19 +229,15 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
     """
     if direction not in ("prob", "det"):
         raise ValueError(f"direction must be 'prob' or 'det', not {direction!r}")
-    # Converted once, here, so that the workers share one memmap of each array.
-    fields = {"stop_map": np.ascontiguousarray(fa, dtype=np.float64)}
-    if direction == "prob":
-        sh = np.ascontiguousarray(sh, dtype=np.float32)
-        basis = cone_tracking.odf_basis(TRACKING_SPHERE, sh.shape[-1], fodf.SH_BASIS)
-        neighbours, counts = cone_tracking.cone_neighbours(TRACKING_SPHERE.vertices,
-                                                           max_angle_deg)
-        fields.update(sh=sh, basis=basis, odf_max=cone_tracking.odf_maxima(sh, basis),
-                      cone_basis=cone_tracking.cone_basis(basis, neighbours, counts),
-                      vertices=np.ascontiguousarray(TRACKING_SPHERE.vertices, np.float64),
-                      neighbours=neighbours, counts=counts)
-    else:  # DIPY's tracker needs float64
-        fields["sh"] = np.ascontiguousarray(sh, dtype=np.float64)
+    # Prepared once, here; the tracking threads share them.
+    sh = np.ascontiguousarray(sh, dtype=np.float32)
+    basis = cone_tracking.odf_basis(TRACKING_SPHERE, sh.shape[-1], fodf.SH_BASIS)
+    neighbours, counts = cone_tracking.cone_neighbours(TRACKING_SPHERE.vertices, max_angle_deg)
+    fields = {"stop_map": np.ascontiguousarray(fa, dtype=np.float64), "sh": sh, "basis": basis,
+              "odf_max": cone_tracking.odf_maxima(sh, basis),
+              "cone_basis": cone_tracking.cone_basis(basis, neighbours, counts),
+              "vertices": np.ascontiguousarray(TRACKING_SPHERE.vertices, np.float64),
+              "neighbours": neighbours, "counts": counts}
     params = dict(stop_threshold=fa_stop, pmf_threshold=pmf_threshold, step_mm=step_mm,
                   max_angle_deg=max_angle_deg, min_length_mm=min_length_mm,
                   max_length_mm=max_length_mm)

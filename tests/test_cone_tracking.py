@@ -118,10 +118,13 @@ def test_the_same_seed_gives_the_same_streamlines_and_another_seed_others(sh_fie
         np.array([4, 4, 4], dtype=np.int64), 0.2, basis,
         cone_tracking.cone_basis(basis, neighbours, counts),
         np.ascontiguousarray(default_sphere.vertices), neighbours, counts, PMF_THRESHOLD,
-        np.full(3, 0.25), 200, 2)
+        np.full(3, 0.25), 200, 2, False)
     first = cone_tracking.track_seeds(*arguments, 5)
     again = cone_tracking.track_seeds(*arguments, 5)
     other = cone_tracking.track_seeds(*arguments, 6)
+    # deterministic: the random stream plays no part
+    deterministic = [cone_tracking.track_seeds(*arguments[:-1], True, seed) for seed in (5, 6)]
+    np.testing.assert_array_equal(deterministic[0][0], deterministic[1][0])
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert first[1].sum() == len(first[0]) > 0

@@ -447,6 +447,29 @@ def test_probabilistic_csd_matches_dipys_probabilistic_tracker(crossing_field):
     assert a["mean_points"] == pytest.approx(b["mean_points"], rel=0.1)
 
 
+def test_deterministic_csd_equals_dipys_deterministic_tracker(crossing_field):
+    """The cone kernel's deterministic mode against ``dipy.tracking.tracker.
+    deterministic_tracking``: the same streamlines, point for point (ours in single
+    precision), through the crossing too."""
+    from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+    from dipy.tracking.tracker import deterministic_tracking
+
+    from pipeline import fodf
+
+    f = crossing_field
+    ours = tracking.track_csd(f["seeds"], f["sh"], f["stop_map"], AFFINE, direction="det",
+                              fa_stop=0.2, pmf_threshold=0.1, step_mm=0.5, max_angle_deg=45.0,
+                              min_length_mm=20.0, max_length_mm=250.0, n_jobs=2)
+    theirs = list(deterministic_tracking(
+        f["seeds"], ThresholdStoppingCriterion(f["stop_map"], 0.2), AFFINE, sh=f["sh"],
+        sphere=tracking.TRACKING_SPHERE, basis_type=fodf.SH_BASIS, legacy=False,
+        pmf_threshold=0.1, step_size=0.5, max_angle=45.0, min_len=20.0, max_len=250.0))
+    assert len(ours) == len(theirs) > 0.9 * len(f["seeds"])
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-3)
+
+
 def test_probabilistic_csd_is_identical_for_any_n_jobs(crossing_field, monkeypatch):
     f = crossing_field
     monkeypatch.setattr(tracking, "SEED_CHUNK_SIZE", int(np.ceil(len(f["seeds"]) / 5)))
