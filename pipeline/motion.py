@@ -324,7 +324,7 @@ def _register_into(data, indices, affine, head, levels, centre, model, n_jobs, v
     # No more workers than volumes: a lone second b0 is registered without starting any.
     results = parallel_map(_register_volume,
                            [(data, int(i), affine, head, levels, centre, model) for i in indices],
-                           n_jobs=min(n_jobs, len(indices)))
+                           n_jobs=min(n_jobs, len(indices)), threads=True)
     for i, (world_affine, resampled) in zip(indices, results):
         volume_affines[i] = world_affine
         corrected[..., i] = resampled

@@ -32,10 +32,12 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     serial. The calls and their arguments are the same either way, so are the
     results.
 
-    ``threads=True`` is for functions that release the GIL for their work (Numba
-    ``nogil`` kernels): the workers are threads of this process, which share the
-    arrays instead of receiving them and cost nothing to start, so there is no
-    timed first call.
+    ``threads=True`` is for functions that release the GIL for most of their work
+    (Numba ``nogil`` kernels, DIPY's trackers and image metrics, FFTs): the workers
+    are threads of this process, which share the arrays instead of receiving them
+    and cost nothing to start, so there is no timed first call. Functions that
+    hold the GIL, or run multithreaded BLAS (MP-PCA's eigendecompositions were
+    slower on threads), keep to processes.
 
     Large arrays reach the workers as copy-on-write memmaps (DIPY's Cython code
     rejects the read-only ones joblib uses by default). The worker processes
