@@ -212,7 +212,8 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
     flagged = stage("detect_outliers", degibbs["dwi"], bval, bvec, mask["mask"], moco["qc"])
     checked = stage("check_gradients", moco["dwi"], bval, moco["bvec"], mask["mask"],
                     flagged["qc"])
-    dti = stage("fit_tensor", moco["dwi"], bval, checked["bvec"], mask["mask"], flagged["qc"])
+    dti = stage("fit_tensor", moco["dwi"], bval, checked["bvec"], mask["mask"], flagged["qc"],
+                n_jobs=n_jobs)
     pre_qc = stage("collect_preprocessing_qc", denoise_qc=den["qc"], motion_qc=moco["qc"],
                    outliers_qc=flagged["qc"], gradient_qc=checked["qc"], tensor_qc=dti["qc"])
     reg = stage("register_atlas", dti["fa"], mask["mask"])

@@ -12,6 +12,7 @@ from dipy.segment.mask import median_otsu
 
 from .dwi import MIN_DIRECTIONS, count_unique_directions, fsl_bvecs_to_voxel_frame
 from .errors import InputError
+from .parallel import parallel_map
 
 #: Shells at or below this b-value (s/mm²) feed the tensor; above it the signal is non-Gaussian.
 DTI_MAX_BVALUE = 1500.0
@@ -68,7 +69,14 @@ def check_tensor_directions(bvals, bvecs, use, *, b0_threshold, path, n_excluded
             fix="Keep the outlier volumes (--outliers report), or re-acquire the scan.")
 
 
-def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit_method="WLS"):
+def _fit_tensor_slab(model, data, mask):
+    """Tensor maps of one slab: FA, MD, RD, AD and the principal eigenvector."""
+    fit = model.fit(data, mask=mask)
+    return fit.fa, fit.md, fit.rd, fit.ad, fit.evecs[..., 0]
+
+
+def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit_method="WLS",
+            n_jobs=1):
     """Fit the diffusion tensor and return its scalar maps and principal direction.
 
     Parameters
@@ -81,6 +89,10 @@ def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit
     b0_threshold : float, s/mm²
     use : bool ndarray (N,), optional
         Volumes to fit (see :func:`dti_volumes`); default all.
+    n_jobs : int
+        Threads, each fitting a slab of slices with about the same number of brain
+        voxels (DIPY's fit is voxel by voxel and its batched SVDs release the GIL;
+        the maps do not depend on ``n_jobs``).
 
     Returns
     -------
@@ -92,13 +104,18 @@ def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit
     gtab = gradient_table(np.asarray(bvals)[use],
                           bvecs=fsl_bvecs_to_voxel_frame(np.asarray(bvecs_fsl)[use], affine),
                           b0_threshold=b0_threshold)
-    fit = TensorModel(gtab, fit_method=fit_method).fit(data[..., use], mask=mask)
-    maps = {
-        "fa": np.clip(np.nan_to_num(fit.fa), 0, 1),
-        "md": np.nan_to_num(fit.md),
-        "rd": np.nan_to_num(fit.rd),
-        "ad": np.nan_to_num(fit.ad),
-    }
+    model = TensorModel(gtab, fit_method=fit_method)
+    mask = np.asarray(mask, dtype=bool)
+    # Slab boundaries at equal shares of the brain voxels, counted slice by slice.
+    voxels_before = np.concatenate([[0], np.cumsum(mask.sum(axis=(0, 1)))])
+    bounds = np.unique(np.searchsorted(voxels_before, np.linspace(0, voxels_before[-1],
+                                                                  n_jobs + 1)[1:-1]))
+    slabs = [slice(int(a), int(b)) for a, b in zip(np.r_[0, bounds], np.r_[bounds, mask.shape[2]])]
+    fitted = parallel_map(_fit_tensor_slab, [(model, data[:, :, z][..., use], mask[:, :, z])
+                                             for z in slabs], n_jobs=n_jobs, threads=True)
+    fa, md, rd, ad, v1 = (np.concatenate(parts, axis=2) for parts in zip(*fitted))
+    maps = {"fa": np.clip(np.nan_to_num(fa), 0, 1), "md": np.nan_to_num(md),
+            "rd": np.nan_to_num(rd), "ad": np.nan_to_num(ad)}
     maps = {k: np.where(mask, v, 0).astype(np.float32) for k, v in maps.items()}
-    maps["v1"] = np.where(mask[..., None], np.nan_to_num(fit.evecs[..., 0]), 0).astype(np.float32)
+    maps["v1"] = np.where(mask[..., None], np.nan_to_num(v1), 0).astype(np.float32)
     return maps

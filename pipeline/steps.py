@@ -233,7 +233,7 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *,
 
 
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
-               b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE):
+               b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
 
     Uses b0 and the shells up to ``max_bvalue`` s/mm², without excluded outliers.
@@ -249,7 +249,7 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
                                        b0_threshold=b0_threshold, path=dwi_file,
                                        n_excluded=len(excluded))
     maps = preprocess.fit_dti(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
-                              b0_threshold=b0_threshold, use=use)
+                              b0_threshold=b0_threshold, use=use, n_jobs=n_jobs)
     paths = {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
              for name, value in maps.items()}
     qc = {"model": "tensor (WLS)", "shells": shells, "n_volumes": int(use.sum()),

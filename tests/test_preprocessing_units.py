@@ -8,7 +8,7 @@ from dipy.denoise.localpca import mppca as dipy_mppca
 from pipeline.denoise import denoise_dwi, marchenko_pastur_noise, mppca
 from pipeline.errors import InputError
 from pipeline.gibbs import remove_gibbs_ringing
-from pipeline.preprocess import check_tensor_directions, dti_volumes
+from pipeline.preprocess import check_tensor_directions, dti_volumes, fit_dti
 
 
 def _low_rank_series(shape=(18, 16, 14), n_volumes=24, rank=3, sigma=5.0, seed=0):
@@ -116,6 +116,36 @@ def test_gibbs_default_reduces_ringing_and_skips_slices_far_from_the_mask():
     assert overshoot_after < 0.5 * overshoot_before
     # Slices beyond the mask margin are left as measured.
     np.testing.assert_array_equal(corrected[:, :, :2], data[:, :, :2].astype(np.float32))
+
+
+def test_tensor_fit_equals_dipys_for_any_n_jobs():
+    """Slabs on threads: the same maps as one DIPY fit of the whole volume."""
+    from dipy.core.gradients import gradient_table
+    from dipy.data import get_sphere
+    from dipy.reconst.dti import TensorModel
+    from dipy.sims.voxel import multi_tensor
+
+    rng = np.random.default_rng(4)
+    directions = get_sphere(name="repulsion100").vertices[:30]
+    bvals = np.r_[0.0, np.full(30, 1000.0)]
+    bvecs = np.r_[np.zeros((1, 3)), directions]
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    shape = (5, 6, 9)
+    data = np.empty(shape + (31,))
+    for index in np.ndindex(shape):
+        angles = [tuple(rng.uniform(0, 180, 2))]
+        data[index], _ = multi_tensor(gtab, np.array([[1.5e-3, 0.4e-3, 0.3e-3]]), S0=100,
+                                      angles=angles, fractions=[100], snr=30, rng=rng)
+    mask = rng.random(shape) > 0.2
+    reference = TensorModel(gtab).fit(data, mask=mask)
+    maps = {n: fit_dti(data, bvals, bvecs, np.eye(4), mask, b0_threshold=50, n_jobs=n)
+            for n in (1, 2, 3)}
+    for n in (2, 3):
+        for name in maps[1]:
+            assert np.array_equal(maps[1][name], maps[n][name]), (n, name)
+    np.testing.assert_allclose(maps[1]["fa"][mask], np.clip(reference.fa[mask], 0, 1), atol=1e-6)
+    assert maps[1]["fa"][~mask].max() == 0
+    assert 0.5 < np.median(maps[1]["fa"][mask]) < 0.8
 
 
 def test_dti_volumes_multishell_and_thresholds():

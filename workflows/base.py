@@ -113,9 +113,10 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
                            ["bvec", "qc"], "check_gradients")
     check.inputs.trait_set(mode=gradient_check, b0_threshold=b0_threshold)
     fit = _function_node(nodes.fit_tensor, ["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                            "outliers_qc", "b0_threshold", "max_bvalue"],
-                         ["fa", "md", "rd", "ad", "v1", "qc"], "fit_tensor")
-    fit.inputs.trait_set(b0_threshold=b0_threshold, max_bvalue=dti_max_bvalue)
+                                            "outliers_qc", "b0_threshold", "max_bvalue",
+                                            "n_jobs"],
+                         ["fa", "md", "rd", "ad", "v1", "qc"], "fit_tensor", n_procs=n_jobs)
+    fit.inputs.trait_set(b0_threshold=b0_threshold, max_bvalue=dti_max_bvalue, n_jobs=n_jobs)
     collect = _function_node(nodes.collect_preprocessing_qc,
                              ["denoise_qc", "motion_qc", "outliers_qc", "gradient_qc",
                               "tensor_qc", "combine_qc"], ["qc"], "preprocessing_qc")

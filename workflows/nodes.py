@@ -76,13 +76,13 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, mode
 
 
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, b0_threshold,
-               max_bvalue):
+               max_bvalue, n_jobs):
     import os
 
     from pipeline.steps import fit_tensor as fit
 
     out = fit(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, out_dir=os.getcwd(),
-              b0_threshold=b0_threshold, max_bvalue=max_bvalue)
+              b0_threshold=b0_threshold, max_bvalue=max_bvalue, n_jobs=n_jobs)
     return out["fa"], out["md"], out["rd"], out["ad"], out["v1"], out["qc"]
 
 
