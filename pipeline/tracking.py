@@ -126,6 +126,24 @@ def _track_chunk_in_cone(seeds, fields, affine, params, random_seed, *, determin
         int(params["min_length_mm"] / params["step_mm"]), deterministic, random_seed)
 
 
+def _tensor_seed_directions(seeds, affine, fields):
+    """The seeds with a peak and their starting directions, as DIPY's ``generic_tracking``
+    pairs them for one peak per voxel (nearest voxel, grid-clipped; peaks of value 0
+    dropped), vectorised: DIPY's per-seed loop took ~10 % of the tensor tracking time."""
+    inverse = np.linalg.inv(affine)
+    voxels = np.dot(seeds, inverse[:3, :3].T)
+    voxels += inverse[:3, 3]
+    voxels = np.clip(np.round(voxels).astype(int), 0, np.array(fields["stop_map"].shape) - 1)
+    at_seeds = tuple(voxels.T)
+    vertices = fields["vertices"]
+    indices = np.clip(fields["peak_indices"][at_seeds][:, 0].astype(int), 0, len(vertices) - 1)
+    valid = fields["peak_values"][at_seeds][:, 0] > 0
+    peaks = vertices[indices[valid]]
+    with np.errstate(invalid="ignore", divide="ignore"):  # as DIPY: a zero peak gives NaN
+        directions = peaks / np.linalg.norm(peaks, axis=1)[:, None]
+    return np.ascontiguousarray(seeds[valid]), directions
+
+
 def _track_chunk(seeds, method, fields, affine, params, random_seed):
     """One seed chunk through the tracker (single-threaded: the chunks are the parallelism)."""
     if method in ("csd_prob", "csd_det"):
@@ -140,7 +158,9 @@ def _track_chunk(seeds, method, fields, affine, params, random_seed):
     pam.peak_indices = fields["peak_indices"]
     pam.peak_values = fields["peak_values"]
     pam.odf_vertices = fields["vertices"]
-    generated = eudx_tracking(np.asarray(seeds, dtype=np.float64), stopping, affine, pam=pam,
+    seeds, directions = _tensor_seed_directions(np.asarray(seeds, dtype=np.float64), affine,
+                                                fields)
+    generated = eudx_tracking(seeds, stopping, affine, seed_directions=directions, pam=pam,
                               pmf_threshold=params["stop_threshold"], **common)
     streamlines = [np.asarray(s, dtype=np.float32) for s in generated]
     # One array and its lengths travel back from a worker far faster than thousands of

@@ -111,6 +111,36 @@ def test_tracking_is_identical_for_any_n_jobs(tube_tracks):
         assert all(np.array_equal(a, b) for a, b in zip(ref, out[n]))
 
 
+def test_tensor_tracking_equals_dipys_eudx_with_its_own_seed_handling():
+    """Our vectorised seed directions give DIPY's ``eudx_tracking`` result exactly (it
+    pairs seeds and peaks itself when given none), on a field of random directions
+    with seeds everywhere, outside the mask and in zero-FA voxels too."""
+    from dipy.direction.peaks import PeaksAndMetrics
+    from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+    from dipy.tracking.tracker import eudx_tracking
+
+    rng = np.random.default_rng(5)
+    v1 = rng.normal(size=SHAPE + (3,))
+    v1[..., 2] += 3.0  # mostly along z, so that streamlines get long
+    v1 /= np.linalg.norm(v1, axis=-1, keepdims=True)
+    fa = rng.uniform(0.15, 0.9, size=SHAPE)
+    mask = np.ones(SHAPE, dtype=bool)
+    mask[:3] = False  # no peaks there
+    fa[5:7] = 0.0
+    seeds = apply_affine(AFFINE, rng.uniform(-0.5, np.array(SHAPE) - 0.5, size=(400, 3)))
+    settings = dict(fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, min_length_mm=5.0,
+                    max_length_mm=250.0)
+    ours = track_dti_deterministic(seeds, v1, fa, mask, AFFINE, **settings)
+    pam = PeaksAndMetrics()
+    pam.peak_indices, pam.peak_values, pam.odf_vertices = tracking.tensor_peak_arrays(v1, fa,
+                                                                                      mask)
+    theirs = [np.asarray(s, dtype=np.float32) for s in eudx_tracking(
+        seeds, ThresholdStoppingCriterion(fa, 0.2), AFFINE, pam=pam, pmf_threshold=0.2,
+        step_size=0.5, max_angle=45.0, min_len=5.0, max_len=250.0, nbr_threads=1)]
+    assert len(ours) == len(theirs) > 50
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
 def test_tracking_stops_at_low_fa():
     v1, fa, mask, tube = _tube_field()
     fa = fa.copy()
