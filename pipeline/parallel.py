@@ -26,10 +26,10 @@ _ON_DASK = ContextVar("on_dask", default=False)
 def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     """``[function(*args) for args in argument_tuples]`` over ``n_jobs`` joblib workers.
 
-    Parallel only where it pays: the first call runs here and is timed; the others
-    go to the workers only when that saves more than starting them costs
-    (:data:`WORKER_START_SECONDS`), so ``n_jobs > 1`` is never much slower than
-    serial. The calls and their arguments are the same either way, so are the
+    Parallel only where it pays: with processes, the first call runs here and is
+    timed; the others go to the workers only when that saves more than starting
+    them costs (:data:`WORKER_START_SECONDS`), so ``n_jobs > 1`` is never much
+    slower than serial. The calls and their arguments are the same either way, so are the
     results.
 
     ``threads=True`` is for functions that release the GIL for most of their work

@@ -120,8 +120,8 @@ def _track_chunk_in_cone(seeds, fields, affine, params, random_seed, *, determin
         np.ascontiguousarray(seeds, dtype=np.float64), np.asarray(affine, dtype=np.float64),
         sh.reshape(-1, sh.shape[-1]), np.asarray(fields["odf_max"]).reshape(-1),
         np.asarray(fields["stop_map"]).reshape(-1), shape, params["stop_threshold"],
-        fields["basis"], fields["cone_basis"], fields["vertices"], fields["neighbours"], fields["counts"],
-        params["pmf_threshold"], params["step_mm"] / voxel_sizes(affine),
+        fields["basis"], fields["cone_basis"], fields["vertices"], fields["neighbours"],
+        fields["counts"], params["pmf_threshold"], params["step_mm"] / voxel_sizes(affine),
         int(params["max_length_mm"] / params["step_mm"]),
         int(params["min_length_mm"] / params["step_mm"]), deterministic, random_seed)
 
