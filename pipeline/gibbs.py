@@ -34,8 +34,8 @@ def keep_smoothest(candidates, index, tv_min, value, best_index, n_points=3):
     The variation at a voxel is the smaller of the right- and left-hand sums of
     ``n_points`` absolute neighbour differences, circular along the row and summed
     in the same order as DIPY's ``_image_tv``, so that ties between shifts break as
-    they do in DIPY (strictly smaller wins: the smallest shift keeps a tie). One
-    pass per row here replaces a dozen numpy passes over the whole batch.
+    they do in DIPY (strictly smaller wins: the smallest shift keeps a tie). A few
+    passes over each row, in cache, replace a dozen numpy passes over the batch.
     """
     n_rows, length = candidates.shape
     # steps[n_points + j] = |x_j - x_{j+1}| for j = -n_points … length + n_points - 1,

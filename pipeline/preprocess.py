@@ -110,7 +110,9 @@ def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit
     voxels_before = np.concatenate([[0], np.cumsum(mask.sum(axis=(0, 1)))])
     bounds = np.unique(np.searchsorted(voxels_before, np.linspace(0, voxels_before[-1],
                                                                   n_jobs + 1)[1:-1]))
-    slabs = [slice(int(a), int(b)) for a, b in zip(np.r_[0, bounds], np.r_[bounds, mask.shape[2]])]
+    bounds = bounds[(bounds > 0) & (bounds < mask.shape[2])]  # no empty slab
+    slabs = [slice(int(a), int(b))
+             for a, b in zip(np.r_[0, bounds], np.r_[bounds, mask.shape[2]])]
     fitted = parallel_map(_fit_tensor_slab, [(model, data[:, :, z][..., use], mask[:, :, z])
                                              for z in slabs], n_jobs=n_jobs, threads=True)
     fa, md, rd, ad, v1 = (np.concatenate(parts, axis=2) for parts in zip(*fitted))
