@@ -41,7 +41,7 @@ def keep_smoothest(candidates, index, tv_min, value, best_index, n_points=3):
     # steps[n_points + j] = |x_j - x_{j+1}| for j = -n_points … length + n_points - 1,
     # indices of x modulo length
     steps = np.empty(length + 2 * n_points, dtype=candidates.dtype)
-    right = np.empty(length, dtype=candidates.dtype)
+    tv = np.empty(length, dtype=candidates.dtype)
     left = np.empty(length, dtype=candidates.dtype)
     for r in range(n_rows):
         row = candidates[r]
@@ -51,21 +51,30 @@ def keep_smoothest(candidates, index, tv_min, value, best_index, n_points=3):
         for j in range(n_points):
             steps[j] = steps[length + j]
             steps[n_points + length + j] = steps[n_points + j]
-        # one simple loop per term, so that each vectorises
-        for i in range(length):
-            right[i] = steps[n_points + i]
-            left[i] = steps[n_points + i - 1]
-        for m in range(1, n_points):
+        if n_points == 3:
+            # DIPY's default, written out: one loop that vectorises (twice as fast as the
+            # general loops below, and the same sums in the same order)
             for i in range(length):
-                right[i] += steps[n_points + i + m]
-                left[i] += steps[n_points + i - 1 - m]
+                tv[i] = min((steps[i + 3] + steps[i + 4]) + steps[i + 5],
+                            (steps[i + 2] + steps[i + 1]) + steps[i])
+        else:
+            # one simple loop per term, so that each vectorises; tv holds the right sum
+            for i in range(length):
+                tv[i] = steps[n_points + i]
+                left[i] = steps[n_points + i - 1]
+            for m in range(1, n_points):
+                for i in range(length):
+                    tv[i] += steps[n_points + i + m]
+                    left[i] += steps[n_points + i - 1 - m]
+            for i in range(length):
+                tv[i] = min(tv[i], left[i])
+        row_tv_min, row_value, row_index = tv_min[r], value[r], best_index[r]
         for i in range(length):
-            tv = min(right[i], left[i])
             # selects, not a branch: which voxels improve is unpredictable
-            better = tv < tv_min[r, i]
-            tv_min[r, i] = tv if better else tv_min[r, i]
-            value[r, i] = row[i] if better else value[r, i]
-            best_index[r, i] = index if better else best_index[r, i]
+            better = tv[i] < row_tv_min[i]
+            row_tv_min[i] = tv[i] if better else row_tv_min[i]
+            row_value[i] = row[i] if better else row_value[i]
+            row_index[i] = index if better else row_index[i]
 
 
 def remove_ringing_along_rows(rows, shifts, n_points=3):
