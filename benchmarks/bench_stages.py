@@ -58,10 +58,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("brain_mask", "denoise", "remove_gibbs", "correct_motion", "detect_outliers",
-          "check_gradients", "fit_tensor", "collect_preprocessing_qc", "register_atlas",
+          "fit_tensor", "check_gradients", "collect_preprocessing_qc", "register_atlas",
           "track_cst", "tract_profiles", "assess")
 #: The default preprocessing chain (up to the tensor fit), timed as one total as well.
-PREPROCESSING = STAGES[:6]
+PREPROCESSING = STAGES[:5]
 MIB = 1024.0  # ru_maxrss and VmHWM are in KiB on Linux
 
 
@@ -210,14 +210,15 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
     moco = stage("correct_motion", degibbs["dwi"], bval, bvec, mask["mask"], n_jobs=n_jobs)
     # As in the workflow: dropout is judged on the series before motion resampling.
     flagged = stage("detect_outliers", degibbs["dwi"], bval, bvec, mask["mask"], moco["qc"])
-    checked = stage("check_gradients", moco["dwi"], bval, moco["bvec"], mask["mask"],
-                    flagged["qc"])
-    dti = stage("fit_tensor", moco["dwi"], bval, checked["bvec"], mask["mask"], flagged["qc"],
+    dti = stage("fit_tensor", moco["dwi"], bval, moco["bvec"], mask["mask"], flagged["qc"],
                 n_jobs=n_jobs)
+    # In the workflow the check runs beside the registration (it turns only v1).
+    checked = stage("check_gradients", moco["dwi"], bval, moco["bvec"], mask["mask"],
+                    flagged["qc"], dti["v1"])
     pre_qc = stage("collect_preprocessing_qc", denoise_qc=den["qc"], motion_qc=moco["qc"],
                    outliers_qc=flagged["qc"], gradient_qc=checked["qc"], tensor_qc=dti["qc"])
     reg = stage("register_atlas", dti["fa"], mask["mask"])
-    trk = stage("track_cst", dti["fa"], dti["v1"], mask["mask"], reg["rois"], reg["qc"],
+    trk = stage("track_cst", dti["fa"], checked["v1"], mask["mask"], reg["rois"], reg["qc"],
                 n_jobs=n_jobs)
     prof = stage("tract_profiles", trk["left"], trk["right"], dti["fa"], dti["md"], dti["rd"],
                  dti["ad"], reg["levels"], reg["rois"], subject=label)
@@ -323,7 +324,7 @@ def format_table(rows, cli, facts, args, label):
     pre_wall = sum(r["wall_s"] for r in rows if r["stage"] in PREPROCESSING)
     lines.append(f"| {'preprocessing':<24} | {pre_wall:>7.1f} | {'':>19} | {'':>22} |")
     lines.append("")
-    lines.append("preprocessing: brain_mask through check_gradients (the default chain up to "
+    lines.append("preprocessing: brain_mask through detect_outliers (the default chain up to "
                  "the tensor fit).")
     lines.append("TOTAL: sum of stage walls; RSS columns: the largest stage peak. "
                  "workers '-': the stage started no child process.")

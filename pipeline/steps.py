@@ -189,22 +189,31 @@ def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *
     return {"qc": str(outputs.write_json(Path(out_dir) / "outliers_qc.json", found))}
 
 
-def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
-                    mode="fix", b0_threshold=50.0, source_bvec_file=None):
+def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1_file, *,
+                    out_dir, mode="fix", b0_threshold=50.0, source_bvec_file=None):
     """Fibre-coherence check of the gradient table (axis flips and permutations).
 
     ``mode``: "fix" applies the best table and reports it, "error" stops with
     an input error naming the correction (and ``source_bvec_file``, the
     user's file), "off" skips the check.
-    Returns dict of paths: ``bvec`` (the table to use) and ``qc`` (JSON, the
-    ``qc.gradient_check`` block of the metrics).
+
+    ``v1_file`` is the principal eigenvector of the tensor fitted with the table
+    as given (:func:`fit_tensor`). A signed permutation ``M`` of the table turns
+    the tensor into ``M D Mᵀ``: its eigenvalues, and so FA, MD, RD and AD, do not
+    change, and its principal direction becomes ``M v1`` (voxel frame, see
+    :func:`pipeline.gradient_check.correction_in_voxel_frame`). So the tensor
+    maps need not wait for this check, and only ``v1`` is turned here.
+
+    Returns dict of paths: ``bvec`` (the table to use), ``v1`` (the principal
+    direction for that table) and ``qc`` (JSON, the ``qc.gradient_check`` block
+    of the metrics).
     """
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     if mode == "off":
         qc = {"status": "skipped", "correction": None, "score_before": None,
               "score_after": None}
-        return {"bvec": str(bvec_file),
+        return {"bvec": str(bvec_file), "v1": str(v1_file),
                 "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     excluded = json.loads(Path(outliers_file).read_text())["excluded"]
@@ -227,9 +236,16 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *,
             path=source_bvec_file or bvec_file,
             fix=f"Apply '{result.correction}' to the b-vectors (or run with "
                                 "--gradient-check fix).")
-    bvecs = scan.bvecs_fsl @ result.matrix.T
-    return {"bvec": str(_write_bvecs(out_dir / "dwi_checked.bvec", bvecs)),
-            "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
+    paths = {"bvec": str(_write_bvecs(out_dir / "dwi_checked.bvec",
+                                      scan.bvecs_fsl @ result.matrix.T)),
+             "v1": str(v1_file),
+             "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
+    if result.correction is not None:
+        v1, v1_img = _load(v1_file)
+        turn = gradient_check.correction_in_voxel_frame(result.matrix, scan.affine)
+        paths["v1"] = str(outputs.save_nifti(out_dir / "v1_checked.nii.gz", v1 @ turn.T,
+                                             v1_img.affine))
+    return paths
 
 
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,

@@ -5,6 +5,10 @@ flip and each axis permutation applied to it.  Synthetic tensors check the FSL <
 frame handling of the candidate corrections for both signs of the affine determinant.
 """
 
+import json
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -153,3 +157,47 @@ def test_candidate_direction_shortcut_matches_a_refit(x_sign):
         shortcut = v1 @ correction_in_voxel_frame(matrix, affine).T
         cosines = np.abs(np.sum(refit * shortcut, axis=1))
         assert cosines.min() > 0.9999, label
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_check_turns_the_principal_direction_of_the_tensor_fitted_first(tmp_path):
+    """The pipeline fits the tensor with the table as given and checks the table beside the
+    registration: for a swapped table, the checked principal direction must be the one a
+    fit with the right table gives, and FA must not depend on the swap at all."""
+    from pipeline.steps import brain_mask as mask_step, check_gradients, fit_tensor
+
+    base = SHARED_BIDS / "sub-philips01" / "dwi" / "sub-philips01_dwi"
+    dwi, bval, bvec = (f"{base}.nii.gz", f"{base}.bval", f"{base}.bvec")
+    wrong = tmp_path / "swapped.bvec"
+    np.savetxt(wrong, candidate_corrections()["swap x-y"] @ np.loadtxt(bvec), fmt="%.8f")
+    mask = mask_step(dwi, bval, bvec, out_dir=tmp_path)["mask"]
+    outliers = tmp_path / "outliers.json"
+    outliers.write_text('{"excluded": []}')
+
+    def run(name, table, **check):
+        out = tmp_path / name
+        out.mkdir()
+        maps = fit_tensor(dwi, bval, table, mask, outliers, out_dir=out, n_jobs=2)
+        checked = check_gradients(dwi, bval, table, mask, outliers, maps["v1"], out_dir=out,
+                                  b0_threshold=B0_THRESHOLD, **check)
+        return maps, checked
+
+    right_maps, right_check = run("right", bvec)
+    wrong_maps, wrong_check = run("wrong", wrong)
+    assert right_check["v1"] == right_maps["v1"]  # kept table: the fit's own file
+    assert wrong_check["v1"] != wrong_maps["v1"]
+    assert json.loads(Path(wrong_check["qc"]).read_text())["correction"] == "swap x-y"
+
+    def image(path):
+        return np.asarray(nib.load(path).dataobj)
+
+    np.testing.assert_allclose(image(wrong_maps["fa"]), image(right_maps["fa"]), atol=1e-5)
+    white_matter = image(right_maps["fa"]) > 0.3
+    cosines = np.abs(np.sum(image(wrong_check["v1"]) * image(right_maps["v1"]), axis=-1))
+    assert np.percentile(cosines[white_matter], 1) > 0.999
+    # Before the turn, the swapped table's direction is wrong in most white matter.
+    before = np.abs(np.sum(image(wrong_maps["v1"]) * image(right_maps["v1"]), axis=-1))
+    assert np.median(before[white_matter]) < 0.9
+    _, skipped = run("off", wrong, mode="off")
+    assert skipped["v1"] == str(tmp_path / "off" / "v1.nii.gz")

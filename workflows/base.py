@@ -66,7 +66,7 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoi
 
 def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_max_bvalue,
                         n_jobs, name="dwi_correct_wf"):
-    """Motion/eddy correction, outlier volumes, gradient check and the tensor fit.
+    """Motion/eddy correction, outlier volumes, the tensor fit and the gradient check.
 
     Parameters
     ----------
@@ -108,9 +108,9 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
                                                   "action"], ["qc"], "detect_outliers")
     flag.inputs.trait_set(b0_threshold=b0_threshold, action=outliers)
     check = _function_node(nodes.check_gradients, ["dwi_file", "bval_file", "bvec_file",
-                                                   "mask_file", "outliers_qc", "mode",
+                                                   "mask_file", "outliers_qc", "v1_file", "mode",
                                                    "b0_threshold", "source_bvec_file"],
-                           ["bvec", "qc"], "check_gradients")
+                           ["bvec", "v1", "qc"], "check_gradients")
     check.inputs.trait_set(mode=gradient_check, b0_threshold=b0_threshold)
     fit = _function_node(nodes.fit_tensor, ["dwi_file", "bval_file", "bvec_file", "mask_file",
                                             "outliers_qc", "b0_threshold", "max_bvalue",
@@ -145,17 +145,22 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
         # Dropout is judged on the slices as acquired: resampling by the motion correction
         # mixes slices, and empties an end slice of volumes that moved along the slice axis.
         (inputnode, flag, [("dwi_file", "dwi_file"), ("bvec_file", "bvec_file")]),
+        # The tensor is fitted with the table as given: a flip or permutation of the table
+        # changes only its principal direction, which the check turns (see
+        # pipeline.steps.check_gradients). So FA, and the template registration that
+        # needs only FA, do not wait for the check: it runs beside the registration.
+        (bvecs, fit, [(bvec_field, "bvec_file")]),
+        (flag, fit, [("qc", "outliers_qc")]),
         (bvecs, check, [(bvec_field, "bvec_file")]),
         (inputnode, check, [("source_bvec_file", "source_bvec_file")]),
         (flag, check, [("qc", "outliers_qc")]),
-        (check, fit, [("bvec", "bvec_file")]),
-        (flag, fit, [("qc", "outliers_qc")]),
+        (fit, check, [("v1", "v1_file")]),
         (inputnode, collect, [("denoise_qc", "denoise_qc"), ("combine_qc", "combine_qc")]),
         (flag, collect, [("qc", "outliers_qc")]),
         (check, collect, [("qc", "gradient_qc")]),
         (fit, collect, [("qc", "tensor_qc")]),
-        (fit, outputnode, [("fa", "fa"), ("md", "md"), ("rd", "rd"), ("ad", "ad"),
-                           ("v1", "v1")]),
+        (fit, outputnode, [("fa", "fa"), ("md", "md"), ("rd", "rd"), ("ad", "ad")]),
+        (check, outputnode, [("v1", "v1")]),
         (collect, outputnode, [("qc", "qc")]),
         (series, outputnode, [(series_field, "dwi")]),
         (inputnode, outputnode, [("bval_file", "bval")]),
@@ -170,8 +175,9 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
 
     Per run: brain mask → denoising → Gibbs removal; several runs are then
     aligned to the first and concatenated (``pipeline.combine``); then motion/
-    eddy correction with b-vector rotation → outlier volumes → gradient-table
-    check → tensor fit.
+    eddy correction with b-vector rotation → outlier volumes → tensor fit →
+    gradient-table check (beside the registration: it turns only the principal
+    direction).
 
     Parameters
     ----------

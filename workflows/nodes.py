@@ -63,16 +63,16 @@ def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc, b0_thr
                         out_dir=os.getcwd(), b0_threshold=b0_threshold, action=action)["qc"]
 
 
-def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, mode, b0_threshold,
-                    source_bvec_file):
+def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, v1_file, mode,
+                    b0_threshold, source_bvec_file):
     import os
 
     from pipeline.steps import check_gradients as run_check
 
-    out = run_check(dwi_file, bval_file, bvec_file, mask_file, outliers_qc,
+    out = run_check(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, v1_file,
                     out_dir=os.getcwd(), mode=mode, b0_threshold=b0_threshold,
                     source_bvec_file=source_bvec_file)
-    return out["bvec"], out["qc"]
+    return out["bvec"], out["v1"], out["qc"]
 
 
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_qc, b0_threshold,
