@@ -217,7 +217,7 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
                     flagged["qc"], dti["v1"])
     pre_qc = stage("collect_preprocessing_qc", denoise_qc=den["qc"], motion_qc=moco["qc"],
                    outliers_qc=flagged["qc"], gradient_qc=checked["qc"], tensor_qc=dti["qc"])
-    reg = stage("register_atlas", dti["fa"], mask["mask"])
+    reg = stage("register_atlas", dti["fa"], mask["mask"], n_jobs=n_jobs)
     trk = stage("track_cst", dti["fa"], checked["v1"], mask["mask"], reg["rois"], reg["qc"],
                 n_jobs=n_jobs)
     prof = stage("tract_profiles", trk["left"], trk["right"], dti["fa"], dti["md"], dti["rd"],

@@ -294,8 +294,10 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def register_atlas(fa_file, mask_file, *, out_dir):
+def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     """Register FA to the MNI FA template; bring the CST ROIs and level bands to the subject.
+
+    ``n_jobs`` ≥ 2 puts SyN's field inversions on two threads (same result).
 
     Returns dict of paths: ``rois`` and ``levels`` (subject grid, int16),
     ``template_mask`` (the template brain mask on the subject grid, for QC) and
@@ -310,7 +312,7 @@ def register_atlas(fa_file, mask_file, *, out_dir):
     template_levels, _ = _load(atlases.levels_path(), dtype=np.int16)
 
     mapping, affine_matrix = registration.register_fa_to_template(
-        fa, fa_img.affine, template_fa, template_img.affine)
+        fa, fa_img.affine, template_fa, template_img.affine, n_threads=min(n_jobs, 2))
     warped_fa = registration.subject_to_template(mapping, fa)
     mask_in_template = registration.subject_to_template(mapping, mask, interpolation="nearest")
     template_in_subject = registration.labels_to_subject(mapping, template_mask)

@@ -258,7 +258,8 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         gap_fa, corridor_radius_mm, max_angle_deg, step_mm, seeds_per_voxel,
         min_coverage).
     n_jobs : int
-        joblib workers for tracking (the streamlines do not depend on it).
+        joblib workers for tracking, threads for SyN's field inversions (neither
+        result depends on it).
     seed : int
         Random seed of seed placement.
     dask_scheduler : str, optional
@@ -284,8 +285,11 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["rois", "levels", "template_mask", "registration_qc", "left", "right",
                 "tracking_qc", "fodf_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
-    register = _function_node(nodes.register_atlas, ["fa_file", "mask_file"],
+    # One process slot: its second thread runs only SyN's field inversions, a fifth of its
+    # time, so the other core stays with the gradient check, which runs beside it.
+    register = _function_node(nodes.register_atlas, ["fa_file", "mask_file", "n_jobs"],
                               ["rois", "levels", "template_mask", "qc"], "register_atlas")
+    register.inputs.n_jobs = n_jobs
     fodf = _function_node(
         nodes.fit_fodf, ["dwi_file", "bval_file", "bvec_file", "mask_file", "fa_file",
                          "rois_file", "outliers_qc", "model", "fa_stop", "b0_threshold",

@@ -97,12 +97,12 @@ def collect_preprocessing_qc(denoise_qc, motion_qc, outliers_qc, gradient_qc, te
                    combine_qc=combine_qc)
 
 
-def register_atlas(fa_file, mask_file):
+def register_atlas(fa_file, mask_file, n_jobs):
     import os
 
     from pipeline.steps import register_atlas as register
 
-    out = register(fa_file, mask_file, out_dir=os.getcwd())
+    out = register(fa_file, mask_file, out_dir=os.getcwd(), n_jobs=n_jobs)
     return out["rois"], out["levels"], out["template_mask"], out["qc"]
 
 
