@@ -148,12 +148,14 @@ def mppca(data, mask, *, patch_radius=2, patch_stride=1, slab_thickness=16, n_jo
     nz = data.shape[2]
     cores = [(z, min(z + slab_thickness, nz)) for z in range(0, nz, slab_thickness)]
     spans = [(max(a - pad, 0), min(b + pad, nz)) for a, b in cores]
-    # The slab with the most brain goes first: parallel_map times its first call to
-    # decide whether workers pay, and the lowest slab often holds little brain.
+    # The slabs with the most brain go first, so that the workers finish together.
     order = sorted(range(len(spans)), key=lambda i: -int(mask[:, :, slice(*cores[i])].sum()))
     jobs = [(data[:, :, lo:hi], mask[:, :, lo:hi], patch_radius, (0, 0, (-lo) % patch_stride),
              patch_stride) for lo, hi in (spans[i] for i in order)]
-    results = parallel_map(_mppca_block, jobs, n_jobs=n_jobs)
+    # numpy releases the GIL in the batched eigendecompositions and products, so the slabs
+    # run on threads sharing the arrays (sub-philips01: 5.6 s on two threads, 7.9 s on two
+    # worker processes, 8.7 s serial).
+    results = parallel_map(_mppca_block, jobs, n_jobs=n_jobs, threads=True)
     denoised = np.empty(data.shape, dtype=np.float32)
     sigma = np.empty(data.shape[:3], dtype=np.float32)
     for i, (d, s) in zip(order, results):

@@ -6,6 +6,7 @@ from contextvars import ContextVar
 
 from joblib import Parallel, delayed, parallel_config
 from joblib.externals.loky import get_reusable_executor
+from threadpoolctl import threadpool_limits
 
 from .errors import InputError
 
@@ -33,11 +34,13 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     results.
 
     ``threads=True`` is for functions that release the GIL for most of their work
-    (Numba ``nogil`` kernels, DIPY's trackers and image metrics, FFTs): the workers
-    are threads of this process, which share the arrays instead of receiving them
-    and cost nothing to start, so there is no timed first call. Functions that
-    hold the GIL, or run multithreaded BLAS (MP-PCA's eigendecompositions were
-    slower on threads), keep to processes.
+    (Numba ``nogil`` kernels, DIPY's trackers and image metrics, FFTs, numpy's
+    batched linear algebra): the workers are threads of this process, which share
+    the arrays instead of receiving them and cost nothing to start, so there is no
+    timed first call. Each runs one BLAS thread, as loky's worker processes do:
+    more would oversubscribe the cores, and on MP-PCA's small matrices OpenBLAS's
+    threads only cost (sub-philips01 on one core: 8.7 s with one BLAS thread,
+    10.7 s with two). Functions that hold the GIL keep to processes.
 
     Large arrays reach the workers as copy-on-write memmaps (DIPY's Cython code
     rejects the read-only ones joblib uses by default). The worker processes
@@ -49,10 +52,16 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     """
     argument_tuples = list(argument_tuples)
     on_dask = _ON_DASK.get()
+    if threads and not on_dask:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if n_jobs == 1 or len(argument_tuples) < 2:
+                return [function(*args) for args in argument_tuples]
+            with Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
+                return parallel(delayed(function)(*args) for args in argument_tuples)
     if not on_dask and (n_jobs == 1 or len(argument_tuples) < 2):
         return [function(*args) for args in argument_tuples]
     results = []
-    if not on_dask and not threads:
+    if not on_dask:
         started = time.perf_counter()
         results.append(function(*argument_tuples[0]))
         per_call = time.perf_counter() - started
@@ -63,7 +72,7 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     # ``prefer`` is only a hint: inside dask_backend the calls still go to Dask.
     with Parallel(n_jobs=n_jobs, mmap_mode="c", prefer="threads" if threads else None) as parallel:
         results += parallel(delayed(function)(*args) for args in argument_tuples[len(results):])
-    if not on_dask and not threads:
+    if not on_dask:
         get_reusable_executor().shutdown(wait=True)
     return results
 
