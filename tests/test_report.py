@@ -3,7 +3,9 @@
 import base64
 import csv
 import io
+import os
 import re
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -478,3 +480,22 @@ def test_methods_without_parameters():
     metrics = _metrics()
     metrics["provenance"]["parameters"]["preprocessing"]["denoise"] = "none"
     assert "were not denoised" in report.methods_text(metrics)
+
+
+def test_figures_drawn_by_two_processes_give_the_same_page(inputs, tmp_path, monkeypatch):
+    serial = report.build_report_html(metrics=_metrics(), **inputs)
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    draw = report._draw_figure
+
+    def recording(make, caption, alt):
+        os.close(tempfile.mkstemp(dir=drawn, prefix=f"{os.getpid()}-")[0])
+        return draw(make, caption, alt)
+
+    monkeypatch.setattr(report, "_draw_figure", recording)
+    parallel = report.build_report_html(metrics=_metrics(), **inputs, n_jobs=2)
+    assert parallel == serial
+    assert "\x00" not in parallel  # every figure slot was filled
+    drawers = {p.name.split("-")[0] for p in drawn.iterdir()}
+    assert len(list(drawn.iterdir())) == len(_images(parallel)) >= 8
+    assert str(os.getpid()) not in drawers and len(drawers) == 2

@@ -375,8 +375,9 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
 
     report = _function_node(
         nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "v1_file", "left_trk",
-                       "right_trk", "mask_file", "rois_file", "template_mask_file"], ["html"],
-        "report")
+                       "right_trk", "mask_file", "rois_file", "template_mask_file", "n_jobs"],
+        ["html"], "report", n_procs=parameters["n_jobs"])
+    report.inputs.n_jobs = parameters["n_jobs"]
 
     to_dict = _function_node(nodes.collect_outputs, ["fa", "md", "rd", "ad", "mask", "rois", "left",
                                            "right", "profiles_tsv", "metrics", "report"],

@@ -157,7 +157,7 @@ def assess(profiles_json, registration_qc, tracking_qc, preprocess_qc, subject, 
 
 
 def report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, mask_file,
-           rois_file, template_mask_file):
+           rois_file, template_mask_file, n_jobs):
     import json
     import os
 
@@ -168,7 +168,7 @@ def report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, ma
                             profiles_tsv=profiles_tsv, fa_file=fa_file,
                             tract_files={"left": left_trk, "right": right_trk},
                             mask_file=mask_file, rois_file=rois_file, v1_file=v1_file,
-                            template_in_subject_file=template_mask_file))
+                            template_in_subject_file=template_mask_file, n_jobs=n_jobs))
 
 
 def collect_outputs(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report):
