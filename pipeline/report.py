@@ -1344,8 +1344,7 @@ def draw_figures(figures, *, n_jobs=1):
     """
     global _FORKED_FIGURES
     n_workers = min(n_jobs, len(figures))
-    if (n_workers < 2 or "fork" not in multiprocessing.get_all_start_methods()
-            or sys.platform != "linux" or multiprocessing.current_process().daemon):
+    if n_workers < 2 or sys.platform != "linux" or multiprocessing.current_process().daemon:
         return [_draw_figure(*figure) for figure in figures]
     _FORKED_FIGURES = figures
     try:
