@@ -21,11 +21,15 @@ tracking stops below FA 0.2 (ours: FA threshold; MRtrix: ``-cutoff 0.2`` for
 converted to MRtrix's basis (``tournier07``, non-legacy) and given to
 ``tckgen``, so both trackers read the same fibre ODFs.
 
-Timing: each run is a fresh process under ``/usr/bin/time`` (peak RSS). Ours
-is timed inside, around the tracking call (model fits are timed separately and
-printed); ``tckgen``'s own start and image loading are measured by a run with
-one seed and subtracted. Seeds/s = seeds / tracking seconds. 1 and 2 workers:
-our ``n_jobs`` and ``tckgen -nthreads``.
+Timing: each run is a fresh process under ``/usr/bin/time`` (peak RSS). Start-up
+is left out of both, measured the same way and printed beside: ``tckgen``'s own
+start and image loading by a run with one seed, subtracted from its time; ours
+(loading the compiled kernels, the first thread pool) by a first tracking call
+with one seed in the same process, before the timed call (model fits are timed
+separately and printed). Seeds/s = seeds / tracking seconds. 1 and 2 workers:
+our ``n_jobs`` and ``tckgen -nthreads``. A shared machine's speed drifts from
+run to run (here ±10 %): ``--repeat 3`` runs each row three times, the two tools
+alternating, and reports each tool's median run.
 
 MRtrix3 comes from Debian (``apt-get install mrtrix3``); the benchmark installs
 it when ``tckgen`` is missing and it runs as root.
@@ -34,6 +38,7 @@ Usage (repository root, the README's venv)::
 
     .venv/bin/python benchmarks/bench_tracking.py                 # philips01, 20k and 100k seeds
     .venv/bin/python benchmarks/bench_tracking.py --seeds 20000 --modes dti --out bench.json
+    .venv/bin/python benchmarks/bench_tracking.py --repeat 3 --modes csd_prob
 """
 
 import argparse
@@ -130,16 +135,23 @@ def ours_worker(work, mode, n_seeds, n_jobs):
     seeds = seeds[np.random.default_rng(0).permutation(len(seeds))[:n_seeds]]
     common = {k: SETTINGS[k] for k in ("step_mm", "max_angle_deg", "min_length_mm",
                                        "max_length_mm", "fa_stop")}
+
+    def track(some_seeds):
+        if mode == "dti":
+            return tracking.track_dti_deterministic(
+                some_seeds, fields["v1"], fields["fa"], fields["mask"], affine, n_jobs=n_jobs,
+                random_seed=1, **common)
+        return tracking.track_csd(some_seeds, fields["sh"], fields["fa"], affine,
+                                  direction=mode.split("_")[1], n_jobs=n_jobs, random_seed=1,
+                                  pmf_threshold=SETTINGS["pmf_threshold"], **common)
+
     started = time.perf_counter()
-    if mode == "dti":
-        out = tracking.track_dti_deterministic(seeds, fields["v1"], fields["fa"], fields["mask"],
-                                               affine, n_jobs=n_jobs, random_seed=1, **common)
-    else:
-        out = tracking.track_csd(seeds, fields["sh"], fields["fa"], affine,
-                                 direction=mode.split("_")[1], n_jobs=n_jobs, random_seed=1,
-                                 pmf_threshold=SETTINGS["pmf_threshold"], **common)
+    track(seeds[:1])
+    startup = time.perf_counter() - started
+    started = time.perf_counter()
+    out = track(seeds)
     print(json.dumps({"seconds": time.perf_counter() - started, "kept": len(out),
-                      "seeds": len(seeds)}))
+                      "seeds": len(seeds), "startup_s": startup}))
 
 
 def timed(command):
@@ -158,7 +170,8 @@ def run_ours(work, mode, n_seeds, n_jobs):
     _, rss, stdout = timed([sys.executable, __file__, "--worker", str(work), mode, str(n_seeds),
                             str(n_jobs)])
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"seconds": result["seconds"], "kept": result["kept"], "rss_mib": rss}
+    return {"seconds": result["seconds"], "kept": result["kept"], "rss_mib": rss,
+            "startup_s": result["startup_s"]}
 
 
 def run_tckgen(work, prepared, mode, n_seeds, n_threads):
@@ -186,6 +199,11 @@ def run_tckgen(work, prepared, mode, n_seeds, n_threads):
             "startup_s": startup}
 
 
+def median_run(runs):
+    """The run of median time (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bids-dir", type=Path, default=REPO.parent / "shared" / "data" / "bids")
@@ -193,6 +211,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[20000, 100000])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each tool per row, the tools alternating; the row "
+                             "reports each tool's median-time run")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -217,8 +238,12 @@ def main(argv=None):
         for mode in args.modes:
             for n_seeds in args.seeds:
                 for workers in args.workers:
-                    ours = run_ours(work, mode, n_seeds, workers)
-                    peer = run_tckgen(work, prepared, mode, n_seeds, workers)
+                    # the two tools alternate, so that a slow spell of the machine hits both
+                    runs = [(run_ours(work, mode, n_seeds, workers),
+                             run_tckgen(work, prepared, mode, n_seeds, workers))
+                            for _ in range(args.repeat)]
+                    ours = median_run([r[0] for r in runs])
+                    peer = median_run([r[1] for r in runs])
                     rows.append({"mode": mode, "peer": MRTRIX_ALGORITHM[mode], "seeds": n_seeds,
                                  "workers": workers, "ours": ours, "mrtrix": peer})
                     print(f"  {mode} {n_seeds} seeds, {workers} worker(s): ours "
@@ -227,14 +252,15 @@ def main(argv=None):
     print(f"\nsub-{subject}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
           f"{mrtrix_version}")
     print("| ours | MRtrix3 | seeds | workers | ours seeds/s | MRtrix seeds/s | ratio | "
-          "ours kept | MRtrix kept | ours RSS MiB | MRtrix RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "ours kept | MRtrix kept | ours RSS MiB | MRtrix RSS MiB | ours / MRtrix start-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, m = r["ours"], r["mrtrix"]
         print(f"| {r['mode']} | {r['peer']} | {r['seeds']} | {r['workers']} | "
               f"{r['seeds'] / o['seconds']:.0f} | {r['seeds'] / m['seconds']:.0f} | "
               f"{m['seconds'] / o['seconds']:.2f}x | {o['kept']} | {m['kept']} | "
-              f"{o['rss_mib']:.0f} | {m['rss_mib']:.0f} |")
+              f"{o['rss_mib']:.0f} | {m['rss_mib']:.0f} | "
+              f"{o['startup_s']:.2f} / {m['startup_s']:.2f} |")
     print("\nspeed-up of 2 workers over 1:")
     for r in rows:
         if r["workers"] != 1:

@@ -95,7 +95,7 @@ def _axis_corners(x, size):
 
 
 @njit(cache=True, nogil=True)
-def _trilinear_corners(point, shape, flat_index, weight):
+def trilinear_corners(point, shape, flat_index, weight):
     """DIPY's trilinear scheme: the 8 corner voxels (flat indices) and weights of
     ``point`` (voxel coordinates); False outside [-0.5, shape - 0.5).
 
@@ -133,7 +133,8 @@ def _interpolate_coefficients(sh, flat_index, weight, out):
 
 
 @njit(cache=True, nogil=True)
-def _interpolate_scalar(values, flat_index, weight):
+def interpolate_scalar(values, flat_index, weight):
+    """``values`` (flattened grid) at the point of :func:`trilinear_corners`."""
     value = 0.0
     for corner in range(8):
         value += weight[corner] * values[flat_index[corner]]
@@ -174,12 +175,12 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
     n_points = 1
     first_vertex, first_sign = -1, 0
     # The corners of the current point serve both its stopping test and its ODF.
-    inside = _trilinear_corners(point, shape, flat_index, weight)
+    inside = trilinear_corners(point, shape, flat_index, weight)
     for _ in range(1, max_points):
         if not inside:
             break
         _interpolate_coefficients(sh, flat_index, weight, coefficients)
-        threshold = pmf_threshold * _interpolate_scalar(odf_max, flat_index, weight)
+        threshold = pmf_threshold * interpolate_scalar(odf_max, flat_index, weight)
         n_cone = cone_odf(coefficients, vertex, cone_basis, counts, threshold, values)
         if deterministic:
             chosen = 0  # the first maximum in sphere order, as numpy's argmax in DIPY
@@ -207,8 +208,8 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
         vertex = new_vertex
         for axis in range(3):
             point[axis] += sign * vertices[vertex, axis] * step_voxels[axis]
-        inside = _trilinear_corners(point, shape, flat_index, weight)
-        if not inside or _interpolate_scalar(stop_map, flat_index, weight) <= stop_threshold:
+        inside = trilinear_corners(point, shape, flat_index, weight)
+        if not inside or interpolate_scalar(stop_map, flat_index, weight) <= stop_threshold:
             break
         if first_vertex < 0:
             first_vertex, first_sign = vertex, sign
@@ -218,7 +219,8 @@ def _walk(start, vertex, sign, out, sh, odf_max, stop_map, shape, stop_threshold
 
 
 @njit(cache=True, nogil=True)
-def _to_world(voxel, affine, out):
+def to_world(voxel, affine, out):
+    """Voxel coordinates (3,) to world (mm) into ``out`` by the (4, 4) ``affine``."""
     for axis in range(3):
         out[axis] = (affine[axis, 0] * voxel[0] + affine[axis, 1] * voxel[1]
                      + affine[axis, 2] * voxel[2] + affine[axis, 3])
@@ -274,7 +276,7 @@ def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, bas
         for axis in range(3):
             seed[axis] = (inverse[axis, 0] * seeds[s, 0] + inverse[axis, 1] * seeds[s, 1]
                           + inverse[axis, 2] * seeds[s, 2] + inverse[axis, 3])
-        if not _trilinear_corners(seed, shape, flat_index, weight):
+        if not trilinear_corners(seed, shape, flat_index, weight):
             continue
         _interpolate_coefficients(sh, flat_index, weight, coefficients)
         best, best_value = -1, 0.0
@@ -303,10 +305,10 @@ def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, bas
             grown[:n_stored] = points[:n_stored]
             points = grown
         for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
-            _to_world(backward[i], affine, points[n_stored])
+            to_world(backward[i], affine, points[n_stored])
             n_stored += 1
         for i in range(n_forward):
-            _to_world(forward[i], affine, points[n_stored])
+            to_world(forward[i], affine, points[n_stored])
             n_stored += 1
         lengths[n_kept] = n_total
         n_kept += 1

@@ -5,15 +5,12 @@ All streamlines are in world RAS+ millimetres.
 """
 
 import numpy as np
-from dipy.direction.peaks import PeaksAndMetrics
-from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
-from dipy.tracking.streamline import Streamlines
 from dipy.data import default_sphere
-from dipy.tracking.tracker import eudx_tracking
+from dipy.tracking.streamline import Streamlines
 from dipy.tracking.utils import length
 from nibabel.affines import apply_affine, voxel_sizes
 
-from . import cone_tracking, fodf
+from . import cone_tracking, eudx, fodf
 from .parallel import dask_backend, parallel_map
 from .tractometry import core_mahalanobis, resample_bundle
 
@@ -25,27 +22,22 @@ BRIDGE_MARGIN = 0.01
 TRACKING_SPHERE = default_sphere
 
 
-def tensor_peak_arrays(v1, fa, mask):
-    """Arrays for DIPY's peak-based (EuDX) tracker built from the tensor's principal direction.
+def tensor_peaks(v1, fa, mask):
+    """The tensor's principal direction as one peak per voxel, for :mod:`pipeline.eudx`.
 
-    Each brain voxel's exact eigenvector becomes one "vertex", so no direction
-    is rounded to a sphere (and no ODF has to be sampled).
+    Each brain voxel's exact eigenvector is its peak, so no direction is rounded to
+    a sphere (and no ODF has to be sampled); outside ``mask`` the peak's value is 0,
+    so it never votes.
 
     Returns
     -------
-    peak_indices : int32 (X, Y, Z, 1)
-    peak_values : float64 (X, Y, Z, 1), the FA
-    vertices : float64 (n_voxels, 3), voxel-frame unit vectors
+    peak_values : float64 (X, Y, Z), the FA inside ``mask``
+    peak_directions : float64 (X, Y, Z, 3), voxel-frame unit vectors (0 outside ``mask``)
     """
     mask = np.asarray(mask, dtype=bool)
-    peak_indices = np.zeros(mask.shape + (1,), dtype=np.int32)
-    peak_values = np.zeros(mask.shape + (1,), dtype=np.float64)
-    peak_indices[mask, 0] = np.arange(int(mask.sum()), dtype=np.int32)
-    peak_values[mask, 0] = fa[mask]
-    vertices = np.ascontiguousarray(v1[mask], dtype=np.float64)
-    if len(vertices) == 0:
-        vertices = np.array([[1.0, 0.0, 0.0]])
-    return peak_indices, peak_values, vertices
+    peak_values = np.where(mask, np.asarray(fa, dtype=np.float64), 0.0)
+    peak_directions = np.where(mask[..., None], np.asarray(v1, dtype=np.float64), 0.0)
+    return peak_values, peak_directions
 
 
 def seeds_in_mask(mask, affine, *, seeds_per_voxel, random_seed):
@@ -126,48 +118,41 @@ def _track_chunk_in_cone(seeds, fields, affine, params, random_seed, *, determin
         int(params["min_length_mm"] / params["step_mm"]), deterministic, random_seed)
 
 
-def _tensor_seed_directions(seeds, affine, fields):
-    """The seeds with a peak and their starting directions, as DIPY's ``generic_tracking``
-    pairs them for one peak per voxel (nearest voxel, grid-clipped; peaks of value 0
-    dropped), vectorised: DIPY's per-seed loop took ~10 % of the tensor tracking time."""
+def _tensor_seeds(seeds, affine, fields):
+    """The seeds (voxel coordinates) that have a peak, and their starting directions:
+    DIPY's ``generic_tracking`` pairing for one peak per voxel (nearest voxel,
+    grid-clipped; peaks of value 0 dropped), vectorised."""
     inverse = np.linalg.inv(affine)
     voxels = np.dot(seeds, inverse[:3, :3].T)
     voxels += inverse[:3, 3]
-    voxels = np.clip(np.round(voxels).astype(int), 0, np.array(fields["stop_map"].shape) - 1)
-    at_seeds = tuple(voxels.T)
-    vertices = fields["vertices"]
-    indices = np.clip(fields["peak_indices"][at_seeds][:, 0].astype(int), 0, len(vertices) - 1)
-    valid = fields["peak_values"][at_seeds][:, 0] > 0
-    peaks = vertices[indices[valid]]
+    nearest = np.clip(np.round(voxels).astype(int), 0, np.array(fields["stop_map"].shape) - 1)
+    at_seeds = tuple(nearest.T)
+    valid = fields["peak_values"][at_seeds] > 0
+    peaks = fields["peak_directions"][at_seeds][valid]
     with np.errstate(invalid="ignore", divide="ignore"):  # as DIPY: a zero peak gives NaN
         directions = peaks / np.linalg.norm(peaks, axis=1)[:, None]
-    return np.ascontiguousarray(seeds[valid]), directions
+    return np.ascontiguousarray(voxels[valid]), np.ascontiguousarray(directions)
 
 
 def _track_chunk(seeds, method, fields, affine, params, random_seed):
-    """One seed chunk through the tracker (single-threaded: the chunks are the parallelism)."""
+    """One seed chunk through the tracker (single-threaded: the chunks are the parallelism).
+
+    Returns the streamlines as one float32 (M, 3) array of world points and their
+    lengths: that travels back from a worker far faster than thousands of small
+    arrays (pickling each costs more than tracking it)."""
     if method in ("csd_prob", "csd_det"):
         return _track_chunk_in_cone(seeds, fields, affine, params, random_seed,
                                     deterministic=method == "csd_det")
-    stopping = ThresholdStoppingCriterion(np.asarray(fields["stop_map"], dtype=np.float64),
-                                          params["stop_threshold"])
-    common = dict(step_size=params["step_mm"], max_angle=params["max_angle_deg"],
-                  min_len=params["min_length_mm"], max_len=params["max_length_mm"],
-                  nbr_threads=1, random_seed=random_seed)
-    pam = PeaksAndMetrics()
-    pam.peak_indices = fields["peak_indices"]
-    pam.peak_values = fields["peak_values"]
-    pam.odf_vertices = fields["vertices"]
-    seeds, directions = _tensor_seed_directions(np.asarray(seeds, dtype=np.float64), affine,
-                                                fields)
-    generated = eudx_tracking(seeds, stopping, affine, seed_directions=directions, pam=pam,
-                              pmf_threshold=params["stop_threshold"], **common)
-    streamlines = [np.asarray(s, dtype=np.float32) for s in generated]
-    # One array and its lengths travel back from a worker far faster than thousands of
-    # small arrays (pickling each costs more than tracking it).
-    lengths = np.array([len(s) for s in streamlines], dtype=np.int64)
-    points = np.concatenate(streamlines) if streamlines else np.zeros((0, 3), np.float32)
-    return points, lengths
+    voxel_seeds, directions = _tensor_seeds(np.asarray(seeds, dtype=np.float64), affine, fields)
+    peak_values = fields["peak_values"]
+    return eudx.track_seeds(
+        voxel_seeds, directions, np.asarray(affine, dtype=np.float64), peak_values.reshape(-1),
+        fields["peak_directions"].reshape(-1, 3), fields["stop_map"].reshape(-1),
+        np.array(peak_values.shape, dtype=np.int64), params["stop_threshold"],
+        params["max_angle_deg"], eudx.MIN_TOTAL_WEIGHT, params["stop_threshold"],
+        voxel_sizes(affine).astype(np.float64), params["step_mm"],
+        int(params["max_length_mm"] / params["step_mm"]),
+        int(params["min_length_mm"] / params["step_mm"]))
 
 
 def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed, dask_scheduler):
@@ -175,7 +160,7 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
     ``n_jobs`` workers or a Dask cluster; the streamlines in seed order."""
     chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
     with dask_backend(dask_scheduler, n_workers=n_jobs):
-        # Both trackers (DIPY's Cython one and our Numba kernel) release the GIL while
+        # Both kernels (pipeline.eudx, pipeline.cone_tracking) release the GIL while
         # they track: threads share the arrays and cost nothing to start (measured on
         # 100k seeds, tensor: 2 threads 1.7-1.9x one; 2 processes no faster than one).
         results = parallel_map(_track_chunk, [
@@ -188,7 +173,8 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
 def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,
                             step_mm=0.5, min_length_mm=20.0, max_length_mm=250.0,
                             n_jobs=1, random_seed=0, dask_scheduler=None):
-    """Deterministic tensor tracking (EuDX on the principal eigenvector), parallel over seed chunks.
+    """Deterministic tensor tracking (EuDX on the principal eigenvector, :mod:`pipeline.eudx`),
+    parallel over seed chunks.
 
     Parameters
     ----------
@@ -197,13 +183,15 @@ def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_ang
     fa : ndarray (X, Y, Z)
     mask : bool ndarray (X, Y, Z)
     affine : ndarray (4, 4), voxel → world
-    fa_stop : float
-        Tracking stops where FA falls below this.
+    fa_stop : float ≥ 0
+        Tracking stops where the interpolated FA falls to this; voxels of this FA or
+        less do not steer it.
     max_angle_deg, step_mm, min_length_mm, max_length_mm : float
     n_jobs : int
-        joblib worker threads. Chunks are fixed by :data:`SEED_CHUNK_SIZE` and each
-        gets its own seed (``random_seed + chunk index``), so the streamlines are
-        identical for any ``n_jobs``.
+        joblib worker threads. Chunks are fixed by :data:`SEED_CHUNK_SIZE`, so the
+        streamlines are identical for any ``n_jobs``.
+    random_seed : int
+        Passed on per chunk as for :func:`track_csd`; this model draws nothing.
     dask_scheduler : str, optional
         Run the chunks on a Dask cluster instead: a scheduler address, or
         ``"slurm"`` for a dask-jobqueue SLURMCluster of ``n_jobs`` worker jobs
@@ -213,9 +201,10 @@ def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_ang
     -------
     list of float32 ndarray (n_points, 3), world mm, in seed order.
     """
-    peak_indices, peak_values, vertices = tensor_peak_arrays(v1, fa, mask)
-    fields = {"stop_map": fa, "peak_indices": peak_indices, "peak_values": peak_values,
-              "vertices": vertices}
+    # Prepared once, here; the tracking threads share them.
+    peak_values, peak_directions = tensor_peaks(v1, fa, mask)
+    fields = {"stop_map": np.ascontiguousarray(fa, dtype=np.float64),
+              "peak_values": peak_values, "peak_directions": peak_directions}
     params = dict(stop_threshold=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm,
                   min_length_mm=min_length_mm, max_length_mm=max_length_mm)
     return _track_chunks(seeds, "dti_det", fields, affine, params, n_jobs=n_jobs,

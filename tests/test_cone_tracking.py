@@ -81,8 +81,8 @@ def test_interpolated_maximum_bounds_dipys_between_voxels(sh_field):
     shape = np.array(sh_field.shape[:3], dtype=np.int64)
     gaps = []
     for point in rng.uniform(0, 3, size=(50, 3)):
-        assert cone_tracking._trilinear_corners(point, shape, flat_index, weight)
-        ours = cone_tracking._interpolate_scalar(maxima.reshape(-1), flat_index, weight)
+        assert cone_tracking.trilinear_corners(point, shape, flat_index, weight)
+        ours = cone_tracking.interpolate_scalar(maxima.reshape(-1), flat_index, weight)
         theirs = np.array(dipy_pmf.get_pmf(point)).max()
         assert ours >= theirs * (1 - 1e-5)
         gaps.append(ours / theirs - 1)
@@ -93,15 +93,15 @@ def test_trilinear_corners_follow_dipys_grid_limits():
     shape = np.array([4, 5, 6], dtype=np.int64)
     flat_index = np.empty(8, dtype=np.int64)
     weight = np.empty(8)
-    assert cone_tracking._trilinear_corners(np.array([-0.5, 0.0, 5.49]), shape, flat_index,
+    assert cone_tracking.trilinear_corners(np.array([-0.5, 0.0, 5.49]), shape, flat_index,
                                             weight)
     assert weight.sum() == pytest.approx(1.0)
-    assert not cone_tracking._trilinear_corners(np.array([-0.51, 0.0, 0.0]), shape, flat_index,
+    assert not cone_tracking.trilinear_corners(np.array([-0.51, 0.0, 0.0]), shape, flat_index,
                                                 weight)
-    assert not cone_tracking._trilinear_corners(np.array([0.0, 4.5, 0.0]), shape, flat_index,
+    assert not cone_tracking.trilinear_corners(np.array([0.0, 4.5, 0.0]), shape, flat_index,
                                                 weight)
     # at a voxel centre all the weight is on that voxel
-    assert cone_tracking._trilinear_corners(np.array([1.0, 2.0, 3.0]), shape, flat_index, weight)
+    assert cone_tracking.trilinear_corners(np.array([1.0, 2.0, 3.0]), shape, flat_index, weight)
     assert weight[np.flatnonzero(flat_index == (1 * 5 + 2) * 6 + 3)].sum() == pytest.approx(1.0)
 
 

@@ -111,15 +111,29 @@ def test_tracking_is_identical_for_any_n_jobs(tube_tracks):
         assert all(np.array_equal(a, b) for a, b in zip(ref, out[n]))
 
 
-def test_tensor_tracking_equals_dipys_eudx_with_its_own_seed_handling():
-    """Our vectorised seed directions give DIPY's ``eudx_tracking`` result exactly (it
-    pairs seeds and peaks itself when given none), on a field of random directions
-    with seeds everywhere, outside the mask and in zero-FA voxels too."""
+def _dipys_eudx(seeds, v1, fa, mask, affine, *, fa_stop, max_angle_deg, step_mm,
+                min_length_mm, max_length_mm):
+    """DIPY's ``eudx_tracking`` on the same peaks, pairing seeds and peaks itself."""
     from dipy.direction.peaks import PeaksAndMetrics
     from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
     from dipy.tracking.tracker import eudx_tracking
 
+    pam = PeaksAndMetrics()
+    pam.peak_indices = np.where(mask, np.cumsum(mask).reshape(mask.shape) - 1, 0)[..., None]
+    pam.peak_values = np.where(mask, fa, 0.0)[..., None]
+    pam.odf_vertices = v1[mask]
+    return [np.asarray(s, dtype=np.float32) for s in eudx_tracking(
+        seeds, ThresholdStoppingCriterion(fa, fa_stop), affine, pam=pam, pmf_threshold=fa_stop,
+        step_size=step_mm, max_angle=max_angle_deg, min_len=min_length_mm,
+        max_len=max_length_mm, nbr_threads=1)]
+
+
+def test_tensor_tracking_equals_dipys_eudx_point_for_point():
+    """Our EuDX kernel and seed handling against DIPY's: the same streamlines, bit for
+    bit, on a field of random directions and FA with seeds everywhere (outside the
+    mask, in zero-FA voxels, beyond the grid's edge), LAS storage, anisotropic voxels."""
     rng = np.random.default_rng(5)
+    affine = AFFINE @ np.diag([1.0, 1.25, 0.75, 1.0])
     v1 = rng.normal(size=SHAPE + (3,))
     v1[..., 2] += 3.0  # mostly along z, so that streamlines get long
     v1 /= np.linalg.norm(v1, axis=-1, keepdims=True)
@@ -127,17 +141,32 @@ def test_tensor_tracking_equals_dipys_eudx_with_its_own_seed_handling():
     mask = np.ones(SHAPE, dtype=bool)
     mask[:3] = False  # no peaks there
     fa[5:7] = 0.0
-    seeds = apply_affine(AFFINE, rng.uniform(-0.5, np.array(SHAPE) - 0.5, size=(400, 3)))
+    seeds = apply_affine(affine, rng.uniform(-1.0, np.array(SHAPE), size=(2000, 3)))
     settings = dict(fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, min_length_mm=5.0,
-                    max_length_mm=250.0)
-    ours = track_dti_deterministic(seeds, v1, fa, mask, AFFINE, **settings)
-    pam = PeaksAndMetrics()
-    pam.peak_indices, pam.peak_values, pam.odf_vertices = tracking.tensor_peak_arrays(v1, fa,
-                                                                                      mask)
-    theirs = [np.asarray(s, dtype=np.float32) for s in eudx_tracking(
-        seeds, ThresholdStoppingCriterion(fa, 0.2), AFFINE, pam=pam, pmf_threshold=0.2,
-        step_size=0.5, max_angle=45.0, min_len=5.0, max_len=250.0, nbr_threads=1)]
-    assert len(ours) == len(theirs) > 50
+                    max_length_mm=40.0)
+    ours = track_dti_deterministic(seeds, v1, fa, mask, affine, **settings)
+    theirs = _dipys_eudx(seeds, v1, fa, mask, affine, **settings)
+    lengths = np.array([len(s) for s in theirs])
+    assert len(theirs) > 500 and lengths.min() < 20 and lengths.max() > 60
+    assert len(ours) == len(theirs)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_tensor_tracking_that_runs_out_of_steps_ends_as_dipys():
+    """Seeds on the bottom face of a uniform field: the backward half leaves the grid at
+    once and the forward one runs out of its ``max_length`` steps, where DIPY drops the
+    last point it reached; ours the same."""
+    v1, fa, mask, tube = _tube_field()
+    seed_ijk = np.column_stack([np.full(50, CENTRE_IJ[0], float), np.full(50, CENTRE_IJ[1], float),
+                                np.linspace(-0.45, 0.0, 50)])
+    settings = dict(fa_stop=0.2, max_angle_deg=45.0, step_mm=0.5, min_length_mm=5.0,
+                    max_length_mm=10.0)
+    ours = track_dti_deterministic(apply_affine(AFFINE, seed_ijk), v1, fa, mask, AFFINE,
+                                   **settings)
+    theirs = _dipys_eudx(apply_affine(AFFINE, seed_ijk), v1, fa, mask, AFFINE, **settings)
+    # 20 steps allowed: 19 points forward, and the seed's backward step kept or not
+    assert {len(s) for s in theirs} == {19, 20}
+    assert len(ours) == len(theirs) > 45
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
