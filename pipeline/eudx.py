@@ -151,7 +151,6 @@ def track_seeds(seeds, seed_directions, affine, peak_values, peak_directions, st
     inverse_voxel_size = 1.0 / voxel_size
     scratch = (np.empty(3), np.empty(3), np.empty(3), np.empty(8, np.int64), np.empty(8))
     backward_direction = np.empty(3)
-    world = np.empty(3)
     forward = np.empty((max(max_points, 1), 3))
     backward = np.empty((max(max_points, 1), 3))
     points = np.empty((max(len(seeds), 1) * 64, 3), np.float32)
@@ -188,12 +187,10 @@ def track_seeds(seeds, seed_directions, affine, peak_values, peak_directions, st
             grown[:n_stored] = points[:n_stored]
             points = grown
         for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
-            to_world(backward[i], affine, world)
-            points[n_stored] = world
+            to_world(backward[i], affine, points[n_stored])
             n_stored += 1
         for i in range(n_forward):
-            to_world(forward[i], affine, world)
-            points[n_stored] = world
+            to_world(forward[i], affine, points[n_stored])
             n_stored += 1
         lengths[n_kept] = n_total
         n_kept += 1

@@ -42,7 +42,7 @@ def keep_smoothest(candidates, index, tv_min, value, best_index, n_points=3):
     # indices of x modulo length
     steps = np.empty(length + 2 * n_points, dtype=candidates.dtype)
     tv = np.empty(length, dtype=candidates.dtype)
-    left = np.empty(length, dtype=candidates.dtype)
+    left = np.empty(0 if n_points == 3 else length, dtype=candidates.dtype)  # general path
     for r in range(n_rows):
         row = candidates[r]
         for j in range(length - 1):

@@ -209,12 +209,12 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
     of the metrics).
     """
     out_dir = Path(out_dir)
-    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     if mode == "off":
         qc = {"status": "skipped", "correction": None, "score_before": None,
               "score_after": None}
         return {"bvec": str(bvec_file), "v1": str(v1_file),
                 "qc": str(outputs.write_json(out_dir / "gradient_check.json", qc))}
+    scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     excluded = json.loads(Path(outliers_file).read_text())["excluded"]
     keep = np.ones(len(scan.bvals), dtype=bool)
