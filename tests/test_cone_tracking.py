@@ -94,12 +94,12 @@ def test_trilinear_corners_follow_dipys_grid_limits():
     flat_index = np.empty(8, dtype=np.int64)
     weight = np.empty(8)
     assert cone_tracking.trilinear_corners(np.array([-0.5, 0.0, 5.49]), shape, flat_index,
-                                            weight)
+                                           weight)
     assert weight.sum() == pytest.approx(1.0)
     assert not cone_tracking.trilinear_corners(np.array([-0.51, 0.0, 0.0]), shape, flat_index,
-                                                weight)
+                                               weight)
     assert not cone_tracking.trilinear_corners(np.array([0.0, 4.5, 0.0]), shape, flat_index,
-                                                weight)
+                                               weight)
     # at a voxel centre all the weight is on that voxel
     assert cone_tracking.trilinear_corners(np.array([1.0, 2.0, 3.0]), shape, flat_index, weight)
     assert weight[np.flatnonzero(flat_index == (1 * 5 + 2) * 6 + 3)].sum() == pytest.approx(1.0)
