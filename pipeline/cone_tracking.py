@@ -227,6 +227,25 @@ def to_world(voxel, affine, out):
 
 
 @njit(cache=True, nogil=True)
+def append_streamline(points, n_stored, backward, n_backward, forward, n_forward, affine):
+    """Both halves of a streamline (voxel coordinates, each starting at the seed) as one,
+    in world coordinates, after the ``n_stored`` points of ``points`` (float32, grown
+    when full). Returns (points, n_stored)."""
+    n_total = n_forward + n_backward - 1
+    if n_stored + n_total > len(points):
+        grown = np.empty((2 * len(points) + n_total, 3), np.float32)
+        grown[:n_stored] = points[:n_stored]
+        points = grown
+    for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
+        to_world(backward[i], affine, points[n_stored])
+        n_stored += 1
+    for i in range(n_forward):
+        to_world(forward[i], affine, points[n_stored])
+        n_stored += 1
+    return points, n_stored
+
+
+@njit(cache=True, nogil=True)
 def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, basis, cone_basis,
                 vertices, neighbours, counts, pmf_threshold, step_voxels, max_points,
                 min_points, deterministic, random_seed):
@@ -300,16 +319,8 @@ def track_seeds(seeds, affine, sh, odf_max, stop_map, shape, stop_threshold, bas
         n_total = n_forward + n_backward - 1
         if n_total < min_points or n_total > max_points:
             continue
-        if n_stored + n_total > len(points):
-            grown = np.empty((2 * len(points) + n_total, 3), np.float32)
-            grown[:n_stored] = points[:n_stored]
-            points = grown
-        for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
-            to_world(backward[i], affine, points[n_stored])
-            n_stored += 1
-        for i in range(n_forward):
-            to_world(forward[i], affine, points[n_stored])
-            n_stored += 1
+        points, n_stored = append_streamline(points, n_stored, backward, n_backward, forward,
+                                             n_forward, affine)
         lengths[n_kept] = n_total
         n_kept += 1
     return points[:n_stored].copy(), lengths[:n_kept].copy()

@@ -27,7 +27,7 @@ this 0.16 s, the same 5503 streamlines).
 import numpy as np
 from numba import njit
 
-from .cone_tracking import interpolate_scalar, to_world, trilinear_corners
+from .cone_tracking import append_streamline, interpolate_scalar, trilinear_corners
 
 #: Trilinear weight of the voting voxels below which tracking ends (DIPY's
 #: ``eudx_tracking``: 0.5, i.e. at least half the neighbourhood agrees).
@@ -182,16 +182,8 @@ def track_seeds(seeds, seed_directions, affine, peak_values, peak_directions, st
         n_total = n_forward + n_backward - 1
         if n_total < min_points or n_total > max_points:
             continue
-        if n_stored + n_total > len(points):
-            grown = np.empty((2 * len(points) + n_total, 3), np.float32)
-            grown[:n_stored] = points[:n_stored]
-            points = grown
-        for i in range(n_backward - 1, 0, -1):  # backward half reversed, seed once
-            to_world(backward[i], affine, points[n_stored])
-            n_stored += 1
-        for i in range(n_forward):
-            to_world(forward[i], affine, points[n_stored])
-            n_stored += 1
+        points, n_stored = append_streamline(points, n_stored, backward, n_backward, forward,
+                                             n_forward, affine)
         lengths[n_kept] = n_total
         n_kept += 1
     return points[:n_stored].copy(), lengths[:n_kept].copy()
