@@ -11,6 +11,8 @@ Conventions
   the NIfTI affine.
 """
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,17 @@ MIN_VOXEL_MM, MAX_VOXEL_MM = 0.3, 10.0
 MAX_BVALUE = 50000.0
 #: Float32 copies of the 4D series the pipeline holds at its peak (for the memory estimate).
 WORKING_COPIES = 6
+#: Largest difference (mm) tolerated between the sform's and the qform's origins, and between
+#: the header's voxel size (pixdim) and the affine's: both are stored as float32, exact to
+#: about 1e-5 mm over a head-sized field of view, so anything larger was written differently.
+HEADER_TOL_MM = 0.01
+#: Largest rotation (degrees) tolerated between the sform and the qform, and largest departure
+#: from 90° between voxel axes (shear).  The qform is a float32 quaternion whose first
+#: component is recomputed from the other three: near 180° rotations (LAS storage) that loses
+#: up to ~0.05° (sub-philips03: 0.054°, exactly what nibabel gets storing its sform as a qform).
+HEADER_TOL_DEG = 0.1
+#: Largest value of the float32 arrays the pipeline computes in.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def fsl_bvecs_to_voxel_frame(bvecs, affine):
@@ -78,13 +91,18 @@ def count_unique_directions(bvecs, bvals, b0_threshold, angle_deg=5.0):
 
 @dataclass
 class DwiScan:
-    """A validated diffusion scan (data loaded lazily by nibabel)."""
+    """A validated diffusion scan (data loaded lazily by nibabel).
+
+    ``header_warnings`` lists what in the image header was accepted but deserves a note in
+    the QC (see :func:`check_header`).
+    """
 
     img: nib.Nifti1Image
     bvals: np.ndarray
     bvecs_fsl: np.ndarray
     b0_threshold: float
     n_unique_directions: int
+    header_warnings: tuple = ()
 
     @property
     def affine(self):
@@ -164,6 +182,21 @@ def _gib(n_bytes):
     return f"{n_bytes / 2 ** 30:.2f} GiB" if n_bytes >= 0.01 * 2 ** 30 else "<0.01 GiB"
 
 
+@contextmanager
+def _nibabel_repairs_unprinted():
+    """Keep nibabel from printing the header faults it repairs on loading (a zero or
+    negative pixdim, an unknown xform code): :func:`check_header` reports them, as the one
+    refusal or as QC warnings.  (nibabel's own ``LoggingOutputSuppressor`` drops its
+    handler for good, after which Python prints the messages anyway.)"""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_image(dwi_path):
     """nibabel image of ``dwi_path``, with the reason spelled out when the file is unusable."""
     dwi_path = Path(dwi_path)
@@ -182,13 +215,190 @@ def _load_image(dwi_path):
         raise InputError("The diffusion image is named .nii.gz but is not gzip-compressed.",
                          path=dwi_path, fix="Rename it to .nii, or compress it with gzip.")
     try:
-        img = nib.load(str(dwi_path))
+        with _nibabel_repairs_unprinted():
+            img = nib.load(str(dwi_path))
         img.header.get_zooms()
         img.affine  # noqa: B018  (parse the header fully now, not later)
+    except nib.spatialimages.HeaderDataError as exc:  # e.g. an infinite scl_inter
+        raise InputError(f"The diffusion image's header is invalid ({exc}).", path=dwi_path,
+                         fix="Repair the NIfTI header, or re-convert the scan from DICOM "
+                             "(e.g. with dcm2niix).") from exc
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise InputError(f"The diffusion image cannot be read ({type(exc).__name__}: {exc}).",
                          path=dwi_path, fix=readable_fix) from exc
     return img
+
+
+def _stored_header(dwi_path, img):
+    """The header of ``dwi_path`` exactly as stored, before nibabel's repairs on loading
+    (which turn a zero pixdim into 1 and a negative one positive, and drop ``scl_slope``)."""
+    with nib.openers.ImageOpener(str(dwi_path)) as handle:
+        return img.header_class.from_fileobj(handle, check=False)
+
+
+def _rotation(affine):
+    """The rotation (with a mirror for a left-handed affine) closest to the affine's voxel
+    axes: the polar decomposition of its unit columns, as nibabel strips a shear when it
+    stores an affine as a qform."""
+    u, _, vt = np.linalg.svd(affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0))
+    return u @ vt
+
+
+def _axis_angles_deg(affine):
+    """Angle (degrees) between each pair of voxel axes of ``affine``: 90 without shear."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return [float(np.degrees(np.arccos(np.clip(axes[:, i] @ axes[:, j], -1.0, 1.0))))
+            for i, j in ((0, 1), (0, 2), (1, 2))]
+
+
+def _xform_warnings(header):
+    """Warnings about the sform and qform of a header whose two codes are both set."""
+    sform = header.get_sform()
+    try:
+        qform = header.get_qform()
+    except Exception as exc:  # noqa: BLE001 - nibabel: an impossible quaternion, for one
+        return [f"The header's qform is invalid ({exc}); the sform is used."]
+    if not np.all(np.isfinite(qform)):
+        return ["The header's qform holds NaN or infinite values; the sform is used."]
+    copy_fix = ("If the sform is right, copy it into the qform (`fslorient -copysform2qform`); "
+                "else re-convert the scan from DICOM (e.g. with dcm2niix).")
+    rotation_s, rotation_q = _rotation(sform), _rotation(qform)
+    if np.linalg.det(rotation_s) * np.linalg.det(rotation_q) < 0:
+        return ["The header's sform and qform are mirror images of each other: they disagree "
+                "on which side is left. The sform is used (as nibabel and BIDS tools do), but "
+                "tools that read the qform (ITK, ANTs) see left and right swapped. Check which "
+                "is right against a marker or the scanner's images. " + copy_fix]
+    shift_mm = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
+    cos_angle = (np.trace(rotation_s @ rotation_q.T) - 1.0) / 2.0
+    angle_deg = float(np.degrees(np.arccos(np.clip(cos_angle, -1.0, 1.0))))
+    if shift_mm > HEADER_TOL_MM or angle_deg > HEADER_TOL_DEG:
+        return [f"The header's sform and qform disagree (origins {shift_mm:.3g} mm apart, "
+                f"axes {angle_deg:.3g}° apart; tolerated: {HEADER_TOL_MM:g} mm, "
+                f"{HEADER_TOL_DEG:g}°). The sform is used (as nibabel and BIDS tools do); tools "
+                f"that read the qform (ITK, ANTs) place the image differently. " + copy_fix]
+    return []
+
+
+def check_header(img, dwi_path):
+    """Refuse an image whose header cannot be trusted; note what can be used but is odd.
+
+    In the spirit of nipreps' ``ValidateImage``, checked from the header alone: the voxel
+    type (real numbers), the dimensions (4D; a trailing fifth dimension of length 1 is
+    dropped), the stored voxel size (``pixdim``, before nibabel's repairs), the scaling
+    (``scl_slope``), that the orientation is known (``sform_code`` or ``qform_code`` set)
+    and that the affine nibabel uses (the sform when its code is set, else the qform) is
+    finite, invertible and of plausible voxel size.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        The image as loaded by nibabel (NIfTI-1 or NIfTI-2).
+    dwi_path : path-like
+        Its file: named in the errors, and read again for the header as stored.
+
+    Returns
+    -------
+    img : nibabel.Nifti1Image
+        ``img``, or a 4D view of it when it had a trailing fifth dimension of length 1.
+    warnings : list of str
+        What was accepted but belongs in the QC: sform and qform that disagree, a sheared
+        affine, a voxel size in ``pixdim`` unlike the affine's, a fault nibabel repaired.
+
+    Raises
+    ------
+    InputError
+        Naming ``dwi_path`` and the fix.
+    """
+    stored = _stored_header(dwi_path, img)
+    dtype, datatype = img.get_data_dtype(), img.header.get_value_label("datatype")
+    if dtype.kind == "c":  # nibabel's get_fdata would silently drop the imaginary part
+        raise InputError(
+            f"The diffusion image stores complex voxel values ({datatype}); the pipeline "
+            f"needs real-valued magnitude images.", path=dwi_path,
+            fix="Save the magnitude of the complex series (e.g. `fslcomplex -realabs`, or "
+                "np.abs in nibabel), or export magnitude images from the scanner (dcm2niix's "
+                "default).")
+    if dtype.kind not in "iuf":
+        raise InputError(
+            f"The diffusion image stores non-numeric voxel values ({datatype}); the pipeline "
+            f"needs real-valued magnitude images.", path=dwi_path,
+            fix="Re-export the series as integer or floating-point magnitude images.")
+    # a trailing fifth axis of length 1 (some converters write one) carries nothing
+    squeeze = img.ndim == 5 and img.shape[4] == 1
+    if img.ndim > 4 and not squeeze:
+        raise InputError(
+            f"The diffusion image is {img.ndim}D (shape {img.shape}); a 4D series (x, y, z, "
+            f"volume) is needed.", path=dwi_path,
+            fix="Store the volumes along the fourth axis only (e.g. reshape the data to "
+                "(x, y, z, volumes) with nibabel, or re-convert with dcm2niix).")
+    if img.ndim < 4:
+        raise InputError(f"The diffusion image is {img.ndim}D (shape {img.shape}); a 4D series "
+                         "is needed.", path=dwi_path,
+                         fix="Pass the 4D DWI series, not a single volume.")
+    pixdim = np.asarray(stored["pixdim"][1:4], dtype=float)
+    if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+        # nibabel would read a zero as 1 mm and a negative size as positive: a guess
+        raise InputError(
+            f"The voxel size in the header (pixdim[1:4] = {pixdim.tolist()} mm) is zero, "
+            f"negative, infinite or not a number.", path=dwi_path,
+            fix="Write the true voxel size into the header (re-convert from DICOM, e.g. with "
+                "dcm2niix, or set it with nibabel's header.set_zooms()).")
+    slope = float(stored["scl_slope"])
+    if np.isinf(slope):
+        # nibabel ignores an infinite slope and reads the unscaled values: also a guess
+        raise InputError(
+            "The header's scl_slope is infinite: scaled by it, every voxel value is infinite.",
+            path=dwi_path,
+            fix="Set scl_slope to the true scale factor (0 or 1 for unscaled data), or "
+                "re-convert the scan from DICOM (e.g. with dcm2niix).")
+    header = img.header
+    # nibabel reads a code outside the NIfTI list (1-4) as 0, "unknown"; the message names
+    # the codes as stored
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        raise InputError(
+            f"The header gives no orientation (sform_code {int(stored['sform_code'])}, "
+            f"qform_code {int(stored['qform_code'])}; a known orientation has a code 1-4): "
+            f"which side of the image is left is unknown.", path=dwi_path,
+            fix="Set the orientation in the header: re-convert the scan from DICOM (e.g. with "
+                "dcm2niix), or write the true affine with `fslorient -setsform ... "
+                "-setsformcode 1` or nibabel's img.set_sform(affine, code=1).")
+
+    # the affine next: the voxel size and every world coordinate depend on it
+    affine = np.asarray(img.affine, dtype=float)
+    header_fix = "Repair the NIfTI header (sform/qform) of the image, or re-export it."
+    if not np.all(np.isfinite(affine)):
+        raise InputError("The image affine (sform/qform) contains NaN or infinite values.",
+                         path=dwi_path, fix=header_fix)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError("The image affine (sform/qform) is singular (a zero or repeated axis).",
+                         path=dwi_path, fix=header_fix)
+    axis_mm = np.linalg.norm(affine[:3, :3], axis=0)
+    for sizes, where in ((pixdim, "header (pixdim)"), (axis_mm, "affine")):
+        if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM):
+            raise InputError(
+                f"Implausible voxel size {np.round(sizes, 4).tolist()} mm in the {where}.",
+                path=dwi_path, fix=f"Check the NIfTI header: voxels must be between "
+                                   f"{MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm.")
+
+    warnings = [f"Header fault, repaired by nibabel on reading: {line}." for line in
+                img.header_class.diagnose_binaryblock(stored.binaryblock).splitlines()]
+    if int(header["sform_code"]) > 0 and int(header["qform_code"]) > 0:
+        warnings += _xform_warnings(header)
+    if np.max(np.abs(pixdim - axis_mm)) > HEADER_TOL_MM:
+        warnings.append(
+            f"The voxel size in the header (pixdim: {np.round(pixdim, 4).tolist()} mm) is not "
+            f"the affine's ({np.round(axis_mm, 4).tolist()} mm); the affine's is used for "
+            f"positions, and the brain-mask volume in the QC uses pixdim.")
+    skew_deg = max(abs(a - 90.0) for a in _axis_angles_deg(affine))
+    if skew_deg > HEADER_TOL_DEG:
+        warnings.append(
+            f"The image affine is sheared: its voxel axes are up to {skew_deg:.3g}° from "
+            f"perpendicular (tolerated: {HEADER_TOL_DEG:g}°). The b-vectors are turned into "
+            f"world directions as if the axes were perpendicular; check the scan's geometry "
+            f"(a gantry tilt?) and, if possible, resample it onto a perpendicular grid.")
+    if squeeze:  # a lazy 4D view: nothing is read, the header (codes, scaling) is kept
+        img = type(img)(img.dataobj.reshape(img.shape[:4]), img.affine, img.header)
+    return img, warnings
 
 
 def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=True,
@@ -203,8 +413,9 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
         b-values at or below this (s/mm²) count as b0 (some vendors store the
         b0 as b=1.25 or b=5).
     check_data : bool
-        Also read the voxel data to reject unreadable (truncated), non-finite or
-        all-zero images.
+        Also read the voxel data (scaled by the header's ``scl_slope``/``scl_inter``, as
+        nibabel and the pipeline read them) to reject unreadable (truncated), non-finite,
+        float32-overflowing or all-zero images.
     memory_limit_bytes : int, optional
         Memory the run may use; default: what the machine has available now
         (``MemAvailable``, capped by a cgroup limit).  The estimate (see
@@ -216,38 +427,14 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
     Returns
     -------
     DwiScan
+        With the header's warnings (see :func:`check_header`).
 
     Raises
     ------
     InputError
         With the offending file and the fix, for any input that cannot be trusted.
     """
-    img = _load_image(dwi_path)
-    if img.ndim != 4:
-        raise InputError(f"The diffusion image is {img.ndim}D (shape {img.shape}); a 4D series "
-                         "is needed.", path=dwi_path,
-                         fix="Pass the 4D DWI series, not a single volume.")
-    # the affine first: the voxel size and every world coordinate depend on it
-    affine = np.asarray(img.affine, dtype=float)
-    header_fix = "Repair the NIfTI header (sform/qform) of the image, or re-export it."
-    if not np.all(np.isfinite(affine)):
-        raise InputError("The image affine (sform/qform) contains NaN or infinite values.",
-                         path=dwi_path, fix=header_fix)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise InputError("The image affine (sform/qform) is singular (a zero or repeated axis).",
-                         path=dwi_path, fix=header_fix)
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if not np.all(np.isfinite(zooms)):
-        raise InputError(f"The voxel size in the header is not a number: {zooms.tolist()}.",
-                         path=dwi_path, fix="Repair the voxel size (pixdim) in the NIfTI header, "
-                                            "or re-export the image.")
-    axis_mm = np.linalg.norm(affine[:3, :3], axis=0)
-    for sizes, where in ((zooms, "header (pixdim)"), (axis_mm, "affine")):
-        if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM):
-            raise InputError(
-                f"Implausible voxel size {np.round(sizes, 4).tolist()} mm in the {where}.",
-                path=dwi_path, fix=f"Check the NIfTI header: voxels must be between "
-                                   f"{MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm.")
+    img, header_warnings = check_header(_load_image(dwi_path), dwi_path)
     if min(img.shape[:3]) < 8:
         raise InputError(f"The image grid {img.shape[:3]} is too small for a brain.",
                          path=dwi_path, fix="Pass the whole-brain DWI series.")
@@ -304,7 +491,9 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
 
     if check_data:
         try:
-            data = np.asanyarray(img.dataobj)
+            # an overflow while scaling is reported below, as the infinite values it leaves
+            with np.errstate(over="ignore", invalid="ignore"):
+                data = np.asanyarray(img.dataobj)
         except MemoryError as exc:
             raise InputError(f"Not enough memory to read the image (grid {tuple(img.shape)}).",
                              path=dwi_path, fix="Run on a machine with more memory, or crop "
@@ -316,10 +505,22 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=Tr
                 fix="Copy or re-export the complete image (compare its size with the "
                     "original).") from exc
         if not np.all(np.isfinite(data)):
-            raise InputError("The image contains NaN or infinite values.", path=dwi_path,
+            raise InputError("The image contains NaN or infinite values (after any "
+                             "scl_slope/scl_inter scaling).", path=dwi_path,
                              fix="Re-export the image from the scanner data.")
+        # nibabel scales in float64; the pipeline reads into float32, where larger values
+        # would turn infinite (get_fdata warns, nothing stops)
+        wide = data.dtype.kind == "f" and data.dtype.itemsize > 4
+        peak = float(max(data.max(), -data.min())) if wide else 0.0
+        if peak > FLOAT32_MAX:
+            raise InputError(
+                f"Voxel values reach {peak:.3g} (after any scl_slope/scl_inter scaling), "
+                f"beyond the float32 range (±{FLOAT32_MAX:.3g}) the pipeline computes in.",
+                path=dwi_path,
+                fix="Re-export the image with values in the scanner's range (int16 or float32, "
+                    "without an extreme scl_slope).")
         if not np.any(data):
             raise InputError("The image is all zeros.", path=dwi_path,
                              fix="Re-export the image from the scanner data.")
     return DwiScan(img=img, bvals=bvals, bvecs_fsl=bvecs, b0_threshold=float(b0_threshold),
-                   n_unique_directions=n_unique)
+                   n_unique_directions=n_unique, header_warnings=tuple(header_warnings))

@@ -15,6 +15,7 @@ process to cover the process boundary (exit status, nothing else printed).
 import functools
 import gzip
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,14 +83,19 @@ def _source_scan():
     return data, img.affine.copy()
 
 
-def _write_nifti(path, data, *, affine=None, zooms=None, compress=True):
+def _write_nifti(path, data, *, affine=None, zooms=None, compress=True, dtype=np.float32,
+                 edit=None):
     """Write a NIfTI-1 file byte by byte, so that broken headers are stored as given
-    (nibabel would repair or refuse a NaN or singular affine on save)."""
+    (nibabel would repair or refuse a NaN or singular affine, or a zero pixdim, on save).
+
+    ``data`` is stored as ``dtype``, unscaled; ``edit(header)``, when given, changes the
+    header last (scaling, xform codes, a second affine).
+    """
     src_data, src_affine = _source_scan()
     affine = src_affine if affine is None else np.asarray(affine, dtype=float)
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(np.float32)
+    hdr.set_data_dtype(dtype)
     hdr.set_xyzt_units("mm", "sec")
     if np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-6:
         hdr.set_qform(affine, code=1)
@@ -105,28 +111,51 @@ def _write_nifti(path, data, *, affine=None, zooms=None, compress=True):
         hdr["pixdim"] = pixdim
     hdr["vox_offset"] = 352
     hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
+    if edit is not None:
+        edit(hdr)
     payload = (hdr.binaryblock + b"\0" * 4
                + np.asarray(data, dtype=hdr.get_data_dtype()).tobytes(order="F"))
     path.write_bytes(gzip.compress(payload, compresslevel=1) if compress else payload)
 
 
-def _with_data(edit):
-    """A case that rewrites the image with edited voxel values."""
+def _with_data(edit, dtype=np.float32, header=None):
+    """A case that rewrites the image with edited voxel values, stored as ``dtype``
+    (``header``: an edit of the header, see :func:`_write_nifti`)."""
     def build(ds):
         data = np.array(_source_scan()[0])
-        _write_nifti(ds.image, edit(data))
+        _write_nifti(ds.image, edit(data), dtype=dtype, edit=header)
         return IMAGE
     return build
 
 
-def _with_header(affine=None, zooms=None):
+def _with_header(affine=None, zooms=None, edit=None):
     """A case that rewrites the image with the same voxels and a broken header
     (``affine`` may be a function of the scan's affine: nothing is read at import)."""
     def build(ds):
-        _write_nifti(ds.image, _source_scan()[0], zooms=zooms,
+        _write_nifti(ds.image, _source_scan()[0], zooms=zooms, edit=edit,
                      affine=affine(_source_scan()[1]) if callable(affine) else affine)
         return IMAGE
     return build
+
+
+def _fields(**values):
+    """A header edit setting raw header fields (codes, scaling) to the given values."""
+    def edit(hdr):
+        for name, value in values.items():
+            hdr[name] = value
+    return edit
+
+
+def _rgb(data):
+    """The scan as RGB24 voxels (grey: the same byte in R, G and B)."""
+    grey = np.clip(data / data.max() * 255, 0, 255).astype(np.uint8)
+    rgb = np.empty(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = rgb["G"] = rgb["B"] = grey
+    return rgb
+
+
+def _float64_with_huge_voxel(data):
+    return _set(data.astype(np.float64), (30, 30, 20, 2), 1e300)
 
 
 def _with_bvals(edit):
@@ -234,6 +263,30 @@ CASES = {
     "affine-zero-column": (_with_header(affine=_zero_column), "singular"),
     "affine-repeated-axis": (_with_header(affine=_repeated_axis), "singular"),
     "affine-nan": (_with_header(affine=lambda a: _set(a, (1, 3), np.nan)), "NaN"),
+    # ---- header validation (issue 20): voxel type, dimensions, pixdim, scaling, orientation
+    "header-no-orientation": (_with_header(edit=_fields(qform_code=0, sform_code=0)),
+                              "left is unknown"),
+    # nibabel reads codes outside the NIfTI list as 0, so this is the same unknown orientation
+    "header-invalid-xform-codes": (_with_header(edit=_fields(qform_code=9, sform_code=7)),
+                                   "left is unknown"),
+    "pixdim-zero": (_with_header(zooms=(3.0, 0.0, 3.0)), "is zero, negative"),
+    "pixdim-negative": (_with_header(zooms=(-3.0, 3.0, 3.0)), "is zero, negative"),
+    "pixdim-infinite": (_with_header(zooms=(3.0, 3.0, np.inf)), "infinite"),
+    "image-2d": (_with_data(lambda d: d[:, :, 20, 0]), "2D"),
+    "image-5d-two-series": (_with_data(lambda d: np.stack([d, d], axis=-1)), "5D"),
+    "image-5d-volumes-on-fifth-axis": (_with_data(lambda d: d[:, :, :, None, :]), "5D"),
+    "image-complex64": (_with_data(lambda d: d * (1 + 1j), dtype=np.complex64), "complex"),
+    "image-complex128": (_with_data(lambda d: d * (1 + 1j), dtype=np.complex128), "complex"),
+    "image-rgb24": (_with_data(_rgb, dtype="RGB"), "non-numeric"),
+    "scl-slope-infinite": (_with_header(edit=_fields(scl_slope=np.inf)), "scl_slope is infinite"),
+    "scl-inter-infinite": (_with_header(edit=_fields(scl_inter=np.inf)), "header is invalid"),
+    # finite float32 voxels times a finite slope: beyond float32 once scaled (nibabel scales
+    # in float64, the pipeline computes in float32)
+    "data-beyond-float32-after-scaling": (_with_header(edit=_fields(scl_slope=1e36)),
+                                          "beyond the float32 range"),
+    # a finite float64 voxel times a finite slope: infinite once scaled
+    "data-infinite-after-scaling": (_with_data(_float64_with_huge_voxel, dtype=np.float64,
+                                               header=_fields(scl_slope=1e30)), "infinite"),
     # ---- voxel values
     "data-nan-voxels": (_with_data(lambda d: _set(d, (30, 30, 20, slice(None)), np.nan)), "NaN"),
     "data-inf-voxels": (_with_data(lambda d: _set(d, (10, 40, 5, 3), np.inf)), "infinite"),
@@ -278,7 +331,8 @@ ALL_CASES = sorted(CASES) + sorted(SUBJECT_CASES) + ["bids-dir-missing"]
 
 #: cases that also run in a fresh process (exit status and stderr as a shell sees them)
 SUBPROCESS_CASES = ["image-truncated-gzip", "bval-one-fewer", "data-nan-voxels",
-                    "affine-zero-column", "subject-path-traversal", "missing-bvec"]
+                    "affine-zero-column", "subject-path-traversal", "missing-bvec",
+                    "header-no-orientation", "pixdim-zero", "image-complex64"]
 
 
 @pytest.fixture
@@ -409,3 +463,197 @@ def test_cli_refuses_a_scan_too_big_for_this_machine(dataset, tmp_path, capsys, 
                    dataset)
     # the pipeline's own reloads (check_data=False) do not repeat the estimate
     load_dwi(dataset.image, dataset.bval, dataset.bvec, check_data=False)
+
+
+# --------------------------------------------------------------------------- headers accepted
+
+def _turned(degrees):
+    """``affine`` -> the same affine with its voxel axes turned about the world z axis
+    (its origin kept)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+    def make(affine):
+        turned = np.array(affine, dtype=float)
+        turned[:3, :3] = turn @ affine[:3, :3]
+        return turned
+    return make
+
+
+def _shifted(mm):
+    """``affine`` -> the same affine with its origin moved by ``mm`` along x, y and z."""
+    return lambda affine: affine + np.pad(np.full((3, 1), mm), ((0, 1), (3, 0)))
+
+
+def _sform(make):
+    """A header edit replacing the sform (code 1) by ``make(qform)``; the qform stays."""
+    def edit(hdr):
+        hdr.set_sform(make(hdr.get_qform()), code=1)
+    return edit
+
+
+def _both(first, then):
+    """Two header edits, in order."""
+    def edit(hdr):
+        first(hdr)
+        then(hdr)
+    return edit
+
+
+def _load_rewritten(ds, **write):
+    """``load_dwi`` of the copy rewritten by :func:`_write_nifti` (same voxels) with ``write``."""
+    _write_nifti(ds.image, _source_scan()[0], **write)
+    return load_dwi(ds.image, ds.bval, ds.bvec)
+
+
+def test_real_scans_raise_no_header_warning():
+    """Every real scan's header is accepted without a warning, among them sub-philips03's,
+    whose qform is 0.054° from its sform: all a float32 quaternion can do for that rotation."""
+    runs = [run for root in (SHARED_BIDS, SHARED_BIDS.parent / "bids-clinical")
+            for subject in sorted(root.glob("sub-*"))
+            for run in find_dwi_runs(root, subject.name[len("sub-"):])]
+    assert any(run.subject == "philips03" for run in runs)
+    for run in runs:
+        assert load_dwi(run.dwi, run.bval, run.bvec, check_data=False).header_warnings == ()
+
+
+def test_qform_alone_is_used_when_the_sform_code_is_0(dataset):
+    # an sform that would be refused (NaN) is not looked at when its code is 0
+    scan = _load_rewritten(dataset, edit=_both(_sform(lambda q: np.full((4, 4), np.nan)),
+                                               _fields(sform_code=0)))
+    assert int(scan.img.header["sform_code"]) == 0
+    np.testing.assert_allclose(scan.affine, _source_scan()[1], atol=1e-4)
+    assert scan.header_warnings == ()
+
+
+def test_sform_is_used_when_the_qform_code_is_0(dataset):
+    scan = _load_rewritten(dataset, edit=_both(_sform(_shifted(5.0)), _fields(qform_code=0)))
+    np.testing.assert_allclose(scan.affine, _shifted(5.0)(_source_scan()[1]), atol=1e-4)
+    assert scan.header_warnings == ()
+
+
+@pytest.mark.parametrize("make, named", [
+    (_shifted(2.0), "origins 3.46 mm apart, axes 0° apart"),
+    (_turned(1.0), "origins 0 mm apart, axes 1° apart"),
+], ids=["shifted-2mm", "rotated-1deg"])
+def test_disagreeing_sform_and_qform_warn_and_the_sform_is_used(dataset, make, named):
+    scan = _load_rewritten(dataset, edit=_sform(make))
+    np.testing.assert_allclose(scan.affine, make(scan.img.header.get_qform()), atol=1e-4)
+    (warning,) = scan.header_warnings
+    assert "sform and qform disagree" in warning and named in warning
+    assert "sform is used" in warning and "fslorient -copysform2qform" in warning
+
+
+def test_sform_and_qform_mirroring_each_other_warn_about_left_and_right(dataset):
+    nx = _source_scan()[0].shape[0]
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = nx - 1
+    scan = _load_rewritten(dataset, edit=_sform(lambda q: q @ flip))
+    assert np.linalg.det(scan.affine[:3, :3]) * np.linalg.det(_source_scan()[1][:3, :3]) < 0
+    (warning,) = scan.header_warnings
+    assert "mirror images" in warning and "left" in warning
+
+
+def test_unusable_qform_beside_a_valid_sform_warns(dataset):
+    scan = _load_rewritten(dataset, edit=_fields(quatern_b=np.nan))
+    np.testing.assert_allclose(scan.affine, _source_scan()[1], atol=1e-4)
+    assert scan.header_warnings == (
+        "The header's qform holds NaN or infinite values; the sform is used.",)
+
+
+def test_tolerances_allow_float32_rounding_but_not_a_tenth_of_a_millimetre(dataset):
+    assert _load_rewritten(dataset, edit=_sform(_turned(0.05))).header_warnings == ()
+    assert _load_rewritten(dataset, edit=_sform(_shifted(0.005))).header_warnings == ()
+    assert len(_load_rewritten(dataset, edit=_sform(_shifted(0.1))).header_warnings) == 1
+
+
+def _sheared(affine, degrees=2.0):
+    """``affine`` with its second voxel axis tilted towards the first (lengths kept)."""
+    sheared = np.array(affine, dtype=float)
+    first = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
+    second = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    tilt = np.radians(degrees)
+    sheared[:3, 1] = np.linalg.norm(affine[:3, 1]) * (np.cos(tilt) * second
+                                                      + np.sin(tilt) * first)
+    return sheared
+
+
+def test_sheared_affine_is_accepted_with_a_warning(dataset):
+    scan = _load_rewritten(dataset, affine=_sheared(_source_scan()[1]))
+    # nibabel strips the shear from the qform it writes: the two still agree
+    (warning,) = scan.header_warnings
+    assert "sheared" in warning and "2° from perpendicular" in warning
+    np.testing.assert_allclose(scan.affine, _sheared(_source_scan()[1]), atol=1e-4)
+
+
+def test_pixdim_unlike_the_affine_is_accepted_with_a_warning(dataset):
+    scan = _load_rewritten(dataset, zooms=(2.5, 3.0, 3.0))
+    (warning,) = scan.header_warnings
+    assert "pixdim: [2.5, 3.0, 3.0] mm" in warning and "[3.0, 3.0, 3.0] mm" in warning
+
+
+def test_header_faults_nibabel_repairs_become_warnings(dataset):
+    scan = _load_rewritten(dataset, edit=_fields(sform_code=7))
+    assert scan.header_warnings == (
+        "Header fault, repaired by nibabel on reading: sform_code 7 not valid.",)
+    assert int(scan.img.header["sform_code"]) == 0  # so the qform is used
+
+
+def test_scl_slope_and_inter_are_applied(dataset):
+    """int16 voxels stored with scl_slope 2, scl_inter 10 load (and fit) exactly as the
+    float32 image of the scaled values does: the loader and the pipeline's reads
+    (``get_fdata``, ``np.asarray(img.dataobj)``) all go through nibabel's scaling."""
+    from dipy.reconst.dti import TensorModel
+
+    from pipeline.steps import _load, _load_scan
+
+    raw = np.round(np.array(_source_scan()[0]) / 2).astype(np.int16)
+    loaded = {}
+    for name, data, write in (("scaled", raw, dict(dtype=np.int16,
+                                                   edit=_fields(scl_slope=2.0, scl_inter=10.0))),
+                              ("plain", raw * 2.0 + 10.0, {})):
+        path = dataset.dwi_dir / f"{name}_dwi.nii.gz"
+        _write_nifti(path, data, **write)
+        load_dwi(path, dataset.bval, dataset.bvec)  # the full check, voxels included
+        scan, series = _load_scan(path, dataset.bval, dataset.bvec, 50.0)
+        np.testing.assert_array_equal(_load(path)[0], series)
+        box = series[24:40, 24:40, 16:24]
+        loaded[name] = (series, TensorModel(scan.gradient_table()).fit(box).fa)
+    np.testing.assert_array_equal(loaded["scaled"][0], loaded["plain"][0])
+    assert loaded["scaled"][0].max() == raw.max() * 2 + 10
+    np.testing.assert_array_equal(loaded["scaled"][1], loaded["plain"][1])
+
+
+def test_trailing_singleton_fifth_axis_is_read_as_4d(dataset):
+    source = np.array(_source_scan()[0])
+    _write_nifti(dataset.image, source[..., None])
+    scan = load_dwi(dataset.image, dataset.bval, dataset.bvec)
+    assert scan.img.shape == source.shape and scan.header_warnings == ()
+    np.testing.assert_array_equal(scan.img.get_fdata(dtype=np.float32), source)
+
+
+def test_header_warnings_reach_the_preprocessing_qc_and_its_notices(dataset, tmp_path):
+    from pipeline import outputs
+    from pipeline.steps import collect_preprocessing_qc, denoise, preprocessing_notices
+
+    _write_nifti(dataset.image, _source_scan()[0], affine=_sheared(_source_scan()[1]))
+    mask = outputs.save_nifti(tmp_path / "mask.nii.gz", np.ones(_source_scan()[0].shape[:3]),
+                              _source_scan()[1], dtype=np.uint8)
+    noise_qc = denoise(dataset.image, dataset.bval, dataset.bvec, mask, out_dir=tmp_path,
+                       method="none")["qc"]
+    (warning,) = json.loads(Path(noise_qc).read_text())["header"]["warnings"]
+    assert "sheared" in warning
+    pre_qc = json.loads(Path(collect_preprocessing_qc(
+        out_dir=tmp_path, denoise_qc=noise_qc, motion_qc=None, outliers_qc=None,
+        gradient_qc=None, tensor_qc=None)).read_text())
+    assert pre_qc["header"] == [{"file": IMAGE, "warnings": [warning]}]
+    assert preprocessing_notices(pre_qc) == [f"Image header ({IMAGE}): {warning}"]
+    # combined runs: one entry per run, from the merged denoising QC
+    merged = tmp_path / "merged_qc.json"
+    merged.write_text(json.dumps({"method": "none", "per_run": [
+        {"header": {"file": "a_dwi.nii.gz", "warnings": []}},
+        {"header": {"file": "b_dwi.nii.gz", "warnings": ["odd"]}}]}))
+    combined = json.loads(Path(collect_preprocessing_qc(
+        out_dir=tmp_path, denoise_qc=merged, motion_qc=None, outliers_qc=None,
+        gradient_qc=None, tensor_qc=None)).read_text())
+    assert preprocessing_notices(combined) == ["Image header (b_dwi.nii.gz): odd"]
