@@ -134,6 +134,8 @@ BIDS=$(cd "$BIDS" && pwd)
 timed "cluster start" start_cluster
 sinfo
 
+# --keep-work: the checks below read the work folders (job logs, cached steps), which a
+# successful run would otherwise delete.
 participant() {  # participant OUT WORK LABEL... [-- options]: cst-integrity, checked
   local out=$1 work=$2 code=0 log
   shift 2
@@ -143,7 +145,7 @@ participant() {  # participant OUT WORK LABEL... [-- options]: cst-integrity, ch
   log=$out-$(IFS=-; echo "${selected[*]}").log
   mkdir -p "$out"
   "$BIN"/cst-integrity "$BIDS" "$out" participant --participant-label "${selected[@]}" \
-    --n-jobs "$N_JOBS" --work-dir "$work" "$@" >"$log" 2>&1 || code=$?
+    --n-jobs "$N_JOBS" --work-dir "$work" --keep-work "$@" >"$log" 2>&1 || code=$?
   cat "$log"
   [ "$code" -eq 0 ] || [ "$code" -eq 3 ]  # 3: reported, but not assessable
 }

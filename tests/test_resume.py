@@ -1,11 +1,18 @@
 """A run killed with SIGKILL at any stage, then rerun, ends with the outputs of an
-uninterrupted run; a killed run never leaves outputs that look complete."""
+uninterrupted run; a killed run never leaves outputs that look complete. A rerun takes from
+the work folder every step that finished, whatever ``--n-jobs`` each run had; a successful
+run removes the folder unless ``--keep-work``, and a rerun of complete outputs computes
+nothing."""
 
+import gzip
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
@@ -38,6 +45,38 @@ def _kill_when_started(process, node_dir, timeout=900):
     process.wait()
 
 
+def _step_outcomes(out):
+    """{step name: "computed" | "cached" | "FAILED"} from the newest run log in ``out``."""
+    logs = sorted((out / "sub-subject01" / "log").glob("*.log"), key=os.path.getmtime)
+    outcomes = {}
+    for line in logs[-1].read_text().splitlines():
+        if " cst INFO: step " in line:
+            name, _, outcome = line.split(" cst INFO: step ", 1)[1].rpartition(": ")
+            outcomes[name.rsplit(".", 1)[-1]] = outcome
+    return outcomes
+
+
+def _output_bytes(out):
+    """Every output file of the run (not the logs) → its bytes."""
+    files = [out / f"{STEM}.html", *sorted((out / "sub-subject01" / "dwi").iterdir())]
+    return {path.name: path.read_bytes() for path in files}
+
+
+def _content(name, data):
+    """What an output file holds, without what writing it again changes: the time in a gzip
+    header or a zip (TRX) entry, and the sidecars' n_jobs (of the run that wrote them)."""
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    if name.endswith(".trx"):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return {member: archive.read(member) for member in archive.namelist()}
+    if name.endswith(".json") and not name.endswith("_metrics.json"):
+        sidecar = json.loads(data)
+        sidecar.get("Parameters", {}).pop("n_jobs", None)
+        return sidecar
+    return data
+
+
 def _metrics_bytes_without_timestamp(out):
     path = out / "sub-subject01" / "dwi" / f"{STEM}_desc-cst_metrics.json"
     lines = path.read_bytes().splitlines(keepends=True)
@@ -57,8 +96,15 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(lesion_phantom, le
         assert not metrics_file.exists(), f"outputs look complete after a kill during {node}"
         assert not (out / f"{STEM}.html").exists()
 
-    result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
+    # Another --n-jobs: it does not change results, so it invalidates no cached step.
+    result = run_cst_report("subject01", bids, out, "--n-jobs", "1", "--keep-work")
     assert result.returncode == 0, result.stderr
+    outcomes = _step_outcomes(out)
+    after_last_kill = {"report", "files_dict", "write_derivatives"}
+    assert {k: v for k, v in outcomes.items() if k not in after_last_kill} == \
+        dict.fromkeys(set(outcomes) - after_last_kill, "cached")
+    assert {outcomes[k] for k in after_last_kill} == {"computed"}
+    assert (out / ".cst-work" / RUN_WF).is_dir()  # kept, as asked
     # Byte-identical metrics apart from the creation time.
     assert _metrics_bytes_without_timestamp(out) == _metrics_bytes_without_timestamp(reference)
     assert load_metrics(out, STEM)["localization"]["affected_side"] == "left"
@@ -67,3 +113,24 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(lesion_phantom, le
             (reference / "sub-subject01" / "dwi" / name).read_bytes()
     assert_same_tractograms(out, reference)
     assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+
+    # The outputs made incomplete (as by a kill while they were copied): a rerun, with yet
+    # another --n-jobs, only copies the cached results again, and removes the work folder.
+    before = _output_bytes(out)
+    metrics_file.unlink()
+    result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
+    assert result.returncode == 0, result.stderr
+    outcomes = _step_outcomes(out)
+    assert {k for k, v in outcomes.items() if v == "computed"} == {"write_derivatives"}
+    after = _output_bytes(out)
+    assert after.keys() == before.keys()
+    assert after[metrics_file.name] == before[metrics_file.name]  # the cached assessment
+    assert [k for k in before if _content(k, after[k]) != _content(k, before[k])] == []
+    assert not (out / ".cst-work").exists()
+
+    # Complete outputs for the same inputs and settings: nothing to compute at all.
+    result = run_cst_report("subject01", bids, out, "--n-jobs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "nothing recomputed" in result.stdout and _step_outcomes(out) == {}
+    assert _output_bytes(out) == after
+    assert not (out / ".cst-work").exists()

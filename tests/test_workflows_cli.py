@@ -1,15 +1,25 @@
 """Workflow wiring and command-line behaviour that needs no heavy computation."""
 
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
+from nipype.pipeline import engine as pe
 
 from pipeline.bids import find_dwi_runs
-from pipeline.errors import EXIT_BAD_INPUT
-from workflows.base import init_single_subject_wf
-from workflows.cli import build_parameters, cst_report_parser
+from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
+from workflows.base import _function_node, init_single_subject_wf
+from workflows.cli import (_Progress, bids_app_parser, build_parameters, cst_report_parser,
+                           parse_args, subject_lock)
+from workflows.config import format_config
+from workflows.execution import remove_subject_work, run_workflow, subject_work_dir
 
-from .conftest import run_cst_report
+from .conftest import REPO, run_cst_report
 
 
 def _write_run(dwi_dir, stem, n_dirs=12):
@@ -84,3 +94,140 @@ def test_relative_paths_reach_the_workflow_as_absolute(two_run_bids, monkeypatch
     runs = find_dwi_runs("bids", "01")
     assert all(r.dwi.is_absolute() and r.bval.is_absolute() and r.bvec.is_absolute()
                for r in runs)
+
+
+def _subject_wf(runs, tmp_path, *argv):
+    args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y", *argv])
+    return init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                                  parameters=build_parameters(args))
+
+
+def test_execution_settings_do_not_enter_the_cache_keys(two_run_bids, tmp_path):
+    """Changing --n-jobs or --dask-scheduler recomputes nothing (each step's hash is the
+    same), while each step still claims its workers from MultiProc (n_procs)."""
+    runs = find_dwi_runs(two_run_bids, "sub-01")
+    one = _subject_wf(runs, tmp_path, "--n-jobs", "1")
+    three = _subject_wf(runs, tmp_path, "--n-jobs", "3", "--dask-scheduler", "tcp://h:8786")
+    reseeded = _subject_wf(runs, tmp_path, "--n-jobs", "1", "--seed", "7")
+
+    def key(wf, name):
+        return wf.get_node(name).inputs.get_hashval()[1]
+
+    names = one.list_node_names()
+    always_run = {n for n in names if one.get_node(n).overwrite}
+    assert always_run == {"sub_01_dir_AP_wf.write_derivatives",
+                          "sub_01_dir_PA_wf.write_derivatives"}
+    assert [n for n in names if n not in always_run and key(one, n) != key(three, n)] == []
+    track = "sub_01_dir_AP_wf.cst_wf.track_cst"
+    assert key(one, track) != key(reseeded, track)  # a setting of the results does count
+    denoise = "sub_01_dir_AP_wf.dwi_preproc_wf.dwi_denoise_wf_0.denoise"
+    assert one.get_node(denoise).n_procs == 1 and three.get_node(denoise).n_procs == 3
+    assert three.get_node(denoise).inputs.n_jobs == 3  # and the step gets the value
+    assert three.get_node("sub_01_dir_AP_wf.assess").inputs.execution == {
+        "n_jobs": 3, "dask_scheduler": "tcp://h:8786"}
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bad_n_jobs_is_a_usage_error(value, capsys):
+    for parser in (cst_report_parser(), bids_app_parser()):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(parser, [f"--n-jobs={value}"])
+        assert exc.value.code == EXIT_BAD_INPUT
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "argument --n-jobs:" in message and "-1 for all available cores" in message
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "true", "1.5", '"all"'])
+def test_bad_n_jobs_in_the_config_file_is_an_input_error(value, tmp_path):
+    config = tmp_path / "cst.toml"
+    config.write_text(f"[execution]\nn_jobs = {value}\n")
+    with pytest.raises(InputError, match="execution.n_jobs") as exc:
+        parse_args(cst_report_parser(), ["--config", str(config)])
+    assert exc.value.exit_code == EXIT_BAD_INPUT and exc.value.path == config
+
+
+def test_n_jobs_minus_one_is_every_core_this_process_may_use(monkeypatch, tmp_path):
+    config = tmp_path / "cst.toml"
+    config.write_text("[execution]\nn_jobs = -1\n")
+    args = parse_args(cst_report_parser(), ["--config", str(config)])
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert build_parameters(args)["n_jobs"] == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")  # inside a SLURM job: its allocation
+    assert build_parameters(args)["n_jobs"] == 6
+    assert "n_jobs = -1" in format_config(args)  # the file keeps the setting, not the count
+
+
+def test_participant_label_takes_the_bids_apps_spelling():
+    parser = bids_app_parser()
+    for option in ("--participant_label", "--participant-label"):
+        args = parse_args(parser, ["bids", "out", "participant", option, "01", "02"])
+        assert args.participant_label == ["01", "02"]
+
+
+def test_cst_integrity_refuses_bad_n_jobs_in_a_fresh_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from workflows.cli import bids_app_main; bids_app_main()",
+         str(tmp_path), str(tmp_path / "out"), "participant", "--n-jobs", "0"],
+        capture_output=True, text=True, cwd=str(REPO))
+    assert result.returncode == EXIT_BAD_INPUT
+    assert result.stderr.splitlines()[-1] == (
+        "cst-integrity: error: argument --n-jobs: 0 workers is not possible; give a number "
+        "of workers (1 or more), or -1 for all available cores")
+    assert not (tmp_path / "out").exists()
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_log_tells_computed_from_cached_steps(tmp_path, caplog):
+    """One line per step, for each plugin: first run computed, rerun cached, and a step that
+    always runs (``overwrite``) computed every time."""
+    for plugin in ("Linear", "MultiProc"):
+        outcomes = []
+        for _ in range(2):
+            wf = pe.Workflow(name="steps", base_dir=str(tmp_path / plugin))
+            first = _function_node(_double, ["x"], ["y"], "first")
+            first.inputs.x = 1
+            again = _function_node(_double, ["x"], ["y"], "again", overwrite=True)
+            wf.connect(first, "y", again, "x")
+            progress = _Progress(2)
+            with caplog.at_level(logging.INFO, logger="cst"):
+                run_workflow(wf, plugin=plugin, plugin_args={}, n_procs=1,
+                             status_callback=progress)
+            outcomes.append((sorted(progress.computed), sorted(progress.cached)))
+        assert outcomes == [(["steps.again", "steps.first"], []),
+                            (["steps.again"], ["steps.first"])], plugin
+    assert "step steps.first: cached" in caplog.text
+    assert "step steps.first: computed" in caplog.text
+
+
+def test_lock_file_goes_with_the_run_and_a_held_lock_refuses(tmp_path):
+    work = tmp_path / "work"
+    with subject_lock(work, "01"):
+        assert (work / "sub-01.lock").is_file()
+        with pytest.raises(BusyError, match="Another run is processing sub-01"):
+            with subject_lock(work, "01"):
+                pass
+    assert not work.exists()  # the lock file went, and the folder it left empty
+    # A run that opened the file before its holder removed it locks the new one instead.
+    work.mkdir()
+    stale = open(work / "sub-02.lock", "a")
+    fcntl.flock(stale, fcntl.LOCK_EX)
+    (work / "sub-02.lock").unlink()
+    with subject_lock(work, "02"):
+        assert (work / "sub-02.lock").is_file()
+        (work / "slurm-array").mkdir()
+    stale.close()
+    assert sorted(p.name for p in work.iterdir()) == ["slurm-array"]  # a folder not empty stays
+
+
+def test_removing_a_subjects_work_keeps_the_rest(tmp_path):
+    work = tmp_path / "work"
+    for label in ("01", "02"):
+        (subject_work_dir(work, label) / "node").mkdir(parents=True)
+    (work / "slurm-array" / "exit").mkdir(parents=True)
+    remove_subject_work(work, "01")
+    assert sorted(p.name for p in work.iterdir()) == ["single_subject_wf_02", "slurm-array"]
+    remove_subject_work(work, "03")  # nothing of it there
+    assert sorted(p.name for p in work.iterdir()) == ["single_subject_wf_02", "slurm-array"]

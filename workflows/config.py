@@ -18,11 +18,14 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 
+from .execution import check_n_jobs
+
 #: (section, key) in a TOML file → argparse destination.
 CONFIG_KEYS = {
     ("execution", "n_jobs"): "n_jobs",
     ("execution", "seed"): "seed",
     ("execution", "work_dir"): "work_dir",
+    ("execution", "keep_work"): "keep_work",
     ("execution", "plugin"): "plugin",
     ("execution", "plugin_args"): "plugin_args",
     ("execution", "dask_scheduler"): "dask_scheduler",
@@ -42,6 +45,8 @@ CONFIG_KEYS = {
     ("tracking", "max_angle_deg"): "max_angle",
     ("tracking", "step_mm"): "step_mm",
     ("tracking", "seeds_per_voxel"): "seeds_per_voxel",
+    ("localization", "method"): "detection",
+    ("localization", "false_positive_rate"): "false_positive_rate",
     ("localization", "node_ai"): "node_ai",
     ("localization", "min_nodes"): "min_nodes",
     ("localization", "segment_mean_ai"): "segment_mean_ai",
@@ -54,7 +59,10 @@ CONFIG_KEYS = {
 
 
 def read_config(path):
-    """Argparse defaults from a TOML file. Unknown sections or keys are an input error."""
+    """Argparse defaults from a TOML file.
+
+    Unknown sections or keys, and an invalid ``n_jobs``, are an input error.
+    """
     path = Path(path)
     try:
         document = tomllib.loads(path.read_text())
@@ -73,6 +81,13 @@ def read_config(path):
                 raise InputError(f"Unknown setting '{section}.{key}'.", path=path,
                                  fix=f"Known settings: {known}.")
             defaults[CONFIG_KEYS[(section, key)]] = value
+    # argparse checks the values it parses, not the defaults taken from here.
+    if "n_jobs" in defaults:
+        try:
+            defaults["n_jobs"] = check_n_jobs(defaults["n_jobs"])
+        except ValueError as exc:
+            raise InputError(f"Invalid setting 'execution.n_jobs': {exc}.", path=path,
+                             fix="Write e.g. n_jobs = 2, or n_jobs = -1.") from exc
     return defaults
 
 

@@ -1,21 +1,43 @@
-"""Running a Nipype workflow through the chosen plugin: Linear, MultiProc or SLURM.
+"""How a run is executed: the plugin, the number of workers and the work directory.
 
 SLURM goes through Nipype's SLURM plugin: every node becomes one ``sbatch``
 job, submitted when its inputs are ready, with ``--cpus-per-task`` set to the
 node's ``n_procs``. Everything the jobs read (the Python environment, the
 work and output directories) must be on a filesystem the compute nodes share.
+
+None of these settings changes a result. The ones that reach the workflow
+(:data:`EXECUTION_SETTINGS`) are therefore kept out of Nipype's cache keys and
+out of the test that finds a run's outputs up to date
+(:func:`outputs_up_to_date`), so that changing them recomputes nothing.
+
+The work directory holds one folder per subject (:func:`subject_work_dir`):
+its Nipype cache and the crash reports of its failed steps. A failed or
+interrupted run keeps it, so that a rerun resumes; a successful run removes it
+(:func:`remove_subject_work`) unless asked to keep it, because its outputs are
+complete and a rerun with the same inputs and settings recomputes nothing.
 """
 
 import argparse
 import gc
 import getpass
 import json
+import logging
 import os
+import shutil
+from pathlib import Path
 
 from pipeline.errors import InputError
 
+LOG = logging.getLogger("cst")
+
 #: Nipype plugins the command line offers.
 PLUGINS = ("Linear", "MultiProc", "SLURM")
+
+#: Keys of the run configuration that decide how a run is executed, never what it computes.
+EXECUTION_SETTINGS = ("n_jobs", "dask_scheduler")
+
+#: ``--n-jobs`` value meaning every core this process may use (:func:`available_cores`).
+ALL_CORES = -1
 
 #: Seconds between ``squeue`` polls of the SLURM plugin (Nipype's default). The
 #: 0.05 s used for MultiProc would flood the SLURM controller with queries.
@@ -37,6 +59,199 @@ def parse_plugin_args(text):
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"write a JSON object, e.g. {example}")
     return value
+
+
+def check_n_jobs(value):
+    """A valid ``n_jobs`` setting: a positive number of workers, or -1 for all cores.
+
+    Parameters
+    ----------
+    value : int or str
+        As written on the command line or in a configuration file.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        With a one-line message saying what is allowed.
+    """
+    allowed = "give a number of workers (1 or more), or -1 for all available cores"
+    number = None
+    if isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):  # TOML true is an int too
+        number = value
+    if number is None:
+        raise ValueError(f"{value!r} is not an integer; {allowed}")
+    if number == 0 or number < ALL_CORES:
+        raise ValueError(f"{number} workers is not possible; {allowed}")
+    return number
+
+
+def parse_n_jobs(text):
+    """``--n-jobs`` value (argparse ``type``): see :func:`check_n_jobs`."""
+    try:
+        return check_n_jobs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def available_cores():
+    """Cores this process may use.
+
+    SLURM's allocation (``SLURM_CPUS_PER_TASK``) when it sets one, else the CPU
+    affinity of this process (which honours cgroup-free pinning such as
+    ``taskset``), else the machine's CPU count.
+
+    Returns
+    -------
+    int
+    """
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux (macOS)
+        return os.cpu_count() or 1
+
+
+def resolve_n_jobs(n_jobs):
+    """The number of workers ``n_jobs`` stands for (:data:`ALL_CORES`: :func:`available_cores`).
+
+    Parameters
+    ----------
+    n_jobs : int
+        A value accepted by :func:`check_n_jobs`.
+
+    Returns
+    -------
+    int
+        1 or more.
+    """
+    return available_cores() if n_jobs == ALL_CORES else n_jobs
+
+
+def split_parameters(parameters):
+    """Split the run configuration into what decides the results and how they are executed.
+
+    Parameters
+    ----------
+    parameters : dict
+        The run configuration (``workflows.cli.build_parameters``).
+
+    Returns
+    -------
+    results : dict
+        Every setting but :data:`EXECUTION_SETTINGS`.
+    execution : dict
+        :data:`EXECUTION_SETTINGS` (those present).
+    """
+    results = {k: v for k, v in parameters.items() if k not in EXECUTION_SETTINGS}
+    execution = {k: parameters[k] for k in EXECUTION_SETTINGS if k in parameters}
+    return results, execution
+
+
+def outputs_up_to_date(run, out_dir, parameters, clinical):
+    """Whether ``run``'s outputs in ``out_dir`` are complete and need no recomputing.
+
+    They need none when every derivative file and the report are there and the
+    metrics JSON records what this run would use: the same input files (paths
+    and SHA-256), the same settings apart from :data:`EXECUTION_SETTINGS`, the
+    same software versions and the same bedside scores.
+
+    Parameters
+    ----------
+    run : pipeline.bids.DwiRun or pipeline.bids.CombinedRuns
+    out_dir : path
+        Root of the BIDS-Derivatives output.
+    parameters : dict
+        The run configuration of this run.
+    clinical : dict or None
+        The participant's bedside scores (:func:`pipeline.clinical.read_clinical_scores`).
+
+    Returns
+    -------
+    bool
+    """
+    from pipeline.outputs import file_sha256, software_versions
+    from pipeline.steps import DERIVATIVES
+
+    folder = run.derivatives_dir(out_dir)
+    metrics_file = folder / f"{run.stem}_desc-cst_metrics.json"
+    expected = [metrics_file, Path(out_dir) / f"{run.stem}.html",
+                *(folder / f"{run.stem}{suffix}" for suffix, _ in DERIVATIVES.values())]
+    if not all(path.is_file() for path in expected):
+        return False
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        recorded = metrics["provenance"]
+        recorded_results, _ = split_parameters(recorded["parameters"])
+        recorded_clinical = metrics["clinical"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # unreadable, or written in an older layout: made again
+    results, _ = split_parameters(parameters)
+    if (recorded_results != _as_json(results) or recorded_clinical != _as_json(clinical)
+            or recorded.get("software") != _as_json(software_versions())):
+        return False
+    # Last, as it reads every input: the checksums.
+    inputs = {Path(p).name: {"path": str(p), "sha256": file_sha256(p)}
+              for p in run.source_files}
+    return recorded.get("inputs") == inputs
+
+
+def _as_json(value):
+    """``value`` as it reads back from the metrics JSON (tuples become lists, and so on)."""
+    return json.loads(json.dumps(value))
+
+
+def subject_work_dir(work_dir, label):
+    """The folder of ``sub-<label>`` in the work directory.
+
+    It holds the subject's Nipype cache (the graph of
+    :func:`workflows.base.init_single_subject_wf`), the crash reports of its
+    failed steps and, with the SLURM plugin, its batch scripts.
+
+    Parameters
+    ----------
+    work_dir : path
+    label : str
+        Bare subject label.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    return Path(work_dir) / f"single_subject_wf_{label}"
+
+
+def remove_subject_work(work_dir, label):
+    """Remove the folder of ``sub-<label>`` (:func:`subject_work_dir`) from ``work_dir``.
+
+    Other subjects' folders and the state of ``scripts/slurm_array.py``
+    (``slurm-array/``) stay. A folder that cannot be removed is reported in
+    the log and left: the run itself has succeeded.
+
+    Parameters
+    ----------
+    work_dir : path
+    label : str
+        Bare subject label.
+    """
+    folder = subject_work_dir(work_dir, label)
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        LOG.warning("The work folder %s could not be removed (%s); delete it by hand.",
+                    folder, exc)
 
 
 def run_workflow(wf, *, plugin, plugin_args, n_procs, status_callback=None):
