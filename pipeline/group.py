@@ -20,6 +20,12 @@ GROUP_COLUMNS = ("participant_id", "run", "assessable", "umn_damage", "affected_
                  # against the controls' norms (n/a for controls and without norms)
                  "control", "normative_umn_damage", "normative_affected_side",
                  "normative_level", "normative_peak_node", "normative_peak_t")
+#: Columns that are findings or measurements of the CST: empty (n/a) for a run whose CST
+#: QC found not assessable, so that no table reader takes them for a normal result.
+#: The streamline counts stay: they are part of why a run failed.
+NOT_ASSESSABLE_EMPTY = ("umn_damage", "affected_side", "level", "peak_x", "peak_y", "peak_z",
+                        "fa_ai_tract", "fa_ai_plic", "fa_mean_left", "fa_mean_right",
+                        "md_mean_left", "md_mean_right")
 NORMS_NAME = "group_desc-norms_tractometry.tsv"
 METRICS_SUFFIX = "_desc-cst_metrics.json"
 
@@ -40,6 +46,7 @@ def group_rows(out_dir, controls=frozenset(), comparisons=None):
 
     ``controls``: labels of the control participants; ``comparisons``: run stem ->
     :func:`pipeline.normative.compare_with_norms` result, for the normative columns.
+    A run that is not assessable has None (n/a) in :data:`NOT_ASSESSABLE_EMPTY`.
     """
     comparisons = comparisons or {}
     rows = []
@@ -69,6 +76,8 @@ def group_rows(out_dir, controls=frozenset(), comparisons=None):
             "normative_peak_node": normed.get("peak_node"),
             "normative_peak_t": primary.get("peak_t"),
         })
+        if not m["qc"]["assessable"]:
+            rows[-1].update(dict.fromkeys(NOT_ASSESSABLE_EMPTY))
     return rows
 
 

@@ -38,6 +38,12 @@ REFERENCES = {
                     "Neurosurg Psychiatry 2000;69:269–272. doi:10.1136/jnnp.69.2.269"),
 }
 
+#: PREP cut-off on the PLIC FA asymmetry for MEP− patients (``--prep-plic-ai``). 0.25 is the
+#: value this project has cited to both Stinear et al. 2007 (chronic patients) and the PREP
+#: algorithm of Stinear et al. 2012 (within days of the stroke), but it has not been checked
+#: against either paper's full text (not reachable when last looked for, 2026-12): whether
+#: the 2012 algorithm uses the 2007 study's 0.25 or another value (0.15 has been suggested)
+#: is open. Check the 2012 paper's algorithm figure before relying on this default.
 DEFAULT_PREP_PLIC_AI = 0.25
 #: PREP2 cut-offs (Stinear et al. 2017): SAFE score (0-10) on day 3 from which Excellent or
 #: Good is predicted without TMS; SAFE score from which the prediction is Excellent at any
@@ -185,7 +191,8 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
         Stinear's (FA_contra − FA_ipsi)/(FA_contra + FA_ipsi) when the lesion
         is on the side with the lower FA.
     prep_plic_ai : float
-        PREP cut-off on the PLIC FA asymmetry (0.25 in Stinear et al. 2012).
+        PREP cut-off on the PLIC FA asymmetry (see :data:`DEFAULT_PREP_PLIC_AI`: its
+        value in the published algorithm is still to be checked).
     qc_reasons : sequence of str
         Why the CST could not be assessed, if it could not.
     clinical : dict, optional

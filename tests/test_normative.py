@@ -37,7 +37,7 @@ def _profiles(rng, lesion=False):
     return sides
 
 
-def _write_run(out, label, sides, *, assessable=True):
+def _write_run(out, label, sides, *, assessable=True, fa_ai_plic=0.0):
     dwi = out / f"sub-{label}" / "dwi"
     dwi.mkdir(parents=True)
     with open(dwi / f"sub-{label}_desc-profiles_tractometry.tsv", "w", newline="") as handle:
@@ -51,10 +51,12 @@ def _write_run(out, label, sides, *, assessable=True):
     summary = {side: {"n_streamlines": 500, "fa_mean": float(np.mean(sides[side]["fa"])),
                       "md_mean": 7.5e-4} for side in sides}
     metrics = {"subject": label, "cst": summary,
-               "localization": {"umn_damage": False, "affected_side": "none", "level": None,
+               "localization": {"umn_damage": False if assessable else None,
+                                "affected_side": "none" if assessable else None, "level": None,
                                 "peak_ras_mm": None},
-               "asymmetry": {"fa_ai_tract": 0.0, "fa_ai_plic": 0.0},
-               "prognosis": {"category": "no_imaging_evidence_of_umn_damage"},
+               "asymmetry": {"fa_ai_tract": 0.0, "fa_ai_plic": fa_ai_plic},
+               "prognosis": {"category": "no_imaging_evidence_of_umn_damage" if assessable
+                             else "not_assessable"},
                "qc": {"assessable": assessable}}
     (dwi / f"sub-{label}_desc-cst_metrics.json").write_text(json.dumps(metrics))
 
@@ -69,7 +71,8 @@ def group(tmp_path):
     (bids / "participants.tsv").write_text("participant_id\tgroup\n" + "\n".join(rows) + "\n")
     for label in CONTROLS:
         _write_run(out, label, _profiles(rng))
-    _write_run(out, "ctlbad", _profiles(rng), assessable=False)  # a control QC rejected
+    # a control QC rejected, its PLIC ROI not covered: a PLIC asymmetry of no meaning
+    _write_run(out, "ctlbad", _profiles(rng), assessable=False, fa_ai_plic=0.31)
     _write_run(out, "pat01", _profiles(rng, lesion=True))
     _write_run(out, "vol01", _profiles(rng))
     return bids, out
@@ -115,7 +118,8 @@ def test_patient_is_found_against_the_norms_but_not_by_the_fixed_rule(group):
     profiles = normative.read_profiles(out / "sub-pat01" / "dwi" /
                                        "sub-pat01_desc-profiles_tractometry.tsv")
     fixed = localize_damage(profiles["fa_ai"], {s: profiles[s]["level"] for s in ("left", "right")},
-                            {s: profiles[s]["xyz"] for s in ("left", "right")})
+                            {s: profiles[s]["xyz"] for s in ("left", "right")},
+                            thresholds={"method": "fixed-ai"})
     assert fixed["umn_damage"] is False
 
     volunteer = json.loads((out / "sub-vol01" / "dwi" /
@@ -152,6 +156,30 @@ def test_group_outputs_tables_and_page(group, capsys):
     page = (out / "group.html").read_text()
     assert page.count("<img") == 2 and "data:image/png;base64," in page
     assert "finding on the left CST at the internal_capsule" in page
+
+
+def test_not_assessable_run_has_empty_cells_in_the_group_table(group):
+    """No finding, no asymmetry and no tract mean of a failed CST reads as a result."""
+    from pipeline.group import NOT_ASSESSABLE_EMPTY
+
+    bids, out = group
+    run_group_level(out, bids)
+    with open(out / "group_desc-cst_metrics.tsv", newline="") as handle:
+        rows = {r["participant_id"]: r for r in csv.DictReader(handle, delimiter="\t")}
+    failed, passed = rows["sub-ctlbad"], rows["sub-vol01"]
+    assert failed["assessable"] == "False"
+    assert {"umn_damage", "affected_side", "fa_ai_plic", "fa_ai_tract"} <= set(NOT_ASSESSABLE_EMPTY)
+    assert {c: failed[c] for c in NOT_ASSESSABLE_EMPTY} == dict.fromkeys(NOT_ASSESSABLE_EMPTY,
+                                                                          "n/a")
+    # kept: why it failed, and that it was not assessed
+    assert failed["n_streamlines_left"] == "500"
+    assert failed["prognosis_category"] == "not_assessable"
+    assert failed["control"] == "True" and failed["normative_umn_damage"] == "n/a"
+    # an assessable run keeps its values, a "no" included
+    assert passed["umn_damage"] == "False" and passed["affected_side"] == "none"
+    assert float(passed["fa_ai_plic"]) == 0.0 and passed["fa_mean_left"] != "n/a"
+    page = (out / "group.html").read_text()
+    assert "0.31" not in page
 
 
 def test_without_enough_controls_no_norms(tmp_path):

@@ -9,7 +9,7 @@ from pipeline.errors import InputError
 from pipeline.prognosis import prep2_prediction, prognosis_summary
 
 NO_DAMAGE = {"assessable": True, "umn_damage": False}
-NOT_ASSESSABLE = {"assessable": False, "umn_damage": False}
+NOT_ASSESSABLE = {"assessable": False, "umn_damage": None}
 LEFT_DAMAGE = {"assessable": True, "umn_damage": True, "affected_side": "left",
                "level": "internal_capsule"}
 

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 
-from pipeline.steps import DEFAULT_QC_LIMITS, quality_control
+from pipeline.steps import (DEFAULT_QC_LIMITS, MOTION_NOTICE_LIMITS, motion_notices,
+                            quality_control)
 
 GOOD_REGISTRATION = {
     "template_fa_correlation": 0.85, "template_mask_dice": 0.95,
@@ -53,3 +54,32 @@ def test_field_of_view_missing_part_of_the_cst(roi, words):
 def test_implausible_affine_stretch(scales):
     assessable, reasons = _qc(registration={**GOOD_REGISTRATION, "affine_scales": scales})
     assert not assessable and "stretched implausibly" in reasons[0]
+
+
+# Motion: a notice in qc.notices, never a reason to call the CST not assessable.
+# Measured on the raw series of ../shared/data (affine, to the mean b0): mean FD / largest
+# translation, mm.
+PHILIPS01 = {"mean_framewise_displacement_mm": 1.37, "max_translation_mm": 4.61}
+PHILIPS02 = {"mean_framewise_displacement_mm": 0.67, "max_translation_mm": 0.76}
+SIEMENS02 = {"mean_framewise_displacement_mm": 2.66, "max_translation_mm": 3.54}
+
+
+def test_heavy_motion_is_a_notice_with_its_values_limits_and_sources():
+    (notice,) = motion_notices(PHILIPS01)
+    assert "largest translation from the reference 4.61 mm (notice above 2 mm)" in notice
+    assert "mean framewise displacement (Power et al. 2012) 1.37 mm (notice above 1.5 mm)" \
+        in notice
+    assert "Yendiki et al. 2014" in notice and "no fixed cut-off" in notice
+    (both,) = motion_notices(SIEMENS02)
+    assert "2.66 mm" in both and "3.54 mm" in both
+
+
+def test_ordinary_motion_or_no_motion_correction_gives_no_notice():
+    assert motion_notices(PHILIPS02) == []
+    assert motion_notices(None) == []  # --motion none
+    assert motion_notices({"mean_framewise_displacement_mm": 1.5,
+                           "max_translation_mm": 2.0}) == []  # at the limit: no notice
+    assert motion_notices(PHILIPS02, {"max_translation_mm": 0.5})  # the limits can be set
+    assert MOTION_NOTICE_LIMITS == {"mean_framewise_displacement_mm": 1.5,
+                                    "max_translation_mm": 2.0}
+
