@@ -69,6 +69,8 @@ CST_LABELS = [
     (6, "peduncle_R", "R", "cerebral_peduncle"),
     (7, "pons_L", "L", "pons"),
     (8, "pons_R", "R", "pons"),
+    (9, "medulla_L", "L", "medulla"),
+    (10, "medulla_R", "R", "medulla"),
 ]
 LEVELS = [
     (1, "medulla"),
@@ -84,6 +86,7 @@ LEVELS = [
 MOTOR_Y = (-40.0, 0.0)
 MOTOR_ABS_X = (3.0, 55.0)
 MIN_ROI_VOXELS = 80  # below this a ROI is dilated by one voxel (within the brain mask)
+MAX_DILATIONS = 2  # ... at most this many times
 
 DEFAULT_FA = "/tmp/wheels/ts/tractseg/resources/MNI_FA_template.nii.gz"
 DEFAULT_TS_LICENSE = "/tmp/wheels/ts/tractseg-2.10.dist-info/licenses/LICENSE"
@@ -329,6 +332,7 @@ def build(args) -> None:
         ("plic", "Posterior_limb_of_internal_capsule", None),
         ("peduncle", "Cerebral_peduncle", None),
         ("pons", "Corticospinal_tract", (e_med_pons, e_pons_cp)),
+        ("medulla", "Corticospinal_tract", (zmin_grid, e_med_pons)),
     ):
         sides = hemi_split(labels_by_prefix(names, prefix), region)
         for side, keys in sides.items():
@@ -337,13 +341,18 @@ def build(args) -> None:
                 m &= (Z >= zrange[0]) & (Z < zrange[1])
             put(idx_of[f"{region}_{side}"], m)
 
-    # dilate thin ROIs by one voxel inside the brain mask, same hemisphere, free voxels
+    # dilate thin ROIs by one voxel at a time inside the brain mask, same hemisphere, free
+    # voxels, until they are sizeable (the JHU CST in the medulla band needs two steps:
+    # ~25 voxels a side at 2 mm, since the JHU label stops at z = -55 mm)
     for i, name, hemi, _ in CST_LABELS:
         n0 = int((rois == i).sum())
-        if n0 < MIN_ROI_VOXELS:
+        for _ in range(MAX_DILATIONS):
+            if int((rois == i).sum()) >= MIN_ROI_VOXELS:
+                break
             grown = ndi.binary_dilation(rois == i, ndi.generate_binary_structure(3, 1))
             grown &= mask & (rois == 0) & ((X < 0) if hemi == "L" else (X > 0))
             rois[grown] = i
+        if n0 < MIN_ROI_VOXELS:
             log.setdefault("dilated", {})[name] = [n0, int((rois == i).sum())]
 
     # --- checks: non-empty, sizeable, left is world x < 0
