@@ -219,9 +219,10 @@ def run_stages(label, dwi, bval, bvec, work, *, n_jobs, denoise):
                    outliers_qc=flagged["qc"], gradient_qc=checked["qc"], tensor_qc=dti["qc"])
     reg = stage("register_atlas", dti["fa"], mask["mask"], n_jobs=n_jobs)
     trk = stage("track_cst", dti["fa"], checked["v1"], mask["mask"], reg["rois"], reg["qc"],
-                n_jobs=n_jobs)
+                reg["mni_z"], n_jobs=n_jobs)
     prof = stage("tract_profiles", trk["left"], trk["right"], dti["fa"], dti["md"], dti["rd"],
-                 dti["ad"], reg["levels"], reg["rois"], subject=label)
+                 dti["ad"], reg["mni_z"], reg["rois"], moco["dwi"], bval, checked["bvec"],
+                 flagged["qc"], subject=label)
     stage("assess", prof["json"], reg["qc"], trk["qc"], pre_qc, subject=label, entities={},
           input_files=[dwi, bval, bvec], parameters={})
     return rows

@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from dipy.align import affine_registration
+from dipy.align.imaffine import AffineMap
 from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
 from dipy.align.metrics import CCMetric
 
@@ -62,6 +63,36 @@ class ThreadedSyN(SymmetricDiffeomorphicRegistration):
                 future.result()
 
 
+def affine_to_template(fa, fa_affine, template_fa, template_affine):
+    """Centre of mass → rigid → affine (MI) of the subject's FA to the template.
+
+    Returns the (4, 4) matrix from template world to subject world.
+    """
+    _, matrix = affine_registration(
+        np.asarray(fa, dtype=np.float64), np.asarray(template_fa, dtype=np.float64),
+        moving_affine=fa_affine, static_affine=template_affine,
+        pipeline=["center_of_mass", "rigid", "affine"],
+        level_iters=list(AFFINE_LEVEL_ITERS), sigmas=list(AFFINE_SIGMAS),
+        factors=list(AFFINE_FACTORS), sampling_proportion=AFFINE_SAMPLING_PROPORTION)
+    return matrix
+
+
+def template_mask_in_subject(fa, fa_affine, template_fa, template_affine, template_mask):
+    """The template's brain mask on the subject grid, through :func:`affine_to_template`
+    (bool array).
+
+    Where the template says "brain" is known before the subject's brain mask is:
+    :func:`pipeline.preprocess.brain_mask` uses it to keep brainstem that the
+    scan's own contrast would lose.
+    """
+    matrix = affine_to_template(fa, fa_affine, template_fa, template_affine)
+    warp = AffineMap(matrix, domain_grid_shape=np.shape(template_fa),
+                     domain_grid2world=template_affine, codomain_grid_shape=np.shape(fa),
+                     codomain_grid2world=fa_affine)
+    return warp.transform_inverse(np.asarray(template_mask, dtype=np.float64),
+                                  interpolation="nearest") > 0.5
+
+
 def register_fa_to_template(fa, fa_affine, template_fa, template_affine, *, n_threads=1):
     """Affine (centre of mass → rigid → affine, MI) then SyN (CC).
 
@@ -79,11 +110,7 @@ def register_fa_to_template(fa, fa_affine, template_fa, template_affine, *, n_th
     """
     moving = np.asarray(fa, dtype=np.float64)
     static = np.asarray(template_fa, dtype=np.float64)
-    _, affine_matrix = affine_registration(
-        moving, static, moving_affine=fa_affine, static_affine=template_affine,
-        pipeline=["center_of_mass", "rigid", "affine"],
-        level_iters=list(AFFINE_LEVEL_ITERS), sigmas=list(AFFINE_SIGMAS),
-        factors=list(AFFINE_FACTORS), sampling_proportion=AFFINE_SAMPLING_PROPORTION)
+    affine_matrix = affine_to_template(moving, fa_affine, static, template_affine)
     # As dipy.align.syn_registration (CC metric, its defaults), without warping the moving
     # image once more at the end.
     syn = ThreadedSyN(CCMetric(3), level_iters=list(SYN_LEVEL_ITERS),
@@ -108,6 +135,25 @@ def labels_to_subject(mapping, labels):
     warped = mapping.transform_inverse(np.asarray(labels, dtype=np.float64),
                                        interpolation="nearest")
     return np.rint(warped).astype(np.int16)
+
+
+def template_z_in_subject(mapping, template_affine, template_shape):
+    """The template's world z (MNI mm) at every subject voxel, NaN outside the template grid.
+
+    The anatomical height of a point, whatever the head's tilt or the scan's
+    slice direction: profiles of both sides are clipped at one MNI height so that
+    their nodes start at the same anatomy (:func:`pipeline.steps.track_cst`).
+    """
+    if not np.allclose(template_affine[2, :2], 0):
+        raise ValueError("the template's z axis must be its third voxel axis")
+    z = template_affine[2, 2] * np.arange(template_shape[2]) + template_affine[2, 3]
+    column = np.ascontiguousarray(np.broadcast_to(z, template_shape), dtype=np.float64)
+    # The warp gives 0 outside the template grid; dividing by the warped grid
+    # indicator keeps the linear interpolation exact up to the grid's edge.
+    inside = mapping.transform_inverse(np.ones(template_shape), interpolation="linear")
+    height = mapping.transform_inverse(column, interpolation="linear")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(inside > 0.5, height / inside, np.nan).astype(np.float32)
 
 
 def subject_to_template(mapping, image, *, interpolation="linear"):

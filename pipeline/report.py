@@ -17,7 +17,7 @@ write_report(out_html, *, metrics, profiles_tsv, fa_file, tract_files, mask_file
              rois_file=None, v1_file=None, template_in_subject_file=None, n_jobs=1) -> Path
 plot_tract_slices(fa_img, streamlines, *, center, peak=None, ...) -> Figure
 plot_profiles(profiles, *, metric="fa", segments=(), peak_node=None, ...) -> Figure
-plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, ...) -> Figure
+plot_asymmetry_profile(ai, *, threshold=None, se=None, segments=(), ...) -> Figure
 plot_diffusivity_profiles(profiles, *, metrics=("md", "rd", "ad"), ...) -> Figure
 plot_mask_overlay(fa_img, mask_img, ...) -> Figure
 plot_roi_overlay(fa_img, rois_img, ...) -> Figure
@@ -55,8 +55,10 @@ from scipy import ndimage
 
 from . import __version__, prognosis
 from .dwi import voxel_directions_to_world
+from .localization import BOUNDARY_MARGIN_MM, LEVELS
 from .outputs import write_text
 from .prognosis import DISCLAIMER
+from .uncertainty import N_BOOTSTRAP
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ SEGMENT_COLOR = "#D7191C"
 TRACT_NAMES = {"left": "CST_L", "right": "CST_R"}
 SIDES = ("left", "right")
 
-LEVELS = ("medulla", "pons", "cerebral_peduncle", "internal_capsule", "corona_radiata",
-          "cortex")
 LEVEL_COLORS = {"medulla": "#c6dbef", "pons": "#c7e9c0", "cerebral_peduncle": "#fdd0a2",
                 "internal_capsule": "#dadaeb", "corona_radiata": "#fff2ae",
                 "cortex": "#d9d9d9"}
@@ -113,6 +113,9 @@ REFERENCES = {
                   "systematic correlations in functional connectivity MRI networks arise from "
                   "subject motion. NeuroImage 2012;59:2142–2154. "
                   "doi:10.1016/j.neuroimage.2011.10.018"),
+    "whitcher2008": ("Whitcher B, Tuch DS, Wisco JJ, Sorensen AG, Wang L. Using the wild "
+                     "bootstrap to quantify uncertainty in diffusion tensor imaging. Hum Brain "
+                     "Mapp 2008;29:346–362. doi:10.1002/hbm.20395"),
     "stinear2007": prognosis.REFERENCES["stinear2007"],
     "stinear2012": prognosis.REFERENCES["stinear2012"],
 }
@@ -670,24 +673,89 @@ def plot_profiles(profiles, *, metric="fa", segments=(), peak_node=None, ylabel=
     return fig
 
 
-def plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, peak_node=None,
-                           title=None) -> Figure:
-    """FA asymmetry index AI = (L − R)/(L + R) along the nodes, ± detection threshold."""
+def _shade_ignored_ends(ax, n_nodes, end_nodes):
+    """Grey the ``end_nodes`` nodes at each end that detection leaves out; True if drawn."""
+    count = _num(end_nodes)
+    if not math.isfinite(count) or count < 1 or n_nodes < 1:
+        return False
+    count = min(int(count), n_nodes)
+    for x0, x1 in ((-0.5, count - 0.5), (n_nodes - count - 0.5, n_nodes - 0.5)):
+        ax.axvspan(x0, x1, facecolor="#9a9a9a", alpha=0.35, edgecolor="#666666", hatch="..",
+                   lw=0.0, zorder=0.5,
+                   label=f"not used by detection ({count} end nodes)" if x0 < 0 else None)
+    return True
+
+
+def _detection_method(thresholds) -> str:
+    """The rule the run's detection used, from the metrics' ``localization.thresholds``:
+    ``"calibrated"`` or ``"fixed-ai"`` (also when no ``method`` is recorded, as in runs
+    made before there was a choice)."""
+    method = thresholds.get("method") if isinstance(thresholds, dict) else None
+    return method or "fixed-ai"
+
+
+def _ignored_end_nodes(thresholds):
+    """Nodes at each end that the run's detection left out, from the metrics'
+    ``localization.thresholds``: ``end_nodes`` under the fixed-AI rule; None under a rule
+    that uses every node (``calibrated``)."""
+    if not isinstance(thresholds, dict) or _detection_method(thresholds) != "fixed-ai":
+        return None
+    return thresholds.get("end_nodes")
+
+
+def plot_asymmetry_profile(ai, *, threshold=None, se=None, segments=(), levels=None,
+                           peak_node=None, end_nodes=None, title=None) -> Figure:
+    """FA asymmetry index AI = (L − R)/(L + R) along the nodes.
+
+    Parameters
+    ----------
+    ai : sequence of float
+        AI per node (None or 'n/a' where unknown).
+    threshold : float, optional
+        |AI| detection threshold of the fixed-AI rule, drawn at ± its value.
+    se : sequence of float, optional
+        Bootstrap standard error of AI per node (``asymmetry.fa_ai_profile_se`` of
+        the metrics), drawn as a band of ± 2 SE around the profile.
+    segments : sequence of dict
+        Detected segments (``start_node``, ``end_node``), hatched.
+    levels : list of str or None, optional
+        Level name per node, for the background bands.
+    peak_node : int, optional
+        Node of the finding's peak, a dotted line.
+    end_nodes : int, optional
+        Nodes at each end that detection ignores (``localization.thresholds.end_nodes``
+        under the fixed-AI rule), greyed.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     ai = np.array([_num(v) for v in ai], dtype=float)
     nodes = np.arange(len(ai))
-    fig = _new_figure(8.6, 3.3)
+    fig = _new_figure(8.6, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     if levels:
         _shade_levels(ax, levels, nodes)
+    _shade_ignored_ends(ax, len(ai), end_nodes)
     _shade_segments(ax, segments)
     ax.axhline(0, color="#555", lw=0.8)
-    ax.plot(nodes, ai, color="#333", lw=2.0, label="FA AI")
     finite = np.isfinite(ai)
+    limit = np.nanmax(np.abs(ai)) if finite.any() else 0.1
+    if se is not None:
+        band = 2 * np.array([_num(v) for v in se], dtype=float)[:len(ai)]
+        band = np.concatenate([band, np.full(len(ai) - len(band), np.nan)])
+        shown = finite & np.isfinite(band)
+        if shown.any():
+            ax.fill_between(nodes, ai - band, ai + band, where=shown, facecolor="#8c8c8c",
+                            alpha=0.2, edgecolor="#6e6e6e", lw=0.6, zorder=1.5,
+                            label="± 2 SE (bootstrap)")
+            limit = max(limit, float(np.max(np.abs(ai[shown]) + band[shown])))
+    ax.plot(nodes, ai, color="#333", lw=2.0, label="FA AI")
     ax.fill_between(nodes, 0, ai, where=finite & (ai > 0), color=COLORS["left"], alpha=0.25,
                     lw=0, label="left FA higher")
     ax.fill_between(nodes, 0, ai, where=finite & (ai < 0), color=COLORS["right"], alpha=0.25,
                     lw=0, label="right FA higher")
-    limit = np.nanmax(np.abs(ai)) if finite.any() else 0.1
     thr = _num(threshold)
     if math.isfinite(thr):
         ax.axhline(thr, color=PEAK_COLOR, lw=1.0, ls="--", label=f"± threshold ({thr:g})")
@@ -704,7 +772,9 @@ def plot_asymmetry_profile(ai, *, threshold=None, segments=(), levels=None, peak
     ax.text(1.005, 0.03, "right FA\nhigher", transform=ax.transAxes, fontsize=7,
             va="bottom", color="#555")
     _node_axis(ax)
-    ax.legend(loc="lower left", fontsize=7.5, ncol=3, frameon=True, framealpha=0.9)
+    # Below the axes: inside, the legend hid the profile where a finding dips.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7.5, ncol=4,
+              frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -1156,11 +1226,66 @@ def _level_words(level) -> str:
     return f"the {text}"
 
 
+def _finding_level(loc):
+    """Level of the finding's peak: its atlas level, or "cerebral_peduncle /
+    internal_capsule boundary" when ``levels_near_boundary`` names two levels (the peak
+    lies within :data:`pipeline.localization.BOUNDARY_MARGIN_MM` of their boundary)."""
+    near = [str(level) for level in (loc.get("levels_near_boundary") or []) if level]
+    return " / ".join(near) + " boundary" if len(near) >= 2 else loc.get("level")
+
+
+def _fmt_p(value) -> str:
+    """A p value as written in a paper: 'p = 0.10', 'p = 0.004', 'p < 0.001'."""
+    value = _num(value)
+    if not math.isfinite(value):
+        return "p not recorded"
+    if value < 0.001:
+        return "p < 0.001"
+    return f"p = {value:.2f}" if value >= 0.01 else f"p = {value:.3f}"
+
+
+def _rate_words(rate) -> str:
+    """A probability as a percentage: 0.01 → '1 %', 0.005 → '0.5 %'."""
+    rate = _num(rate)
+    return "n/a" if not math.isfinite(rate) else f"{_fmt_num(100 * rate)} %"
+
+
+def _calibrated_test_words(statistic) -> str:
+    """The calibrated rule's test in words, '' when ``localization.statistic`` is not
+    recorded: "the largest window asymmetry was |t| = 2.8 against a threshold of 3.5
+    (calibrated to a 1 % chance of a finding on a healthy scan of this quality;
+    p = 0.10)"."""
+    if not isinstance(statistic, dict):
+        return ""
+    value, threshold = _num(statistic.get("value")), _num(statistic.get("threshold"))
+    if not (math.isfinite(value) and math.isfinite(threshold)):
+        return ""
+    # One decimal, two where one would make the statistic and the threshold look equal.
+    digits = 1 if f"{value:.1f}" != f"{threshold:.1f}" else 2
+    return (f"the largest window asymmetry was |t| = {value:.{digits}f} against a threshold "
+            f"of {threshold:.{digits}f} (calibrated to a "
+            f"{_rate_words(statistic.get('false_positive_rate'))} chance of a finding on a "
+            f"healthy scan of this quality; {_fmt_p(statistic.get('p_value'))})")
+
+
 def verdict(metrics) -> dict:
     """Plain-words verdict from the metrics.
 
-    Returns dict with ``status`` ('yes' | 'no' | 'not_assessable'), ``headline``,
-    ``sentence``, ``side``, ``level``, ``peak`` and ``reasons`` (list of str).
+    The sentence states the test of the rule the run used
+    (``localization.thresholds.method``): under the calibrated rule the largest
+    window |t|, its threshold, the false-finding rate it is calibrated to and the
+    p value; under the fixed-AI rule the |AI| thresholds no segment reached.
+
+    Parameters
+    ----------
+    metrics : dict
+        The run's metrics; any key may be missing.
+
+    Returns
+    -------
+    dict
+        ``status`` ('yes' | 'no' | 'not_assessable'), ``headline``, ``sentence``,
+        ``side``, ``level``, ``peak``, ``confidence`` and ``reasons`` (list of str).
     """
     loc = _get(metrics, "localization")
     reasons = [str(w) for w in (_get(metrics, "qc", "warnings", default=[]) or [])]
@@ -1181,23 +1306,29 @@ def verdict(metrics) -> dict:
             if isinstance(rationale, list):
                 reasons.extend(str(r) for r in rationale)
         return out
+    thr = _get(loc, "thresholds") or {}
+    method = _detection_method(thr)
+    test = _calibrated_test_words(loc.get("statistic")) if method == "calibrated" else ""
     if loc.get("umn_damage"):
         side = loc.get("affected_side") or "unknown"
         peak = loc.get("peak_ras_mm")
+        confidence = loc.get("confidence")
         out.update(status="yes", side=side, level=loc.get("level"), peak=peak,
-                   confidence=loc.get("confidence"))
+                   confidence=confidence)
         where = f" (peak at {_peak_words(peak)})" if peak is not None else ""
         out["headline"] = "Upper-motor-neuron (UMN) damage shown: yes"
-        out["sentence"] = (f"Reduced FA along the {side} CST at {_level_words(loc.get('level'))}"
-                           f"{where}.")
+        out["sentence"] = (f"Reduced FA along the {side} CST at "
+                           f"{_level_words(_finding_level(loc))}{where}")
+        if test:
+            out["sentence"] += f": {test}" + (f", confidence {confidence}" if confidence else "")
+        out["sentence"] += "."
         if side in SIDES:
             body = "right" if side == "left" else "left"
             out["sentence"] += (f" A lesion of the {side} CST would affect the {body} side of "
                                 f"the body.")
         return out
-    thr = _get(loc, "thresholds") or {}
-    detail = ""
-    if "node_ai" in thr and "min_nodes" in thr:
+    detail = f": {test}" if test else ""
+    if method == "fixed-ai" and "node_ai" in thr and "min_nodes" in thr:
         detail = (f": no segment of the FA asymmetry profile reached |AI| ≥ "
                   f"{_fmt_num(thr['node_ai'])} over ≥ {_fmt_num(thr['min_nodes'])} "
                   f"consecutive nodes")
@@ -1206,6 +1337,9 @@ def verdict(metrics) -> dict:
     out.update(status="no", side="none")
     out["headline"] = "Upper-motor-neuron (UMN) damage shown: no"
     out["sentence"] = f"No imaging evidence of upper-motor-neuron damage along either CST{detail}."
+    if isinstance(loc.get("detectable_fa_drop"), dict) and loc["detectable_fa_drop"]:
+        out["sentence"] += (" The smallest FA drop this scan could have detected at each level "
+                            "is listed under “What a negative result excludes”.")
     return out
 
 
@@ -1362,13 +1496,20 @@ def _list_html(items, css=None) -> str:
     return f"<ul{cls}>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
 
+def _notices(metrics) -> list:
+    """``qc.notices``: what a reader must know that did not stop the assessment (a
+    corrected gradient table, left-out volumes, heavy motion, header problems)."""
+    notices = _get(metrics, "qc", "notices") or []
+    return [notices] if isinstance(notices, str) else list(notices)
+
+
 def _verdict_html(metrics) -> str:
     v = verdict(metrics)
     loc = _get(metrics, "localization") or {}
     facts = []
     if v["status"] == "yes":
         facts = [("UMN damage shown", "yes"), ("Affected side", v["side"]),
-                 ("Level", (v["level"] or "unknown").replace("_", " ")),
+                 ("Level", (_finding_level(loc) or "unknown").replace("_", " ")),
                  ("Peak (RAS mm)", _peak_words(v["peak"]) or "n/a")]
         if loc.get("peak_node") is not None:
             facts.append(("Peak node", loc.get("peak_node")))
@@ -1388,26 +1529,31 @@ def _verdict_html(metrics) -> str:
     segments = loc.get("segments") or []
     seg_html = ""
     if segments:
+        # The calibrated rule's segments also carry the t of their strongest window.
+        with_t = any(isinstance(s, dict) and "peak_t" in s for s in segments)
         head = ("<tr><th>Lower-FA side</th><th>Nodes</th><th>Levels</th><th>Peak node</th>"
                 "<th>Peak level</th><th>Peak (RAS mm)</th><th>Peak AI</th><th>Mean AI</th>"
-                "</tr>")
+                + ("<th>Window t</th>" if with_t else "") + "</tr>")
         rows = []
         for s in segments:
             if not isinstance(s, dict):
                 continue
             levels = " → ".join(str(x).replace("_", " ")
                                 for x in (s.get("start_level"), s.get("end_level")) if x)
-            rows.append(
-                "<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in (
-                    s.get("side"), f"{s.get('start_node')}–{s.get('end_node')}", levels or "n/a",
-                    s.get("peak_node"), str(s.get("peak_level") or "n/a").replace("_", " "),
-                    _peak_words(s.get("peak_ras_mm")) or "n/a", _fmt_num(s.get("peak_ai")),
-                    _fmt_num(s.get("mean_ai")))) + "</tr>")
+            cells = [s.get("side"), f"{s.get('start_node')}–{s.get('end_node')}",
+                     levels or "n/a", s.get("peak_node"),
+                     str(s.get("peak_level") or "n/a").replace("_", " "),
+                     _peak_words(s.get("peak_ras_mm")) or "n/a", _fmt_num(s.get("peak_ai")),
+                     _fmt_num(s.get("mean_ai"))]
+            if with_t:
+                cells.append(_fmt_num(s.get("peak_t"), 2))
+            rows.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
         seg_html = ("<h3>Detected segments</h3><table><thead>" + head + "</thead><tbody>"
                     + "".join(rows) + "</tbody></table>")
-    notices = _get(metrics, "qc", "notices") or []
-    notices_html = ('<div class="alert warn"><b>Preprocessing changed the data:</b>'
-                    + _list_html(notices) + "</div>") if notices else ""
+    notices = _notices(metrics)
+    notices_html = ('<div class="alert warn"><b>QC notices</b> (the CST was still assessed; '
+                    "read the result with these in mind):" + _list_html(notices)
+                    + "</div>") if notices else ""
     return (f'<section id="verdict"><h2>Verdict</h2><div class="verdict {v["status"]}">'
             f'<p class="headline">{_esc(v["headline"])}</p>'
             f'<p class="sentence">{_esc(v["sentence"])}</p>'
@@ -1473,30 +1619,86 @@ def _prep2_html(prep2, clinical) -> str:
             + _list_html(prep2.get("steps") or []))
 
 
+def _scaled(value, scale):
+    """``value`` × ``scale`` when it is a number, else ``value`` unchanged."""
+    if scale == 1 or isinstance(value, bool) or not math.isfinite(_num(value)):
+        return value
+    return _num(value) * scale
+
+
 def _summary_table(metrics, counts) -> str:
     cst = _get(metrics, "cst") or {}
-    rows = [("Streamlines (metrics)", "n_streamlines"), ("Mean length (mm)", "length_mm_mean"),
-            ("Mean FA", "fa_mean"), ("Mean MD", "md_mean"), ("Mean RD", "rd_mean"),
-            ("Mean AD", "ad_mean")]
+    # Diffusivities are stored in mm²/s (about 7e-4 in white matter): shown ×10³.
+    rows = [("Streamlines (metrics)", "n_streamlines", 1),
+            ("Mean length (mm)", "length_mm_mean", 1), ("Mean FA", "fa_mean", 1),
+            ("Mean MD (×10⁻³ mm²/s)", "md_mean", 1e3),
+            ("Mean RD (×10⁻³ mm²/s)", "rd_mean", 1e3),
+            ("Mean AD (×10⁻³ mm²/s)", "ad_mean", 1e3)]
     body = []
     body.append("<tr><th>Streamlines (tract file)</th>" + "".join(
         f'<td class="num">{_esc("missing" if counts.get(s) is None else counts[s])}</td>'
         for s in SIDES) + "</tr>")
-    for label, key in rows:
-        cells = "".join(f'<td class="num">{_esc(_fmt_value(_get(cst, s, key)))}</td>'
-                        for s in SIDES)
+    for label, key, scale in rows:
+        cells = "".join(f'<td class="num">{_esc(_fmt_value(_scaled(_get(cst, s, key), scale)))}'
+                        "</td>" for s in SIDES)
         body.append(f"<tr><th>{_esc(label)}</th>{cells}</tr>")
     table = ("<table><thead><tr><th></th><th>CST_L (left)</th><th>CST_R (right)</th></tr>"
              "</thead><tbody>" + "".join(body) + "</tbody></table>")
     asym = _get(metrics, "asymmetry") or {}
-    arows = [(k, v) for k, v in asym.items() if k != "fa_ai_profile"]
+    # The per-node profiles and their standard errors are drawn, not listed.
+    per_node = ("fa_ai_profile", "fa_ai_profile_se", "fa_profile_se")
+    arows = [(k, v) for k, v in asym.items() if k not in per_node]
     if arows:
         table += "<h3>Asymmetry</h3>" + _kv_table(_flatten(dict(arows)))
     return table
 
 
+def _detectable_drop_html(metrics) -> str:
+    """The table "What a negative result excludes" ('' when not recorded).
+
+    Per level, the smallest drop of one side's FA this scan could have detected
+    (``localization.detectable_fa_drop``, from the calibrated rule), with what such
+    a drop means. Levels the table lacks are listed with a dash: no window lies
+    wholly in them, so a negative result excludes nothing there.
+    """
+    loc = _get(metrics, "localization") or {}
+    drops = loc.get("detectable_fa_drop")
+    if not isinstance(drops, dict) or not drops:
+        return ""
+    widths = [int(_num(w)) for w in (_get(loc, "thresholds", "window_nodes") or [])
+              if _num(w) > 0]
+    width = min(widths) if widths else None
+    window = f"{width} nodes" if width else "the narrowest window"
+    lengths = [_num(_get(metrics, "cst", side, "length_mm_mean")) for side in SIDES]
+    lengths = [v for v in lengths if math.isfinite(v)]
+    n_nodes = len(_get(metrics, "asymmetry", "fa_ai_profile") or [])
+    if width and lengths and n_nodes > 1:
+        window += f", about {np.mean(lengths) * width / (n_nodes - 1):.0f} mm of this tract"
+    statistic = loc.get("statistic") if isinstance(loc.get("statistic"), dict) else {}
+    threshold = _num(statistic.get("threshold"))
+    at = (f" at the calibrated threshold |t| = {threshold:.1f} (a "
+          f"{_rate_words(statistic.get('false_positive_rate'))} chance of a finding on a "
+          f"healthy scan)" if math.isfinite(threshold) else "")
+    rows = "".join(
+        f"<tr><th>{_esc(str(level).replace('_', ' '))}</th>"
+        + (f'<td class="num">{_esc(_pct(drops[level]))}</td>' if level in drops
+           else '<td class="num muted">—</td>') + "</tr>"
+        for level in list(LEVELS) + [k for k in drops if k not in LEVELS])
+    return (
+        '<h3 id="sensitivity">What a negative result excludes</h3>'
+        '<p class="tablecap">The smallest drop of one side\'s FA, as a percentage of the '
+        f"other side's, that this scan could have detected at each level{_esc(at)}. It is a "
+        f"drop of the tract's mean FA over a window of {_esc(window)}: a focal lesion that "
+        "affects only part of the tract's cross-section must lower FA by more where it lies, "
+        "and smaller or more focal changes may go unseen. A dash: no window lies wholly in "
+        "that level (not reached by the profile, or too short), so a negative result "
+        "excludes nothing there.</p>"
+        '<table class="qc"><thead><tr><th>Level</th><th>Smallest detectable FA drop</th>'
+        "</tr></thead><tbody>" + rows + "</tbody></table>")
+
+
 _ROI_NAMES = {"motor": "Motor cortex", "plic": "Posterior limb of the internal capsule",
-              "peduncle": "Cerebral peduncle", "pons": "Pons"}
+              "peduncle": "Cerebral peduncle", "pons": "Pons", "medulla": "Medulla"}
 
 
 def _badge(ok, yes="pass", no="below limit") -> str:
@@ -1559,6 +1761,11 @@ def _registration_qc_html(qc) -> str:
     return "".join(parts)
 
 
+def _landmark_name(name) -> str:
+    """A brainstem landmark (``qc.tracking.inferior_landmark``) in words: 'cerebral peduncle'."""
+    return _ROI_NAMES.get(str(name), _humanise(name)).lower()
+
+
 def _tracking_qc_html(qc, metrics) -> str:
     trk = qc.get("tracking") if isinstance(qc, dict) else None
     if not isinstance(trk, dict) or not trk:
@@ -1571,14 +1778,22 @@ def _tracking_qc_html(qc, metrics) -> str:
         reason = _get(trk, "model_choice", "reason")
         facts.insert(0, ("Model", str(trk["method"]) + (f" ({reason})" if reason else "")))
     if trk.get("inferior_landmark"):
-        facts.append(("Inferior landmark", str(trk["inferior_landmark"]).replace("_", " ")))
+        facts.append(("Inferior landmark", _landmark_name(trk["inferior_landmark"])))
+    start_z = _num(trk.get("profile_start_mni_z"))
+    if math.isfinite(start_z):
+        facts.append(("Profiles start at (both sides)", f"MNI z = {_fmt_mm(start_z)} mm"))
+    tried = trk.get("landmark_streamlines")
+    if isinstance(tried, dict) and tried:
+        facts.append(("Streamlines per landmark tried (left / right)", "; ".join(
+            f"{_landmark_name(name)} {_fmt_value(_get(counts, 'left'))} / "
+            f"{_fmt_value(_get(counts, 'right'))}" for name, counts in tried.items())))
     parts.append('<ul class="facts">' + "".join(
         f"<li><b>{_esc(k)}:</b> {_esc(v)}</li>" for k, v in facts) + "</ul>")
     sides = trk.get("sides")
     if isinstance(sides, dict) and sides:
         n_min = _num(limits.get("min_streamlines"))
         stages = (("selected", "Selected (through the ipsilateral ROIs)"),
-                  ("clipped", "Clipped (brainstem landmark → motor cortex)"),
+                  ("clipped", "Clipped (profile start height → motor cortex)"),
                   ("cleaned", "Cleaned (outliers removed; the final CST)"))
         rows = []
         for key, label in stages:
@@ -1715,14 +1930,23 @@ def _qc_html(metrics, counts, fa_img, mask_img, rois_img, notes, template_img=No
     qc = qc if isinstance(qc, dict) else {}
     parts = ['<section id="qc"><h2>Quality control</h2>']
     parts.append("<h3>Tract summary</h3>" + _summary_table(metrics, counts))
+    parts.append(_detectable_drop_html(metrics))
     warnings = qc.get("warnings")
+    notices = _notices(metrics)
     parts.append("<h3>QC warnings</h3>")
     if warnings:
         if isinstance(warnings, str):
             warnings = [warnings]
         parts.append('<div class="alert warn">' + _list_html(warnings) + "</div>")
+    elif notices:
+        parts.append('<p class="muted">No QC warning: the CST was assessable. See the notices '
+                     "below.</p>")
     else:
-        parts.append('<p class="muted">No QC warnings.</p>')
+        parts.append('<p class="muted">No QC warnings or notices.</p>')
+    if notices:
+        parts.append('<h3>QC notices</h3><p class="muted">They do not make the run '
+                     'unassessable.</p><div class="alert warn">' + _list_html(notices)
+                     + "</div>")
     parts.append(_registration_qc_html(qc))
     r = _get(qc, "registration", "template_fa_correlation")
     r_text = (f" The FA correlation with the template is {_esc(_fmt_num(r))}."
@@ -1790,6 +2014,28 @@ def _p(params, *keys):
     return _fmt_value(value)
 
 
+def _fitted_shells_words(metrics, params) -> str:
+    """What the tensor was fitted to, from the shells actually used
+    (``qc.preprocessing.tensor``), not from the ``--dti-max-bvalue`` setting alone."""
+    tensor = _get(metrics, "qc", "preprocessing", "tensor") or {}
+    shells = [_num(b) for b in (tensor.get("shells") or []) if math.isfinite(_num(b))]
+    limit = _num(_get(params, "preprocessing", "dti_max_bvalue"))
+    if not shells:
+        return ("the b = 0 volumes and the shells up to "
+                + (f"{_fmt_num(limit)} s/mm²" if math.isfinite(limit) else "(not recorded)")
+                + " (the shells used were not recorded)")
+    values = ", ".join(_fmt_num(b) for b in sorted(shells))
+    words = (f"the b = 0 volumes and the b = {values} s/mm² shell" if len(shells) == 1 else
+             f"the b = 0 volumes and the b = {values} s/mm² shells")
+    n = _num(tensor.get("n_volumes"))
+    if math.isfinite(n):
+        words += f" ({_fmt_num(n)} volumes)"
+    if math.isfinite(limit) and min(shells) > limit:
+        words += (f"; every shell lay above the {_fmt_num(limit)} s/mm² preferred for the "
+                  f"tensor, so the lowest was used")
+    return words
+
+
 def methods_text(metrics) -> str:
     """The Methods paragraph (HTML) generated from the run's recorded parameters."""
     prov = _get(metrics, "provenance") or {}
@@ -1823,7 +2069,8 @@ def methods_text(metrics) -> str:
         f"Diffusion-weighted images were {den}; volumes with b ≤ "
         f"{val('preprocessing', 'b0_threshold', unit=' s/mm²')} "
         f"were treated as b = 0, and the brain mask was computed with "
-        f"<code>{val('preprocessing', 'brain_mask')}</code> on the mean b = 0 image.")
+        f"<code>{val('preprocessing', 'brain_mask')}</code> (the mean b = 0 and the mean "
+        f"diffusion-weighted image, united, so that a dark brainstem is kept).")
     if pre.get("gibbs"):
         sentences.append("Gibbs ringing was removed slice by slice with local sub-voxel shifts "
                          "(Kellner et al. 2016).")
@@ -1848,15 +2095,17 @@ def methods_text(metrics) -> str:
                if pre["gradient_check"] == "fix" else "."))
     sentences.append(
         f"The diffusion tensor was fitted by {val('preprocessing', 'tensor_fit')} with "
-        f"{ver('dipy', 'DIPY')} (Garyfallidis et al. 2014) to the b = 0 volumes and the shells "
-        f"up to {val('preprocessing', 'dti_max_bvalue', unit=' s/mm²')}, giving FA, MD, RD, "
-        f"AD and the principal eigenvector.")
+        f"{ver('dipy', 'DIPY')} (Garyfallidis et al. 2014) to "
+        f"{_fitted_shells_words(metrics, params)}, giving FA, MD, RD, AD and the principal "
+        f"eigenvector.")
     sentences.append(
         "The subject FA map was registered to the MNI152 FA template (affine, then SyN; "
         "Avants et al. 2008) and template CST regions of interest (motor cortex, posterior "
         "limb of the internal capsule, cerebral peduncle, pons) were warped to the subject.")
     tracking_qc = _get(metrics, "qc", "tracking") or {}
-    choice = tracking_qc.get("model_choice") if isinstance(tracking_qc, dict) else None
+    tracking_qc = tracking_qc if isinstance(tracking_qc, dict) else {}
+    start_z = _num(tracking_qc.get("profile_start_mni_z"))
+    choice = tracking_qc.get("model_choice")
     if isinstance(choice, dict) and choice.get("model") == "csd":
         getter = ("Probabilistic" if _get(metrics, "provenance", "parameters", "tracking",
                                           "direction") == "prob" else "Deterministic")
@@ -1882,31 +2131,77 @@ def methods_text(metrics) -> str:
         f"seeds per voxel in the brainstem and internal-capsule ROIs (random seed "
         f"{val('seed')}), with a step of {val('tracking', 'step_mm', unit=' mm')}, stopping "
         f"where FA &lt; {val('tracking', 'fa_stop')} or the turning angle exceeds "
-        f"{val('tracking', 'max_angle_deg', unit='°')}{gap_clause}; the pons was used as "
-        f"the inferior "
-        f"landmark when at least {pct('tracking', 'min_coverage')} of each pons ROI lay in "
-        f"the field of view (otherwise the cerebral peduncle). Per hemisphere, streamlines "
-        f"passing through the ipsilateral ROIs and not the contralateral ones were kept "
-        f"(the corticospinal tract, CST), clipped between the landmark and the motor cortex "
-        f"and cleaned of outliers.")
+        f"{val('tracking', 'max_angle_deg', unit='°')}{gap_clause}. The inferior landmark "
+        f"was the lowest brainstem level (medulla, else pons, else cerebral peduncle) of which "
+        f"at least {pct('tracking', 'min_coverage')} of each side's ROI lay in the field of "
+        f"view and that both tracts still followed"
+        + (f" (here the {_esc(_landmark_name(tracking_qc['inferior_landmark']))})"
+           if tracking_qc.get("inferior_landmark") else "")
+        + ". Per hemisphere, streamlines passing through the ipsilateral ROIs from that "
+        "landmark up and through none of the contralateral peduncle, internal-capsule and "
+        "motor ROIs were kept (the corticospinal tract, CST), clipped from one MNI height on "
+        "both sides (the lowest that most streamlines of both sides reach, not below the "
+        "landmark"
+        + (f"; here z = {_esc(_fmt_mm(start_z))} mm" if math.isfinite(start_z) else "")
+        + ") to the motor cortex, and cleaned of outliers.")
     sentences.append(
-        "Each CST was resampled to 100 nodes from the brainstem (node 0) to the cortex "
-        "(node 99) and diffusion metrics were averaged at each node with weights decreasing "
-        "with distance from the bundle core (tract profiles; Yeatman et al. 2012).")
-    sentences.append(
-        f"Upper-motor-neuron damage was localised from the FA asymmetry index AI = "
-        f"(FA<sub>L</sub> − FA<sub>R</sub>) / (FA<sub>L</sub> + FA<sub>R</sub>): a finding "
-        f"needs at least {val('localization', 'min_nodes')} consecutive nodes of one sign with "
-        f"|AI| ≥ {val('localization', 'node_ai')} whose mean |AI| is at least "
-        f"{val('localization', 'segment_mean_ai')}, the first and last "
-        f"{val('localization', 'end_nodes')} nodes being left out; the side with the lower FA "
-        f"is reported as affected, and a whole-tract |AI| ≥ {val('localization', 'tract_ai')} "
-        f"is reported as notable.")
+        "Each CST was resampled to 100 nodes from that height (node 0) to the cortex "
+        "(node 99), so that node 0 lies at the same anatomy on both sides, and diffusion "
+        "metrics were averaged at each node with weights decreasing with distance from the "
+        "bundle core (tract profiles; Yeatman et al. 2012); each node's level was named from "
+        "its MNI height (the atlas level bands).")
+    detection = _get(metrics, "localization", "thresholds") or params.get("localization")
+    if _detection_method(detection) == "calibrated":
+        windows = [_fmt_num(w) for w in (_get(params, "localization", "window_nodes") or [])]
+        model = (_get(metrics, "localization", "statistic", "healthy_model")
+                 or _get(params, "localization", "healthy_model", "source"))
+        rate = _get(params, "localization", "false_positive_rate")
+        sentences.append(
+            f"Upper-motor-neuron damage was sought in the FA asymmetry index AI = "
+            f"(FA<sub>L</sub> − FA<sub>R</sub>) / (FA<sub>L</sub> + FA<sub>R</sub>) at every "
+            f"node (none left out), by a test calibrated to this scan. {N_BOOTSTRAP} bootstrap "
+            f"replicates of the profiles (a wild bootstrap of the tensor fit, Whitcher et al. "
+            f"2008, with each side's streamlines resampled) gave the scan's own standard error "
+            f"of AI at every node, and a model of the left-right asymmetry of healthy CSTs (an "
+            f"SD per level"
+            + (f"; {_esc(model)}" if model else "")
+            + ") added what anatomy and registration contribute. The mean AI over every "
+            f"window of {_esc(' and '.join(windows)) or '(not recorded)'} consecutive nodes, "
+            f"divided by its standard error, gave a t statistic, and a finding needed the "
+            f"largest |t| to exceed the threshold that {val('localization', 'null_draws')} "
+            f"simulated healthy profiles of this scan (bootstrap noise plus healthy asymmetry) "
+            f"exceed with probability {val('localization', 'false_positive_rate')}: whatever "
+            f"its quality, a scan of a healthy subject has a {_esc(_rate_words(rate))} chance "
+            f"of a false finding. The p value is the fraction of those simulated profiles with "
+            f"a larger |t|; the confidence is high when p is at most a tenth of that rate, "
+            f"moderate when at most half of it, and low otherwise. The side with the lower FA "
+            f"is reported as affected, the level of the peak is named from its MNI height "
+            f"(both levels when it lies within {_fmt_num(BOUNDARY_MARGIN_MM)} mm of the "
+            f"boundary between them), and a whole-tract |AI| ≥ "
+            f"{val('localization', 'tract_ai')} is reported as notable. The smallest "
+            f"detectable FA drop at a level is the relative drop of one side's FA, over the "
+            f"best-measured window of the narrowest width lying wholly in that level, whose "
+            f"AI would reach the threshold.")
+    else:
+        sentences.append(
+            f"Upper-motor-neuron damage was localised from the FA asymmetry index AI = "
+            f"(FA<sub>L</sub> − FA<sub>R</sub>) / (FA<sub>L</sub> + FA<sub>R</sub>): a finding "
+            f"needs at least {val('localization', 'min_nodes')} consecutive nodes of one sign "
+            f"with |AI| ≥ {val('localization', 'node_ai')} whose mean |AI| is at least "
+            f"{val('localization', 'segment_mean_ai')}, the first and last "
+            f"{val('localization', 'end_nodes')} nodes being left out; the side with the lower "
+            f"FA is reported as affected, and a whole-tract |AI| ≥ "
+            f"{val('localization', 'tract_ai')} is reported as notable.")
+    cutoff_note = (
+        " (this default is cited to both papers but has not yet been checked against their "
+        "text; the 2012 algorithm may use another value)"
+        if _num(_get(params, "prognosis", "prep_plic_ai")) == prognosis.DEFAULT_PREP_PLIC_AI
+        else "")
     sentences.append(
         f"The prognosis statement follows the imaging step of the PREP algorithm (Stinear et "
         f"al. 2007; Stinear et al. 2012) with a PLIC FA asymmetry cut-off of "
-        f"{val('prognosis', 'prep_plic_ai')}, and requires the patient's motor-evoked-potential "
-        f"status to be applied.")
+        f"{val('prognosis', 'prep_plic_ai')}{cutoff_note}, and requires the patient's "
+        f"motor-evoked-potential status to be applied.")
     if isinstance(params.get("qc"), dict):
         sentences.append(
             f"A CST was reported as not assessable when it had fewer than "
@@ -1928,6 +2223,26 @@ def methods_text(metrics) -> str:
     return " ".join(sentences)
 
 
+def _tracking_model_used(metrics):
+    """The model the tracking used (``csd`` or ``dti``), None when not recorded."""
+    return _get(metrics, "qc", "tracking", "model_choice", "model")
+
+
+def _displayed_parameters(metrics, params) -> dict:
+    """The run's parameters as the table shows them: ``tracking.direction`` (the CSD
+    getter, probabilistic or deterministic) only applies to CSD, so a tensor run shows how
+    it tracked instead of a setting it did not use."""
+    tracking = params.get("tracking")
+    if not isinstance(tracking, dict) or "direction" not in tracking:
+        return params
+    used = _tracking_model_used(metrics) or (tracking.get("model")
+                                             if tracking.get("model") != "auto" else None)
+    if used in (None, "csd"):
+        return params
+    return {**params, "tracking": {**tracking, "direction": (
+        f"deterministic (tensor; --direction {tracking['direction']} applies to CSD only)")}}
+
+
 def _methods_html(metrics) -> str:
     prov = _get(metrics, "provenance") or {}
     parts = ['<section id="methods"><h2>Methods and provenance</h2>',
@@ -1941,8 +2256,9 @@ def _methods_html(metrics) -> str:
                 _flatten(software), headers=("Package", "Version")))
         params = prov.get("parameters")
         if isinstance(params, dict) and params:
-            parts.append("<h3>Parameters</h3>" + _kv_table(_flatten(params),
-                                                           headers=("Parameter", "Value")))
+            parts.append("<h3>Parameters</h3>" + _kv_table(
+                _flatten(_displayed_parameters(metrics, params)),
+                headers=("Parameter", "Value")))
         inputs = prov.get("inputs")
         if isinstance(inputs, dict) and inputs:
             rows = []
@@ -1970,6 +2286,47 @@ def _methods_html(metrics) -> str:
 # --------------------------------------------------------------------------------------
 # Main entry point
 # --------------------------------------------------------------------------------------
+
+def _asymmetry_caption(loc, *, band) -> str:
+    """Caption (HTML) of the FA asymmetry figure, for the rule the run used.
+
+    Parameters
+    ----------
+    loc : dict
+        The metrics' ``localization``.
+    band : bool
+        Whether the figure draws the bootstrap ± 2 SE band (calibrated rule).
+    """
+    thresholds = loc.get("thresholds") if isinstance(loc.get("thresholds"), dict) else {}
+    text = ("<b>FA asymmetry index.</b> AI = (FA<sub>L</sub> − FA<sub>R</sub>) / "
+            "(FA<sub>L</sub> + FA<sub>R</sub>) per node; positive where the left FA is higher. ")
+    if _detection_method(thresholds) == "calibrated":
+        if band:
+            text += ("Grey band: ± 2 standard errors of AI at each node, from the bootstrap "
+                     "(this scan's measurement noise and streamline sampling); where it is "
+                     "wide, only a large asymmetry can be found. ")
+        widths = " and ".join(_fmt_num(w) for w in thresholds.get("window_nodes") or [])
+        test = _calibrated_test_words(loc.get("statistic"))
+        return (text + "No fixed |AI| limit applies: the mean AI over every window of "
+                + (f"{_esc(widths)} " if widths else "")
+                + "consecutive nodes is divided by its standard error (bootstrap plus healthy "
+                "asymmetry; see Methods)" + (f", and {_esc(test)}" if test else "")
+                + ". Hatched red spans: detected segments.")
+    thr, min_nodes = thresholds.get("node_ai"), thresholds.get("min_nodes")
+    segment_mean = thresholds.get("segment_mean_ai")
+    end_nodes = _num(_ignored_end_nodes(thresholds))
+    return (text + (f"± detection threshold |AI| = {_esc(_fmt_num(thr))} (dashed red)"
+                    if thr is not None else "No detection threshold recorded")
+            + (f"; a finding needs ≥ {_esc(_fmt_num(min_nodes))} consecutive nodes beyond it"
+               if min_nodes is not None else "")
+            + (f" with a mean |AI| ≥ {_esc(_fmt_num(segment_mean))}"
+               if min_nodes is not None and segment_mean is not None else "")
+            + ". Hatched red spans: detected segments."
+            + (f" Grey dotted spans: the {_esc(_fmt_num(end_nodes))} nodes at each end that "
+               "detection leaves out (streamlines fan out into the cortex, or end at the "
+               "brainstem landmark)." if math.isfinite(end_nodes) and end_nodes >= 1 else "")
+            + " Healthy CSTs stay within a few hundredths.")
+
 
 def _tracts_center(streamlines):
     pts = [_all_points(streamlines[s]) for s in SIDES]
@@ -2042,7 +2399,7 @@ def _report_page(*, metrics, profiles_tsv, fa_file, tract_files, mask_file, rois
     segments = [s for s in (loc.get("segments") or []) if isinstance(s, dict)]
     peak = _valid_peak(loc.get("peak_ras_mm")) if loc.get("umn_damage") else None
     peak_node = loc.get("peak_node") if loc.get("umn_damage") else None
-    thresholds = loc.get("thresholds") or {}
+    thresholds = loc.get("thresholds") if isinstance(loc.get("thresholds"), dict) else {}
 
     subject = metrics.get("subject")
     label = _entities_label(subject, metrics.get("entities")) or "unknown subject"
@@ -2142,23 +2499,16 @@ def _report_page(*, metrics, profiles_tsv, fa_file, tract_files, mask_file, rois
         with np.errstate(invalid="ignore", divide="ignore"):
             total = left[:n] + right[:n]
             ai = np.where(total > 0, (left[:n] - right[:n]) / total, np.nan).tolist()
-    thr = thresholds.get("node_ai") if isinstance(thresholds, dict) else None
+    calibrated = _detection_method(thresholds) == "calibrated"
+    # The calibrated rule has no |AI| line: its band is the scan's own uncertainty.
+    thr = None if calibrated else thresholds.get("node_ai")
+    se = _get(metrics, "asymmetry", "fa_ai_profile_se") if calibrated else None
     ai_ok = bool(ai) and any(math.isfinite(_num(v)) for v in ai)
-    thr_text = (f"± detection threshold |AI| = {_fmt_num(thr)} (dashed red)"
-                if thr is not None else "no detection threshold recorded")
-    min_nodes = thresholds.get("min_nodes") if isinstance(thresholds, dict) else None
-    segment_mean = thresholds.get("segment_mean_ai") if isinstance(thresholds, dict) else None
+    end_nodes = _ignored_end_nodes(thresholds)
     figs.append(("FA asymmetry", _render_figure(
-        lambda: plot_asymmetry_profile(ai, threshold=thr, segments=segments, levels=levels,
-                                       peak_node=peak_node),
-        f"<b>FA asymmetry index.</b> AI = (FA<sub>L</sub> − FA<sub>R</sub>) / "
-        f"(FA<sub>L</sub> + FA<sub>R</sub>) per node; positive where the left FA is higher. "
-        f"{_esc(thr_text)}"
-        + (f"; a finding needs ≥ {_esc(_fmt_num(min_nodes))} consecutive nodes beyond it"
-           if min_nodes is not None else "")
-        + (f" with a mean |AI| ≥ {_esc(_fmt_num(segment_mean))}"
-           if min_nodes is not None and segment_mean is not None else "")
-        + ". Hatched red spans: detected segments. Healthy CSTs stay within a few hundredths.",
+        lambda: plot_asymmetry_profile(ai, threshold=thr, se=se, segments=segments,
+                                       levels=levels, peak_node=peak_node, end_nodes=end_nodes),
+        _asymmetry_caption(loc, band=bool(se)),
         "FA asymmetry profile", missing=None if ai_ok else "FA asymmetry profile not available "
         "(no AI profile in the metrics and no left/right FA profiles).")))
 

@@ -18,7 +18,7 @@ import atlases
 
 from . import (combine, denoise as denoise_module, fodf, gibbs, gradient_check, localization,
                motion, outliers, outputs, preprocess, prognosis, registration, tracking,
-               tractometry)
+               tractometry, uncertainty)
 from .dwi import load_dwi
 from .errors import InputError
 
@@ -50,14 +50,27 @@ def _write_bvecs(path, bvecs_fsl):
 
 
 def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0):
-    """Mean b0 (the reference every volume is aligned to) and the brain mask.
+    """Mean b0 (the reference every volume is aligned to) and the brain mask
+    (:func:`pipeline.preprocess.brain_mask`, with the template's brain placed by an
+    affine registration of a quick FA).
 
     Returns dict of paths: ``b0``, ``mask``.
     """
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     b0 = preprocess.mean_b0(data, scan.b0_mask)
-    mask = preprocess.brain_mask(b0)
+    dwi_mean = preprocess.mean_dwi(data, scan.b0_mask)
+    mask = preprocess.brain_mask(b0, dwi_mean, scan.affine)
+    # A quick FA (OLS, unprocessed) in that mask places the template's brain, which then
+    # adds the brainstem that the scan's contrast may have lost.
+    use, _ = preprocess.dti_volumes(scan.bvals, b0_threshold=b0_threshold)
+    fa = preprocess.fit_dti(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                            b0_threshold=b0_threshold, use=use, fit_method="OLS")["fa"]
+    template_fa, template_img = _load(atlases.template_fa_path())
+    template_brain = registration.template_mask_in_subject(
+        np.nan_to_num(fa), scan.affine, template_fa, template_img.affine,
+        _load(atlases.brain_mask_path(), dtype=np.uint8)[0])
+    mask = preprocess.brain_mask(b0, dwi_mean, scan.affine, template_brain=template_brain)
     return {"b0": str(outputs.save_nifti(out_dir / "b0.nii.gz", b0, scan.affine)),
             "mask": str(outputs.save_nifti(out_dir / "mask.nii.gz", mask, scan.affine,
                                            dtype=np.uint8))}
@@ -67,7 +80,10 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
             b0_threshold=50.0, n_jobs=1):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
-    Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume).
+    Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume,
+    and ``header``: the input image's name and the warnings its header raised on loading,
+    see :func:`pipeline.dwi.check_header`; recorded here, as denoising is the first step
+    that reads the input image and writes a QC file).
     """
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
@@ -80,7 +96,8 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
           else None,
           "mppca_patch_stride": denoise_module.PIPELINE_PATCH_STRIDE if method == "mppca"
           else None,
-          "noise_sigma_median": None, "snr_b0": None}
+          "noise_sigma_median": None, "snr_b0": None,
+          "header": {"file": Path(dwi_file).name, "warnings": list(scan.header_warnings)}}
     if sigma is not None:
         noise = float(np.median(sigma[mask]))
         qc["noise_sigma_median"] = round(noise, 3)
@@ -276,13 +293,20 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
 
 def collect_preprocessing_qc(*, out_dir, denoise_qc, motion_qc, outliers_qc, gradient_qc,
                              tensor_qc, combine_qc=None):
-    """One JSON with the QC of every preprocessing node (None for a skipped step)."""
+    """One JSON with the QC of every preprocessing node (None for a skipped step).
+
+    ``header`` lists, per input image, the warnings its header raised on loading (from the
+    denoising QC; one entry per run when runs were combined; empty for a cached denoising
+    QC written before header checks existed).
+    """
     def read(path):
         return json.loads(Path(path).read_text()) if path else None
 
-    qc = {"denoise": read(denoise_qc), "motion": read(motion_qc), "outliers": read(outliers_qc),
+    noise = read(denoise_qc)
+    qc = {"denoise": noise, "motion": read(motion_qc), "outliers": read(outliers_qc),
           "gradient_check": read(gradient_qc), "tensor": read(tensor_qc),
-          "combined_runs": read(combine_qc)}
+          "combined_runs": read(combine_qc),
+          "header": [run["header"] for run in noise.get("per_run", [noise]) if "header" in run]}
     return str(outputs.write_json(Path(out_dir) / "preprocessing_qc.json", qc))
 
 
@@ -295,13 +319,14 @@ def _json_default(value):
 
 
 def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
-    """Register FA to the MNI FA template; bring the CST ROIs and level bands to the subject.
+    """Register FA to the MNI FA template; bring the CST ROIs and MNI heights to the subject.
 
     ``n_jobs`` ≥ 2 puts SyN's field inversions on two threads (same result).
 
-    Returns dict of paths: ``rois`` and ``levels`` (subject grid, int16),
-    ``template_mask`` (the template brain mask on the subject grid, for QC) and
-    ``qc`` (JSON: template correlation, per-ROI coverage).
+    Returns dict of paths: ``rois`` (subject grid, int16), ``mni_z`` (the MNI z
+    coordinate, mm, of every subject voxel, from which the level bands follow;
+    NaN outside the template grid), ``template_mask`` (the template brain mask on the subject
+    grid, for QC) and ``qc`` (JSON: template correlation, per-ROI coverage).
     """
     out_dir = Path(out_dir)
     fa, fa_img = _load(fa_file)
@@ -309,7 +334,6 @@ def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     template_fa, template_img = _load(atlases.template_fa_path())
     template_mask, _ = _load(atlases.brain_mask_path(), dtype=np.uint8)
     template_rois, _ = _load(atlases.cst_rois_path(), dtype=np.int16)
-    template_levels, _ = _load(atlases.levels_path(), dtype=np.int16)
 
     mapping, affine_matrix = registration.register_fa_to_template(
         fa, fa_img.affine, template_fa, template_img.affine, n_threads=min(n_jobs, 2))
@@ -330,11 +354,10 @@ def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
                                   3).tolist(),
     }
     rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
-    levels = registration.labels_to_subject(mapping, template_levels) * (mask > 0)
+    mni_z = registration.template_z_in_subject(mapping, template_img.affine, template_fa.shape)
     paths = {
         "rois": outputs.save_nifti(out_dir / "cst_rois.nii.gz", rois, fa_img.affine, dtype=np.int16),
-        "levels": outputs.save_nifti(out_dir / "levels.nii.gz", levels, fa_img.affine,
-                                     dtype=np.int16),
+        "mni_z": outputs.save_nifti(out_dir / "mni_z.nii.gz", mni_z, fa_img.affine),
         "warped_fa": outputs.save_nifti(out_dir / "fa_in_template.nii.gz", warped_fa,
                                         template_img.affine),
         "template_mask": outputs.save_nifti(out_dir / "template_mask_in_subject.nii.gz",
@@ -415,13 +438,66 @@ def _centroid_mm(region, affine):
     return apply_affine(affine, ijk.mean(axis=0)) if len(ijk) else None
 
 
-def _landmarks(coverage, min_coverage):
-    """Inferior landmark for both sides: the pons when scanned on both sides, else the peduncle."""
-    pons_ok = all(coverage.get(f"pons_{HEMI[s]}", 0) >= min_coverage for s in SIDES)
-    return "pons" if pons_ok else "peduncle"
+#: The CST's landmark ROIs from the brainstem up (atlas names without the hemisphere).
+CST_WAYPOINTS = ("medulla", "pons", "peduncle", "plic", "motor")
+#: The lowest MNI height (mm) a profile may start at, by inferior landmark: the bottom of
+#: the JHU corticospinal label (medulla) or of the landmark's atlas level band.
+LANDMARK_FLOOR_MNI_Z = {"medulla": -55.0, "pons": -43.5, "peduncle": -22.0}
 
 
-def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, out_dir,
+#: A lower landmark is used when each side keeps at least this fraction of the streamlines
+#: that reach the next landmark up: a brainstem level clipped by the field of view on one
+#: side must not cost that side its tract. Measured: a medulla scanned whole keeps 13-44 %
+#: (sub-philips02, sub-toshiba01; tensor streamlines thin out in the brainstem), a pons
+#: 39-53 % of the peduncle's; a medulla cut by the field of view on one side 1.5-7 % there
+#: (sub-toshiba02, sub-siemens04, sub-philips03).
+LANDMARK_KEEP_FRACTION = 0.1
+
+
+def _candidate_waypoints(coverage, min_coverage):
+    """The CST's waypoint chains to try, from the lowest brainstem ROI scanned on both sides.
+
+    Each chain runs from a brainstem landmark up to the motor target: medulla, pons
+    and peduncle as far as their ROIs are covered on both sides (the peduncle
+    chain always comes last).
+    """
+    chains = []
+    for lowest in ("medulla", "pons"):
+        if chains or all(coverage.get(f"{lowest}_{HEMI[s]}", 0) >= min_coverage for s in SIDES):
+            chains.append(CST_WAYPOINTS[CST_WAYPOINTS.index(lowest):])
+    return chains + [CST_WAYPOINTS[CST_WAYPOINTS.index("peduncle"):]]
+
+
+def _select_cst(streamlines, rois, affine, waypoints):
+    """Per side, the streamlines through all of its own waypoints that touch none of the
+    other side's peduncle, PLIC or motor target."""
+    labels = atlases.CST_ROI_LABELS
+    selected = {}
+    for side in SIDES:
+        h, other = HEMI[side], HEMI["right" if side == "left" else "left"]
+        selected[side] = tracking.select_tract(
+            streamlines, rois, affine, required=[labels[f"{r}_{h}"] for r in waypoints],
+            forbidden=[labels[f"{r}_{other}"] for r in ("peduncle", "plic", "motor")])
+    return selected
+
+
+def _lowest_kept_landmark(streamlines, rois, affine, chains):
+    """The lowest waypoint chain that each side follows with enough streamlines.
+
+    Returns (waypoints, selected streamlines per side, streamline counts per tried
+    landmark for the QC).
+    """
+    selections = [_select_cst(streamlines, rois, affine, chain) for chain in chains]
+    counts = {chain[0]: {s: len(sel[s]) for s in SIDES} for chain, sel in zip(chains, selections)}
+    for i, (chain, selected) in enumerate(zip(chains, selections)):
+        upper = selections[i + 1] if i + 1 < len(chains) else None
+        if upper is None or all(len(selected[s]) >= LANDMARK_KEEP_FRACTION * len(upper[s])
+                                for s in SIDES):
+            return chain, selected, counts
+
+
+def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_z_file, *,
+              out_dir,
               sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, gap_fa=0.1,
               corridor_radius_mm=8.0, max_angle_deg=45.0, step_mm=0.5, seeds_per_voxel=10,
               min_coverage=0.6, n_jobs=1, seed=0, dask_scheduler=None):
@@ -431,9 +507,12 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
     them, ``direction`` "prob" or "det"; without, the tensor's principal direction
     (deterministic). The model choice (``fodf_qc_file``) is kept in the tracking QC.
 
-    Tracking stops below ``fa_stop``, except inside each side's CST corridor (within
-    ``corridor_radius_mm`` of the line through its ROIs' centroids: brainstem
-    landmark, peduncle, PLIC, motor target), where it crosses FA down to ``gap_fa``
+    The CST runs through its waypoint ROIs from the lowest brainstem level scanned
+    on both sides and followed by both tracts (:func:`_lowest_kept_landmark`:
+    medulla, else pons, else peduncle) to the
+    motor target. Tracking stops below ``fa_stop``, except inside each side's CST
+    corridor (within ``corridor_radius_mm`` of the line through its waypoints'
+    centroids), where it crosses FA down to ``gap_fa``
     (:func:`pipeline.tracking.bridge_low_fa`): a lesion must not erase the tract
     it damages. ``gap_fa`` ≥ ``fa_stop`` turns this off.
 
@@ -441,33 +520,40 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
     cluster named by ``dask_scheduler`` (an address, or ``"slurm"``; see
     :func:`pipeline.parallel.dask_backend`); the streamlines are the same.
 
+    Both sides are clipped from one MNI height (``mni_z_file``, from
+    :func:`register_atlas`; :func:`pipeline.tracking.common_start_height`: the
+    landmark's floor, or higher where fewer than 80 % of either side's
+    streamlines reach down) to their motor target, so that node 0 lies at the same
+    anatomy on both sides, and on repeated scans.
+
     Returns dict of paths: ``left``, ``right`` (.trk, world mm, inferior end
-    first, clipped from the inferior landmark to the motor target) and ``qc``.
+    first, clipped as above) and ``qc``.
     """
     out_dir = Path(out_dir)
     fa, fa_img = _load(fa_file)
     v1, _ = _load(v1_file)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     rois, _ = _load(rois_file, dtype=np.int16)
+    mni_z, _ = _load(mni_z_file)
     coverage = json.loads(Path(registration_qc_file).read_text())["roi_coverage"]
     labels = atlases.CST_ROI_LABELS
-    lower = _landmarks(coverage, min_coverage)
+    chains = _candidate_waypoints(coverage, min_coverage)
     affine = fa_img.affine
 
     seed_region = np.zeros(mask.shape, dtype=bool)
     for side in SIDES:
-        for roi in {lower, "peduncle", "plic"}:
+        for roi in chains[0][:-1]:  # every waypoint below the motor target
             seed_region |= rois == labels[f"{roi}_{HEMI[side]}"]
     seed_region &= fa >= fa_stop
     seeds = tracking.seeds_in_mask(seed_region, affine, seeds_per_voxel=seeds_per_voxel,
                                    random_seed=seed)
     corridor = np.zeros(mask.shape, dtype=bool)
     for side in SIDES:
-        waypoints = [_centroid_mm(rois == labels[f"{roi}_{HEMI[side]}"], affine)
-                     for roi in dict.fromkeys((lower, "peduncle", "plic", "motor"))]
-        waypoints = [w for w in waypoints if w is not None]
-        if len(waypoints) >= 2:
-            corridor |= tracking.corridor_mask(np.array(waypoints), mask.shape, affine,
+        centroids = [_centroid_mm(rois == labels[f"{roi}_{HEMI[side]}"], affine)
+                     for roi in chains[0]]
+        centroids = [c for c in centroids if c is not None]
+        if len(centroids) >= 2:
+            corridor |= tracking.corridor_mask(np.array(centroids), mask.shape, affine,
                                                radius_mm=corridor_radius_mm)
     corridor &= mask
     brain_fa = np.where(mask, fa, 0)
@@ -486,56 +572,75 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, *, o
         method = "tensor, deterministic"
 
     qc = {"method": method, "n_seeds": int(len(seeds)), "n_streamlines_tracked": len(streamlines),
-          "inferior_landmark": lower, "corridor_voxels": int(corridor.sum()),
+          "corridor_voxels": int(corridor.sum()),
           "bridged_voxels": int(np.count_nonzero(stop_map != brain_fa)),
           "sides": {}}
     if fodf_qc_file:
         qc["model_choice"] = json.loads(Path(fodf_qc_file).read_text())
+    waypoints, chosen, qc["landmark_streamlines"] = _lowest_kept_landmark(
+        streamlines, rois, affine, chains)
+    qc["inferior_landmark"], qc["waypoints"] = waypoints[0], list(waypoints)
+    selected = {side: tracking.orient_inferior_first(
+        chosen[side], tracking.heights_along(chosen[side], mni_z, affine)) for side in SIDES}
+    start_height = tracking.common_start_height([selected[s][1] for s in SIDES],
+                                                floor=LANDMARK_FLOOR_MNI_Z[waypoints[0]])
+    qc["profile_start_mni_z"] = round(start_height, 2) if np.isfinite(start_height) else None
     paths = {}
     for side in SIDES:
-        h, other = HEMI[side], HEMI["right" if side == "left" else "left"]
-        required = [labels[f"{r}_{h}"] for r in (lower, "peduncle", "plic", "motor")]
-        forbidden = [labels[f"{r}_{other}"] for r in ("peduncle", "plic", "motor")]
-        selected = tracking.select_tract(streamlines, rois, affine, required=required,
-                                         forbidden=forbidden)
-        clipped = tracking.clip_between(tracking.orient_inferior_first(selected), rois, affine,
-                                        lower=labels[f"{lower}_{h}"], upper=labels[f"motor_{h}"])
+        h = HEMI[side]
+        clipped = tracking.clip_from_height(*selected[side], rois, affine,
+                                            start_height=start_height,
+                                            upper=labels[f"motor_{h}"])
         cleaned = tracking.clean_bundle(clipped)
-        qc["sides"][side] = {"selected": len(selected), "clipped": len(clipped),
+        qc["sides"][side] = {"selected": len(selected[side][0]), "clipped": len(clipped),
                              "cleaned": len(cleaned)}
         paths[side] = outputs.save_trk(out_dir / f"cst_{h}.trk", cleaned, fa_img)
     paths["qc"] = outputs.write_json(out_dir / "tracking_qc.json", qc)
     return {k: str(v) for k, v in paths.items()}
 
 
-def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file, *, out_dir, subject):
+#: pyAFQ's names of the two CSTs (its ``tractID`` values).
+AFQ_TRACT_NAMES = {"left": "Left Corticospinal", "right": "Right Corticospinal"}
+
+
+def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
+                   rois_file, dwi_file, bval_file, bvec_file, outliers_file, *, out_dir, subject,
+                   b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE, seed=0):
     """100-node profiles of both CSTs (TSV), per-side summaries and asymmetry (JSON).
 
+    The JSON also holds :data:`pipeline.uncertainty.N_BOOTSTRAP` bootstrap
+    replicates of the asymmetry profile (``fa_ai_bootstrap``; wild bootstrap of
+    the tensor fit on the preprocessed series ``dwi_file``, with the volumes the
+    tensor was fitted on, and resampled streamlines; same ``seed``, same replicates)
+    and the per-node standard errors of FA and AI derived from them.
+
+    Each node's level is the atlas band (:data:`atlases.LEVEL_Z_RANGES`) of its
+    MNI height (``mni_z_file``, :func:`register_atlas`), also kept per node
+    (``node_mni_z``).
+
     The TSV has our columns (``tract, node, fa, md, rd, ad, x, y, z, level``)
-    and pyAFQ's (``subjectID, tractID, nodeID, dti_fa, dti_md, dti_rd, dti_ad``),
-    so scripts written for pyAFQ's tract profiles read it unchanged.
+    and pyAFQ's (``subjectID, tractID, nodeID, dti_fa, dti_md, dti_rd, dti_ad``;
+    ``tractID`` as pyAFQ names the CSTs, :data:`AFQ_TRACT_NAMES`), so scripts
+    written for pyAFQ's tract profiles read it unchanged.
     """
     out_dir = Path(out_dir)
     maps = {}
     for name, path in zip(tractometry.PROFILE_METRICS, (fa_file, md_file, rd_file, ad_file)):
         maps[name], img = _load(path)
     affine = img.affine
-    levels, _ = _load(levels_file, dtype=np.int16)
+    mni_z, _ = _load(mni_z_file)
     rois, _ = _load(rois_file, dtype=np.int16)
-    level_names = atlases.LEVEL_LABELS
 
-    rows, summary, node_levels, node_xyz, fa_profiles = [], {}, {}, {}, {}
+    rows, summary, node_levels, node_xyz, fa_profiles, bundles = [], {}, {}, {}, {}, {}
+    node_mni_z = {}
     for side, trk in zip(SIDES, (left_trk, right_trk)):
-        bundle = outputs.load_streamlines(trk)
+        bundle = bundles[side] = outputs.load_streamlines(trk)
         prof = tractometry.tract_profiles(bundle, maps, affine)
         summary[side] = tractometry.bundle_summary(bundle, prof)
         xyz = prof["xyz"]
-        finite = np.all(np.isfinite(xyz), axis=1)
-        node_label = np.zeros(len(xyz), dtype=int)
-        if finite.any():
-            node_label[finite] = tracking.labels_along(xyz[finite], levels, affine)
-        node_levels[side] = [level_names.get(int(v)) for v in node_label]
+        node_mni_z[side] = tractometry.values_at_points(mni_z, xyz, affine)
+        node_levels[side] = tractometry.levels_at_heights(node_mni_z[side],
+                                                          atlases.LEVEL_Z_RANGES)
         summary[side]["fa_by_level"] = tractometry.mean_by_level(prof["fa"], node_levels[side])
         node_xyz[side] = xyz
         fa_profiles[side] = prof["fa"]
@@ -544,7 +649,7 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
             row.update({m: _fmt(prof[m][node]) for m in tractometry.PROFILE_METRICS})
             row.update({"x": _fmt(xyz[node, 0], 2), "y": _fmt(xyz[node, 1], 2),
                         "z": _fmt(xyz[node, 2], 2), "level": node_levels[side][node] or "n/a"})
-            row.update({"subjectID": subject, "tractID": row["tract"], "nodeID": node})
+            row.update({"subjectID": subject, "tractID": AFQ_TRACT_NAMES[side], "nodeID": node})
             row.update({f"dti_{m}": row[m] for m in tractometry.PROFILE_METRICS})
             rows.append(row)
 
@@ -560,6 +665,10 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
         "fa_ai_profile": [_finite_or_none(v) for v in ai_profile],
         "node_levels": node_levels,
         "node_xyz": {s: np.round(node_xyz[s], 2).tolist() for s in SIDES},
+        "node_mni_z": {s: [_finite_or_none(v, 2) for v in node_mni_z[s]] for s in SIDES},
+        **_profile_uncertainty(bundles, maps["fa"], affine, dwi_file, bval_file, bvec_file,
+                               outliers_file, b0_threshold=b0_threshold,
+                               max_bvalue=max_bvalue, seed=seed),
     }
     tsv = out_dir / "profiles.tsv"
     with outputs.atomic_path(tsv) as tmp, open(tmp, "w", newline="") as handle:
@@ -568,6 +677,33 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, leve
         writer.writerows(rows)
     return {"tsv": str(tsv),
             "json": str(outputs.write_json(out_dir / "profiles.json", result))}
+
+
+def _profile_uncertainty(bundles, fa, affine, dwi_file, bval_file, bvec_file, outliers_file, *,
+                         b0_threshold, max_bvalue, seed):
+    """Bootstrap replicates of the AI profile and per-node standard errors (JSON-ready)."""
+    scan = load_dwi(dwi_file, bval_file, bvec_file, b0_threshold=b0_threshold, check_data=False)
+    excluded = json.loads(Path(outliers_file).read_text())["excluded"] if outliers_file else []
+    use, _ = preprocess.dti_volumes(scan.bvals, b0_threshold=b0_threshold,
+                                    max_bvalue=max_bvalue, excluded=excluded)
+    series = scan.img.dataobj
+
+    def signal_of(ijk):
+        # Only the sampled voxels' bounding box is read from the (uncompressed) series.
+        low, high = ijk.min(axis=0), ijk.max(axis=0) + 1
+        box = np.asarray(series[low[0]:high[0], low[1]:high[1], low[2]:high[2]],
+                         dtype=np.float32)
+        return box[tuple((ijk - low).T)][:, use]
+
+    replicates = uncertainty.asymmetry_replicates(
+        bundles, fa, signal_of, affine, bvals=scan.bvals[use], bvecs_fsl=scan.bvecs_fsl[use],
+        b0_threshold=b0_threshold, random_seed=seed)
+    if not replicates:
+        return {"fa_ai_bootstrap": None, "fa_ai_se": None, "fa_se": None}
+    return {"fa_ai_bootstrap": np.round(replicates["ai"], 5).tolist(),
+            "fa_ai_se": [_finite_or_none(v) for v in np.nanstd(replicates["ai"], axis=0)],
+            "fa_se": {side: [_finite_or_none(v) for v in np.nanstd(replicates["fa"][side], axis=0)]
+                      for side in SIDES}}
 
 
 def _fmt(value, digits=6):
@@ -624,8 +760,10 @@ def quality_control(registration_qc, tracking_qc, summary, limits):
 
 
 def preprocessing_notices(pre_qc):
-    """What preprocessing changed that a reader must know (corrected table, dropped volumes)."""
-    notices = []
+    """What a reader must know about the input and what preprocessing changed (header
+    warnings, corrected table, dropped volumes)."""
+    notices = [f"Image header ({run['file']}): {warning}"
+               for run in pre_qc.get("header") or [] for warning in run["warnings"]]
     check = pre_qc.get("gradient_check") or {}
     if check.get("status") == "corrected":
         notices.append(f"The gradient table was corrected ({check['correction']}): fibre "
@@ -638,6 +776,44 @@ def preprocessing_notices(pre_qc):
         notices.append(f"{len(flagged)} outlier volume(s) ({', '.join(map(str, flagged))}) "
                        f"{what}.")
     return notices
+
+
+#: Head motion that makes a run's QC carry a notice (it stays assessable). No fixed cut-off
+#: for a diffusion run is published: FSL's eddy QC (Bastiani et al. 2019,
+#: doi:10.1016/j.neuroimage.2018.09.073) ranks a subject's motion against its own study, and
+#: the 0.5 mm framewise displacement (FD) at which Power et al. 2012
+#: (doi:10.1016/j.neuroimage.2011.10.018) censor fMRI frames does not carry over: diffusion
+#: volumes are seconds apart and change contrast with every direction, so FD runs higher
+#: (0.44-1.23 mm mean in the cooperative scans of ../shared/data: siemens01, philips02,
+#: toshiba01). These levels are therefore this project's, set on those scans: mean FD above
+#: 1.5 mm, or a translation from the reference of more than 2 mm (about one voxel of
+#: 1.75-3 mm) along any axis. sub-philips01 (4.6 mm drift), sub-siemens02 (jumps) and both
+#: runs of sub-siemens03 (2.6-3.0 mm) get the notice. Why it matters: motion alone shifts FA
+#: and diffusivities (Yendiki et al. 2014, doi:10.1016/j.neuroimage.2013.11.027).
+MOTION_NOTICE_LIMITS = {"mean_framewise_displacement_mm": 1.5, "max_translation_mm": 2.0}
+
+
+def motion_notices(motion_qc, limits=None):
+    """A QC notice (not a failure) when the head moved more than :data:`MOTION_NOTICE_LIMITS`.
+
+    ``motion_qc``: the motion step's QC (``qc.motion`` of the metrics), None when motion
+    correction was off. Returns a list with at most one sentence, giving the measured
+    values, the limits and their source.
+    """
+    limits = {**MOTION_NOTICE_LIMITS, **(limits or {})}
+    if not motion_qc:
+        return []
+    measured = [(key, what, motion_qc.get(key)) for key, what in (
+        ("mean_framewise_displacement_mm", "mean framewise displacement (Power et al. 2012)"),
+        ("max_translation_mm", "largest translation from the reference"))]
+    if not any(value is not None and value > limits[key] for key, _, value in measured):
+        return []
+    values = ", ".join(f"{what} {value:.2f} mm (notice above {limits[key]:g} mm)"
+                       for key, what, value in measured if value is not None)
+    return [f"Heavy head motion: {values}. These notice levels were set on this project's "
+            f"scans: no fixed cut-off for diffusion MRI is published. The volumes were "
+            f"realigned, but motion also biases FA and diffusivities (Yendiki et al. 2014): "
+            f"check the motion plot, and compare with other runs with care."]
 
 
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
@@ -660,7 +836,8 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
     loc = localization.localize_damage(
         ai_profile, profiles["node_levels"],
         {s: np.asarray(profiles["node_xyz"][s]) for s in SIDES},
-        thresholds=thresholds, assessable=assessable)
+        thresholds=thresholds, assessable=assessable,
+        ai_bootstrap=profiles.get("fa_ai_bootstrap"), node_mni_z=profiles.get("node_mni_z"))
     fa_ai_plic = profiles["fa_ai_plic"]
     prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
                                        prep_plic_ai=prep_plic_ai, qc_reasons=reasons,
@@ -678,6 +855,9 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "fa_ai_plic": fa_ai_plic,
             "plic_fa": profiles["plic_fa"],
             "fa_ai_profile": profiles["fa_ai_profile"],
+            # Bootstrap standard errors (pipeline.uncertainty): this scan's own precision.
+            "fa_ai_profile_se": profiles.get("fa_ai_se"),
+            "fa_profile_se": profiles.get("fa_se"),
         },
         "localization": loc,
         "prognosis": prog,
@@ -688,17 +868,21 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "limits": limits,
             "brainstem_covered": all(coverage.get(f"peduncle_{HEMI[s]}", 0)
                                      >= limits["min_brainstem_coverage"] for s in SIDES),
-            "pons_covered": trk_qc["inferior_landmark"] == "pons",
+            "pons_covered": trk_qc["inferior_landmark"] in ("medulla", "pons"),
+            "medulla_covered": trk_qc["inferior_landmark"] == "medulla",
             "registration": reg_qc,
             "tracking": trk_qc,
             "preprocessing": {"denoise": noise["method"], "brain_mask_ml": noise["brain_mask_ml"],
                               "noise_sigma_median": noise["noise_sigma_median"],
                               "snr_b0": noise["snr_b0"], "tensor": pre_qc["tensor"]},
-            "notices": preprocessing_notices(pre_qc),
+            "notices": preprocessing_notices(pre_qc) + motion_notices(pre_qc["motion"]),
             "noise": noise,
             "motion": pre_qc["motion"],
             "outliers": pre_qc["outliers"],
             "gradient_check": pre_qc["gradient_check"],
+            "header": pre_qc.get("header", []),
+            # What a negative result excludes at this scan's precision (calibrated rule).
+            "detectable_fa_drop": loc.get("detectable_fa_drop"),
             "combined_runs": pre_qc.get("combined_runs"),
         },
         "provenance": outputs.provenance(inputs=input_files, parameters=parameters),
@@ -712,27 +896,107 @@ DERIVATIVES = {
     "md": ("_model-tensor_param-md_dwimap.nii.gz", "Mean diffusivity, mm^2/s (DTI, WLS)"),
     "rd": ("_model-tensor_param-rd_dwimap.nii.gz", "Radial diffusivity, mm^2/s (DTI, WLS)"),
     "ad": ("_model-tensor_param-ad_dwimap.nii.gz", "Axial diffusivity, mm^2/s (DTI, WLS)"),
-    "mask": ("_desc-brain_mask.nii.gz", "Brain mask (median Otsu on the mean b0)"),
-    "rois": ("_desc-CSTrois_dseg.nii.gz", "CST ROIs warped from the MNI atlas (see atlases/)"),
+    "mask": ("_desc-brain_mask.nii.gz", "Brain mask (median Otsu on the mean b0 and the mean DWI)"),
+    "rois": ("_desc-CSTrois_dseg.nii.gz", "CST ROIs warped from the MNI atlas (see atlases/); "
+             "labels in the .tsv beside it"),
     "left": ("_hemi-L_desc-CST_tractography.trk",
-             "Left CST streamlines, world RAS mm, inferior end first"),
+             "Left CST streamlines, world RAS mm, inferior end first; TrackVis .trk and "
+             "the same streamlines in TRX (.trx)"),
     "right": ("_hemi-R_desc-CST_tractography.trk",
-              "Right CST streamlines, world RAS mm, inferior end first"),
+              "Right CST streamlines, world RAS mm, inferior end first; TrackVis .trk and "
+              "the same streamlines in TRX (.trx)"),
     "profiles_tsv": ("_desc-profiles_tractometry.tsv",
-                     "100-node CST profiles; node 0 at the brainstem end"),
+                     "100-node CST profiles; node 0 at the brainstem end; the .csv beside it "
+                     "holds them in pyAFQ's tract-profile layout (for AFQ-Insight)"),
 }
+#: Sidecar fields of one derivative beyond the common ones: the Type BIDS recommends for a
+#: mask, and the description of the column the ROIs' label table adds to BIDS's.
+_SIDECAR_FIELDS = {"mask": {"Type": "Brain"},
+                   "rois": {"level": {"Description": "Level of the neuraxis the ROI lies at "
+                                                     "(atlases/README.md)"}}}
+#: Readable names of the CST ROIs' regions (atlases/README.md), for the ROIs' label table.
+_ROI_REGIONS = {"motor": "motor target", "plic": "posterior limb of the internal capsule",
+                "peduncle": "cerebral peduncle", "pons": "corticospinal tract in the pons",
+                "medulla": "corticospinal tract in the medulla"}
+#: Columns of the profiles CSV: pyAFQ's tract-profile layout, the one AFQ-Insight reads.
+AFQ_COLUMNS = ("subjectID", "sessionID", "tractID", "nodeID",
+               *(f"dti_{m}" for m in tractometry.PROFILE_METRICS))
+
+
+def write_profile_tables(source_tsv, tsv_path, stem):
+    """A run's profiles TSV with the run's identity added, and the same profiles as CSV in
+    pyAFQ's layout (:data:`AFQ_COLUMNS`) beside it.
+
+    Both get ``sessionID``: pyAFQ and AFQ-Insight tell repeated acquisitions of one
+    subject apart by it alone (AFQ-Insight takes every other column for a metric, so a
+    text column such as ``run`` would stop it, and rows that differ only there would
+    be averaged), so it holds the run's entities after the subject (``dir-AP``,
+    ``ses-01_dir-AP``), or ``unknown``, pyAFQ's value, when there are none. The TSV
+    also gets ``run``, the run's name as in the group table (``sub-01_dir-AP``).
+
+    Parameters
+    ----------
+    source_tsv : path-like
+        The profiles TSV of :func:`tract_profiles`.
+    tsv_path : path-like
+        The TSV to write; the CSV gets its name with ``.csv``.
+    stem : str
+        The run's name, ``sub-<label>[_<entities>]``.
+
+    Returns
+    -------
+    list of str
+        The TSV and the CSV.
+    """
+    session = stem.partition("_")[2] or "unknown"
+    with open(source_tsv, newline="") as handle:
+        rows = [{**row, "sessionID": session, "run": stem}
+                for row in csv.DictReader(handle, delimiter="\t")]
+    tsv_path = Path(tsv_path)
+    csv_path = tsv_path.with_suffix(".csv")
+    with outputs.atomic_path(tsv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    with outputs.atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=AFQ_COLUMNS)
+        writer.writeheader()
+        # An empty field, as pyAFQ writes a missing value (pandas' NaN).
+        writer.writerows({c: "" if row[c] == "n/a" else row[c] for c in AFQ_COLUMNS}
+                         for row in rows)
+    return [str(tsv_path), str(csv_path)]
+
+
+def _write_roi_labels(dseg_path):
+    """The label table (``_dseg.tsv``) of the CST ROI segmentation ``dseg_path``."""
+    lines = ["index\tname\tabbreviation\tlevel"]
+    for abbreviation, index in sorted(atlases.CST_ROI_LABELS.items(), key=lambda item: item[1]):
+        region, hemi = abbreviation.rsplit("_", 1)
+        side = {"L": "left", "R": "right"}[hemi]
+        lines.append(f"{index}\t{side} {_ROI_REGIONS[region]}\t{abbreviation}\t"
+                     f"{atlases.CST_ROI_LEVELS[abbreviation]}")
+    return outputs.write_text(dseg_path.with_name(dseg_path.name.replace(".nii.gz", ".tsv")),
+                              "\n".join(lines) + "\n")
 
 
 def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, parameters):
-    """Copy a run's results into the BIDS-Derivatives tree, each file atomically,
+    """Write a run's results into the BIDS-Derivatives tree, each file atomically,
     each with a JSON sidecar; the metrics JSON is written last, so its presence
     means the run's outputs are complete.
+
+    The images are written again with the input DWI's xform codes
+    (:func:`pipeline.outputs.save_nifti`), the ROI segmentation gets its label
+    table (``_dseg.tsv``), each tractogram a TRX copy (``.trx``), and the
+    profiles their run columns and pyAFQ's CSV (:func:`write_profile_tables`).
 
     Returns the list of written paths.
     """
     import shutil
 
     derivatives_dir = Path(derivatives_dir)
+    # The input image (with --combine-runs, the first run's: the grid of them all).
+    dwi = source_files[0]
+    dwi_img = nib.load(str(dwi))
     written = []
 
     def copy(source, target):
@@ -742,9 +1006,26 @@ def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, pa
 
     for key, (suffix, description) in DERIVATIVES.items():
         target = derivatives_dir / f"{stem}{suffix}"
-        copy(files[key], target)
-        written.append(str(outputs.write_sidecar(target, description=description,
-                                                 sources=source_files, parameters=parameters)))
+        spatial_reference = None
+        if suffix.endswith(".nii.gz"):
+            img = nib.load(str(files[key]))
+            written.append(str(outputs.save_nifti(target, np.asanyarray(img.dataobj), img.affine,
+                                                  reference=dwi_img,
+                                                  dtype=img.get_data_dtype())))
+            spatial_reference = dwi
+        elif suffix.endswith(".trk"):
+            copy(files[key], target)
+            written.append(str(outputs.save_trx(target.with_suffix(".trx"),
+                                                outputs.load_streamlines(files[key]),
+                                                nib.load(str(files["fa"])))))
+        else:  # the profiles TSV
+            written += write_profile_tables(files[key], target, stem)
+        if key == "rois":
+            written.append(str(_write_roi_labels(target)))
+        written.append(str(outputs.write_sidecar(
+            target, description=description, sources=source_files,
+            spatial_reference=spatial_reference, parameters=parameters,
+            extra=_SIDECAR_FIELDS.get(key))))
     copy(files["report"], Path(out_dir) / f"{stem}.html")
     copy(files["metrics"], derivatives_dir / f"{stem}_desc-cst_metrics.json")
     return written

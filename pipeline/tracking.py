@@ -18,6 +18,8 @@ from .tractometry import core_mahalanobis, resample_bundle
 SEED_CHUNK_SIZE = 4000
 #: How far above ``fa_stop`` a bridged voxel is set in the stopping map.
 BRIDGE_MARGIN = 0.01
+#: Fraction of a side's streamlines that must reach down to the height where profiles start.
+START_REACH_FRACTION = 0.8
 #: Directions the CSD direction getters sample the fibre ODF on (362 vertices, ~9.5° apart).
 TRACKING_SPHERE = default_sphere
 
@@ -285,27 +287,66 @@ def select_tract(streamlines, labels, affine, *, required, forbidden):
     return [s for s, k in zip(streamlines, keep) if k]
 
 
-def orient_inferior_first(streamlines):
-    """Flip streamlines so that each starts at its inferior (lowest world z) end."""
-    return [s if s[0, 2] <= s[-1, 2] else s[::-1].copy() for s in streamlines]
-
-
-def clip_between(streamlines, labels, affine, *, lower, upper):
-    """Keep the part of each (inferior-first) streamline from its first point in the
-    ``lower`` ROI to its first point in the ``upper`` ROI after that.
-
-    Streamlines that do not enter both in that order are dropped. Clipping both
-    sides at the same landmarks makes their profiles comparable node by node.
-    """
+def heights_along(streamlines, height_map, affine):
+    """The height map (e.g. MNI z, mm) at every point of every streamline (nearest voxel;
+    NaN outside the grid): one array per streamline."""
     if len(streamlines) == 0:
+        return []
+    lengths = np.array([len(s) for s in streamlines])
+    ijk = np.rint(apply_affine(np.linalg.inv(affine), np.concatenate(streamlines))).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(height_map.shape)), axis=1)
+    values = np.full(len(ijk), np.nan, dtype=np.float64)
+    values[inside] = height_map[tuple(ijk[inside].T)]
+    return np.split(values, np.cumsum(lengths)[:-1])
+
+
+def orient_inferior_first(streamlines, heights):
+    """Flip streamlines (and their heights) so that each starts at its anatomically
+    inferior end: the end with the lower height (MNI z), not world z, which a tilted
+    or side-lying head turns. Returns (streamlines, heights)."""
+    oriented, oriented_heights = [], []
+    for s, h in zip(streamlines, heights):
+        flip = np.nan_to_num(h[0], nan=np.inf) > np.nan_to_num(h[-1], nan=np.inf)
+        oriented.append(s[::-1].copy() if flip else s)
+        oriented_heights.append(h[::-1] if flip else h)
+    return oriented, oriented_heights
+
+
+def common_start_height(heights_by_side, *, floor, reach_fraction=START_REACH_FRACTION):
+    """The lowest height (mm) that both sides' bundles reach: where both profiles start.
+
+    It is the highest of ``floor`` (the landmark's lowest anatomical height) and,
+    for each side, the height that ``reach_fraction`` of its streamlines reach
+    down to, so that node 0 lies at one anatomical height on both sides, and the
+    same one on every scan that covers the landmark, instead of wherever each
+    streamline happened to stop. NaN when a side has no streamline.
+    """
+    start = float(floor)
+    for heights in heights_by_side:
+        lowest = [np.nanmin(h) for h in heights if np.isfinite(h).any()]
+        if not lowest:
+            return float("nan")
+        start = max(start, float(np.quantile(lowest, reach_fraction)))
+    return start
+
+
+def clip_from_height(streamlines, heights, labels, affine, *, start_height, upper):
+    """Keep the part of each (inferior-first) streamline from the point where it
+    crosses ``start_height`` upwards to its first point in the ``upper`` ROI after that.
+
+    Streamlines that do not reach down to ``start_height`` or do not enter
+    ``upper`` above it are dropped. Clipping both sides at one height and one
+    target ROI makes their profiles comparable node by node.
+    """
+    if len(streamlines) == 0 or not np.isfinite(start_height):
         return []
     all_values, offsets = _labels_per_streamline(streamlines, labels, affine)
     clipped = []
-    for s, values in zip(streamlines, np.split(all_values, offsets[1:])):
-        in_lower = np.flatnonzero(values == lower)
-        if len(in_lower) == 0:
+    for s, h, values in zip(streamlines, heights, np.split(all_values, offsets[1:])):
+        below = np.flatnonzero(h <= start_height)
+        if len(below) == 0:
             continue
-        start = in_lower[0]
+        start = below[-1] + 1 if below[-1] + 1 < len(s) else below[-1]
         in_upper = np.flatnonzero(values[start:] == upper)
         if len(in_upper) == 0:
             continue

@@ -2,6 +2,8 @@
 
 import numpy as np
 from dipy.stats.analysis import afq_profile
+from nibabel.affines import apply_affine
+from scipy.ndimage import map_coordinates
 from dipy.tracking.streamline import Streamlines, set_number_of_points
 from dipy.tracking.utils import length
 
@@ -90,6 +92,26 @@ def mean_by_level(values, node_levels):
         finite = chosen[np.isfinite(chosen)]
         means[level] = round(float(finite.mean()), 5) if finite.size else None
     return means
+
+
+def values_at_points(image, points, affine):
+    """Trilinear values of ``image`` at world-mm ``points`` (n, 3); NaN where a point is
+    not finite or falls outside the grid."""
+    points = np.asarray(points, dtype=float)
+    values = np.full(len(points), np.nan)
+    finite = np.all(np.isfinite(points), axis=1)
+    if finite.any():
+        ijk = apply_affine(np.linalg.inv(affine), points[finite]).T
+        values[finite] = map_coordinates(np.asarray(image, dtype=np.float64), ijk, order=1,
+                                         mode="constant", cval=np.nan)
+    return values
+
+
+def levels_at_heights(heights, z_ranges):
+    """The level of each height (mm): the name of the half-open band ``[z_min, z_max)``
+    of ``z_ranges`` (name -> band) holding it, None where none does or it is NaN."""
+    return [next((name for name, (low, high) in z_ranges.items() if low <= z < high), None)
+            if np.isfinite(z) else None for z in heights]
 
 
 def asymmetry_index(left, right):

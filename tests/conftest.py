@@ -12,6 +12,7 @@ from pipeline.phantom import make_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BIDS = Path(os.environ.get("CST_SHARED_BIDS", REPO.parent / "shared" / "data" / "bids"))
+SHARED_CLINICAL = SHARED_BIDS.with_name("bids-clinical")
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ prognosis summary (pipeline/prognosis.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from pipeline.prognosis import DISCLAIMER, prognosis_summary
 N = 100
 DEFAULTS = dict(node_ai=DEFAULT_THRESHOLDS["node_ai"], min_nodes=DEFAULT_THRESHOLDS["min_nodes"],
                 end_nodes=DEFAULT_THRESHOLDS["end_nodes"])
+#: These tests cover the fixed-|AI| rule (the calibrated one: test_calibrated_detection.py).
+FIXED = {"method": "fixed-ai"}
 
 
 def _noise(seed=0, scale=0.02):
@@ -94,7 +97,7 @@ def test_negative_ai_means_left_affected():
     ai = _noise()
     ai[40:52] = -0.2
     ai[47] = -0.35  # peak
-    result = localize_damage(ai, levels, xyz)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED)
     assert result["assessable"] is True
     assert result["umn_damage"] is True
     assert result["affected_side"] == "left"
@@ -118,7 +121,7 @@ def test_positive_ai_means_right_affected():
     ai = _noise()
     ai[62:70] = 0.22
     ai[67] = 0.28
-    result = localize_damage(ai, levels, xyz)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED)
     assert result["umn_damage"] is True
     assert result["affected_side"] == "right"
     assert result["peak_node"] == 67
@@ -139,7 +142,7 @@ def test_primary_is_segment_with_largest_summed_ai(larger):
     a, b = (0.3, 0.22) if larger == "first" else (0.22, 0.3)
     ai[20:28] = -a
     ai[70:78] = b
-    result = localize_damage(ai, levels, xyz)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED)
     assert [s["side"] for s in result["segments"]] == ["left", "right"]
     if larger == "first":
         assert result["affected_side"] == "left"
@@ -156,7 +159,7 @@ def test_longer_weaker_segment_can_be_primary():
     ai = np.zeros(N)
     ai[20:26] = -0.35   # summed 2.1, stronger peak
     ai[60:80] = 0.22    # summed 4.4
-    result = localize_damage(ai, levels, xyz)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED)
     assert result["affected_side"] == "right"
     assert 60 <= result["peak_node"] <= 79
 
@@ -168,9 +171,9 @@ def test_persistent_but_weak_asymmetry_is_not_a_finding():
     ai[63:71] = 0.105
     ai[66] = 0.14
     assert asymmetric_segments(ai, node_ai=0.1, min_nodes=6, end_nodes=10) == [(63, 70, 1)]
-    result = localize_damage(ai, levels, xyz)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED)
     assert result["umn_damage"] is False and result["segments"] == []
-    lowered = localize_damage(ai, levels, xyz, thresholds={"segment_mean_ai": 0.10})
+    lowered = localize_damage(ai, levels, xyz, thresholds={**FIXED, "segment_mean_ai": 0.10})
     assert lowered["umn_damage"] is True and lowered["affected_side"] == "right"
 
 
@@ -178,17 +181,23 @@ def test_not_assessable_makes_no_claim():
     levels, xyz = _node_geometry()
     ai = np.zeros(N)
     ai[40:60] = -0.4
-    result = localize_damage(ai, levels, xyz, assessable=False)
+    result = localize_damage(ai, levels, xyz, thresholds=FIXED, assessable=False)
     assert result["assessable"] is False
-    assert result["umn_damage"] is False
+    # unknown, not "no damage": null in the metrics JSON, never false / "none"
+    assert result["umn_damage"] is None
     assert result["affected_side"] is None
     assert result["level"] is None and result["peak_ras_mm"] is None
+    assert result["peak_node"] is None and result["confidence"] is None
     assert result["segments"] == []
+    # the public contract keeps every key, whatever the QC outcome
+    assert {"assessable", "umn_damage", "affected_side", "level", "peak_ras_mm", "peak_node",
+            "confidence", "segments", "thresholds"} <= set(result)
+    assert json.loads(json.dumps(result, default=float))["umn_damage"] is None
 
 
 def test_flat_profile_has_no_damage():
     levels, xyz = _node_geometry()
-    result = localize_damage(_noise(3, 0.05), levels, xyz)
+    result = localize_damage(_noise(3, 0.05), levels, xyz, thresholds=FIXED)
     assert result["assessable"] is True
     assert result["umn_damage"] is False
     assert result["affected_side"] == "none"
@@ -200,9 +209,9 @@ def test_thresholds_override():
     levels, xyz = _node_geometry()
     ai = np.zeros(N)
     ai[40:44] = -0.08
-    assert localize_damage(ai, levels, xyz)["umn_damage"] is False
-    result = localize_damage(ai, levels, xyz, thresholds={"node_ai": 0.05, "min_nodes": 4,
-                                                          "segment_mean_ai": 0.05})
+    assert localize_damage(ai, levels, xyz, thresholds=FIXED)["umn_damage"] is False
+    result = localize_damage(ai, levels, xyz, thresholds={
+        **FIXED, "node_ai": 0.05, "min_nodes": 4, "segment_mean_ai": 0.05})
     assert result["umn_damage"] is True and result["affected_side"] == "left"
     assert result["thresholds"]["node_ai"] == 0.05
     assert result["thresholds"]["end_nodes"] == DEFAULT_THRESHOLDS["end_nodes"]
@@ -215,7 +224,7 @@ def _damage(side="left", level="internal_capsule"):
 
 
 NO_DAMAGE = {"assessable": True, "umn_damage": False, "affected_side": "none", "level": None}
-NOT_ASSESSABLE = {"assessable": False, "umn_damage": False, "affected_side": None}
+NOT_ASSESSABLE = {"assessable": False, "umn_damage": None, "affected_side": None}
 
 
 def _check_common(out):

@@ -123,7 +123,8 @@ def test_outputs_load_in_pandas_and_nibabel_and_group_table(lesion_run, lesion_p
     assert profiles.groupby("tract").size().to_dict() == {"CST_L": 100, "CST_R": 100}
     assert profiles["fa"].dtype.kind == "f" and profiles["fa"].between(0, 1).all()
     # pyAFQ's column names carry the same numbers.
-    assert (profiles["tractID"] == profiles["tract"]).all()
+    assert profiles.groupby("tract")["tractID"].first().to_dict() == {
+        "CST_L": "Left Corticospinal", "CST_R": "Right Corticospinal"}
     assert (profiles["nodeID"] == profiles["node"]).all()
     assert np.allclose(profiles["dti_fa"], profiles["fa"])
     assert (profiles["subjectID"].astype(str) == "subject01").all()

@@ -4,7 +4,9 @@ Four vendors; all healthy, so both CSTs must be found and no damage reported.
 """
 
 import csv
+import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_NOT_ASSESSABLE
 
-from .conftest import SHARED_BIDS, load_metrics, run_cst_report
+from .conftest import SHARED_BIDS, SHARED_CLINICAL, load_metrics, run_cst_report
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -62,6 +64,12 @@ def test_healthy_scan_both_csts_no_damage(subject, out_root):
         x = np.median(np.concatenate(list(streamlines))[:, 0])
         assert (x < 0) if side == "left" else (x > 0)
     assert abs(metrics["asymmetry"]["fa_ai_tract"]) < 0.05
+    # The brainstem is in these fields of view: the mask keeps it, and both profiles start
+    # below the top of the pons (MNI z -22 mm), so its part of the CST is measured.
+    coverage = metrics["qc"]["registration"]["roi_coverage"]
+    assert min(coverage[f"{roi}_{h}"] for roi in ("pons", "peduncle") for h in "LR") >= 0.95
+    assert metrics["qc"]["tracking"]["inferior_landmark"] in ("medulla", "pons")
+    assert metrics["qc"]["tracking"]["profile_start_mni_z"] < -22
     assert metrics["localization"]["umn_damage"] is False
     assert metrics["localization"]["affected_side"] == "none"
     # The vendors' tables are right: no false alarm of the gradient check, nothing excluded.
@@ -70,6 +78,32 @@ def test_healthy_scan_both_csts_no_damage(subject, out_root):
     assert check["score_before"] == check["score_after"] > 0
     assert metrics["qc"]["motion"]["max_translation_mm"] < 5
     assert metrics["qc"]["noise"]["snr_b0"] > 5
+
+
+@pytest.mark.parametrize("bids, stem", [
+    (SHARED_BIDS, "sub-siemens03/dwi/sub-siemens03_dir-AP_dwi"),    # b=2500: dark brainstem
+    (SHARED_CLINICAL, "sub-toshiba03/dwi/sub-toshiba03_dwi"),        # 3 mm, 12 directions
+    (SHARED_CLINICAL, "sub-siemens04/dwi/sub-siemens04_dwi"),        # 5.2 mm slices, medulla
+])
+def test_brain_mask_keeps_the_scanned_brainstem(bids, stem, tmp_path):
+    """The pons and peduncles, scanned in these series, lie inside the brain mask.
+
+    On sub-siemens03's b0 the midbrain and pons are as dark as the CSF around them, and
+    the mask of the mean b0 alone covered 9-20 % of its peduncles (the CST was then not
+    assessable). Checked through the registration, on the unprocessed series.
+    """
+    from pipeline import steps
+
+    source = bids / stem
+    if not source.with_suffix(".nii.gz").exists():
+        pytest.skip(f"{source}.nii.gz not found")
+    files = [f"{source}.nii.gz", f"{source}.bval", f"{source}.bvec"]
+    mask = steps.brain_mask(*files, out_dir=tmp_path)["mask"]
+    tensor = steps.fit_tensor(*files, mask, None, out_dir=tmp_path)
+    coverage = json.loads(Path(steps.register_atlas(tensor["fa"], mask, out_dir=tmp_path,
+                                                    n_jobs=2)["qc"]).read_text())["roi_coverage"]
+    for roi in ("pons_L", "pons_R", "peduncle_L", "peduncle_R"):
+        assert coverage[roi] >= 0.9, (roi, coverage)
 
 
 def test_scan_without_brainstem_is_not_assessable(out_root):
@@ -83,8 +117,12 @@ def test_scan_without_brainstem_is_not_assessable(out_root):
     assert metrics["qc"]["brainstem_covered"] is False
     warnings = " ".join(metrics["qc"]["warnings"])
     assert "brainstem" in warnings and "stretched implausibly" in warnings
-    assert metrics["localization"]["umn_damage"] is False
-    assert metrics["localization"]["affected_side"] is None
+    # unknown, not normal: null in the JSON, and every localisation key still there
+    loc = metrics["localization"]
+    assert loc["umn_damage"] is None
+    assert loc["affected_side"] is None and loc["level"] is None and loc["peak_ras_mm"] is None
+    assert {"assessable", "umn_damage", "affected_side", "level", "peak_ras_mm", "peak_node",
+            "confidence", "segments", "thresholds"} <= set(loc)
     assert metrics["prognosis"]["category"] == "not_assessable"
     assert (out / "sub-uih01.html").is_file()
 
@@ -166,12 +204,16 @@ def test_wrong_bvec_sign_is_fixed_and_reported(out_root, tmp_path):
     assert "Traceback" not in stopped.stderr
 
 
-def test_cst_survives_a_corona_radiata_lesion_and_shows_it(out_root, tmp_path):
-    """FA −60 % in a 6 mm sphere on the left CST in the corona radiata of sub-philips02.
+@pytest.mark.parametrize("level", ["corona_radiata", "pons"])
+def test_cst_survives_a_lesion_and_shows_it(level, out_root, tmp_path):
+    """FA −60 % in a 6 mm sphere on the left CST of sub-philips02, in the corona radiata
+    or in the pons.
 
-    The lesion's FA (0.42 → 0.17) falls below the stopping FA (0.2): without the
-    corridor's gap tolerance the damaged tract is cut there (measured: the profile
-    then shows only a diluted dip of −0.09, from streamlines that go around it).
+    In the corona radiata the lesion's FA (0.42 → 0.17) falls below the stopping FA
+    (0.2): without the corridor's gap tolerance the damaged tract is cut there
+    (measured: the profile then shows only a diluted dip of −0.09, from streamlines
+    that go around it). In the pons, the profile must reach down through the lesion
+    (before the profiles started at a common height, no node passed a mid-pons lesion).
     """
     from pipeline.dwi import load_dwi
     from pipeline.lesion_model import implant_lesion, profile_lesion_site
@@ -182,8 +224,7 @@ def test_cst_survives_a_corona_radiata_lesion_and_shows_it(out_root, tmp_path):
     healthy_out = _run(subject, out_root)
     tsv = f"sub-{subject}/dwi/sub-{subject}_desc-profiles_tractometry.tsv"
     healthy = read_profiles(healthy_out / tsv)
-    node, centre = profile_lesion_site(healthy["left"]["level"], healthy["left"]["xyz"],
-                                       "corona_radiata",
+    node, centre = profile_lesion_site(healthy["left"]["level"], healthy["left"]["xyz"], level,
                                        end_nodes=DEFAULT_THRESHOLDS["end_nodes"])
     bids = tmp_path / "bids"
     dwi_dir = bids / f"sub-{subject}" / "dwi"
@@ -195,7 +236,9 @@ def test_cst_survives_a_corona_radiata_lesion_and_shows_it(out_root, tmp_path):
     scan = load_dwi(f"{source}.nii.gz", f"{source}.bval", f"{source}.bvec", check_data=False)
     lesioned, info = implant_lesion(np.asarray(scan.img.dataobj), scan.bvals, scan.bvecs_fsl,
                                     scan.affine, centre, radius_mm=6.0, fa_drop=0.6)
-    assert info["fa_after"] < 0.2 < info["fa_before"], info  # below the stopping FA
+    assert info["fa_after"] < 0.5 * info["fa_before"], info
+    if level == "corona_radiata":
+        assert info["fa_after"] < 0.2 < info["fa_before"], info  # below the stopping FA
     nib.save(nib.Nifti1Image(lesioned, scan.img.affine, scan.img.header),
              str(dwi_dir / f"sub-{subject}_dwi.nii.gz"))
 
@@ -212,5 +255,6 @@ def test_cst_survives_a_corona_radiata_lesion_and_shows_it(out_root, tmp_path):
     assert np.linalg.norm(profile["left"]["xyz"][deepest] - centre) <= 6.0
     assert np.nanmin(profile["right"]["fa"] - healthy["right"]["fa"]) > -0.05
     found = metrics["localization"]
-    assert (found["affected_side"], found["level"]) == ("left", "corona_radiata"), found
+    assert found["affected_side"] == "left", found
+    assert level in (found["levels_near_boundary"] or [found["level"]]), found
     assert np.linalg.norm(np.subtract(found["peak_ras_mm"], centre)) <= 12.0

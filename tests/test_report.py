@@ -62,7 +62,16 @@ def _save_trk(path, streamlines, affine, shape):
     return path
 
 
+HEALTHY_MODEL = {"source": "provisional, to be refitted by scripts/fit_healthy_asymmetry.py",
+                 "sd_by_level": {"pons": 0.04, "internal_capsule": 0.04}, "sd_default": 0.04,
+                 "node_correlation": 0.95}
+CALIBRATED = {"method": "calibrated", "false_positive_rate": 0.01, "window_nodes": [6, 12],
+              "null_draws": 2000, "node_ai": 0.1, "min_nodes": 6, "segment_mean_ai": 0.2,
+              "end_nodes": 10, "tract_ai": 0.05, "healthy_model": HEALTHY_MODEL}
+
+
 def _metrics():
+    """Metrics of a run with the calibrated rule (the default) and a finding."""
     ai = [0.0] * 100
     for i in range(50, 60):
         ai[i] = -0.15
@@ -70,15 +79,25 @@ def _metrics():
         "subject": "philips01", "entities": {"dir": "AP"},
         "cst": {s: {"n_streamlines": 40, "fa_mean": 0.5, "md_mean": 7e-4, "rd_mean": 5e-4,
                     "ad_mean": 1.2e-3, "length_mm_mean": 60.0} for s in ("left", "right")},
-        "asymmetry": {"fa_ai_tract": -0.02, "fa_ai_plic": -0.14, "fa_ai_profile": ai},
+        "asymmetry": {"fa_ai_tract": -0.02, "fa_ai_plic": -0.14, "fa_ai_profile": ai,
+                      "fa_ai_profile_se": [0.02] * 50 + [0.03] * 50,
+                      "fa_profile_se": {"left": [0.015] * 100, "right": [0.015] * 100}},
         "localization": {
             "assessable": True, "umn_damage": True, "affected_side": "left",
             "level": "internal_capsule", "peak_ras_mm": [-20.0, 0.0, 8.0], "peak_node": 55,
+            "confidence": "high",
             "segments": [{"side": "left", "start_node": 50, "end_node": 59, "peak_node": 55,
                           "peak_level": "internal_capsule", "peak_ras_mm": [-20.0, 0.0, 8.0],
                           "peak_ai": -0.15, "mean_ai": -0.15, "start_level": "internal_capsule",
-                          "end_level": "internal_capsule"}],
-            "thresholds": {"node_ai": 0.1, "min_nodes": 6, "tract_ai": 0.05}},
+                          "end_level": "internal_capsule", "summed_abs_ai": 1.5,
+                          "peak_t": -5.12}],
+            "thresholds": dict(CALIBRATED),
+            "statistic": {"name": "largest |window mean AI / SE|", "value": 5.123,
+                          "threshold": 3.5, "p_value": 0.0005, "false_positive_rate": 0.01,
+                          "healthy_model": HEALTHY_MODEL["source"]},
+            "detectable_fa_drop": {"pons": 0.277, "cerebral_peduncle": 0.257,
+                                   "internal_capsule": 0.241, "corona_radiata": 0.252},
+            "levels_near_boundary": None},
         "prognosis": {"category": "umn_damage_plic_asymmetry_below_prep_cutoff",
                       "summary": "UMN damage <b>shows</b> along the left CST.",
                       "rationale": ["Reduced FA along the left CST."],
@@ -106,8 +125,15 @@ def _metrics():
                "registration": {"template_fa_correlation": 0.81,
                                 "roi_coverage": {"plic_L": 1.0, "plic_R": 0.95,
                                                  "pons_L": 0.4, "pons_R": 0.7}},
+               "preprocessing": {"tensor": {"model": "tensor (WLS)", "shells": [1000.0],
+                                            "n_volumes": 32, "excluded_volumes": [2]}},
                "tracking": {"n_seeds": 8760, "n_streamlines_tracked": 5796,
-                            "inferior_landmark": "peduncle",
+                            "inferior_landmark": "pons", "profile_start_mni_z": -31.71,
+                            "landmark_streamlines": {"medulla": {"left": 323, "right": 11},
+                                                     "pons": {"left": 800, "right": 740},
+                                                     "peduncle": {"left": 1381,
+                                                                  "right": 1107}},
+                            "model_choice": {"model": "dti", "requested": "dti"},
                             "sides": {"left": {"selected": 2019, "clipped": 2001,
                                                "cleaned": 1876},
                                       "right": {"selected": 2337, "clipped": 2300,
@@ -126,9 +152,7 @@ def _metrics():
                                         "corridor_radius_mm": 8.0, "max_angle_deg": 45.0,
                                         "step_mm": 0.5, "seeds_per_voxel": 10,
                                         "min_coverage": 0.6},
-                           "localization": {"node_ai": 0.1, "min_nodes": 6,
-                                            "segment_mean_ai": 0.2, "tract_ai": 0.05,
-                                            "end_nodes": 10},
+                           "localization": dict(CALIBRATED),
                            "prognosis": {"prep_plic_ai": 0.25},
                            "qc": {"min_streamlines": 20, "min_roi_coverage": 0.6,
                                   "min_brainstem_coverage": 0.9,
@@ -136,6 +160,19 @@ def _metrics():
                        "inputs": {"dwi.nii.gz": {"path": "/data/dwi.nii.gz", "sha256": "0" * 64}},
                        "created": "2024-01-01T00:00:00+00:00"},
     }
+
+
+def _fixed_ai_metrics():
+    """:func:`_metrics` as a run with the fixed |AI| rule records them: no statistic, no
+    detectable drop, segments without a window t."""
+    metrics = _metrics()
+    loc = metrics["localization"]
+    fixed = {"method": "fixed-ai", "node_ai": 0.1, "min_nodes": 6, "segment_mean_ai": 0.2,
+             "end_nodes": 10, "tract_ai": 0.05}
+    loc.update(thresholds=fixed, statistic=None, detectable_fa_drop=None, confidence="moderate")
+    del loc["segments"][0]["peak_t"]
+    metrics["provenance"]["parameters"]["localization"] = dict(fixed)
+    return metrics
 
 
 @pytest.fixture
@@ -209,8 +246,13 @@ def test_full_report(inputs, tmp_path):
     assert "sub-philips01_dir-AP" in text
     assert "Research use only — not a medical device" in text
     assert "UMN) damage shown: yes" in text
+    # The verdict states the calibrated test: statistic, threshold, rate, p, confidence.
     assert ("Reduced FA along the left CST at the internal capsule "
-            "(peak at x=-20, y=0, z=8 mm RAS)") in text
+            "(peak at x=-20, y=0, z=8 mm RAS): the largest window asymmetry was |t| = 5.1 "
+            "against a threshold of 3.5 (calibrated to a 1 % chance of a finding on a healthy "
+            "scan of this quality; p &lt; 0.001), confidence high. A lesion of the left CST "
+            "would affect the right side of the body.") in text
+    assert "<th>Window t</th>" in text and "<td>-5.12</td>" in text
     # Order: banner, verdict, prognosis, figures, QC, methods.
     order = [text.index(s) for s in ('class="banner"', 'id="verdict"', 'id="prognosis"',
                                      'id="figures"', 'id="qc"', 'id="methods"')]
@@ -232,7 +274,23 @@ def test_full_report(inputs, tmp_path):
     assert "FA correlation with the MNI template" in qc and "0.81" in qc
     assert "Posterior limb of the internal capsule" in qc and "95 %" in qc
     assert '<td class="num bad">40 % ⚠</td>' in qc  # pons_L below the 60 % limit
-    assert "8760" in qc and "5796" in qc and "peduncle" in qc
+    assert "8760" in qc and "5796" in qc
+    # Tracking facts: the landmark, where the profiles start, the streamlines per landmark.
+    assert "<b>Inferior landmark:</b> pons" in qc
+    assert "<b>Profiles start at (both sides):</b> MNI z = -31.7 mm" in qc
+    assert ("medulla 323 / 11; pons 800 / 740; cerebral peduncle 1381 / 1107") in qc
+    # What a negative result excludes: per level, the smallest detectable drop, or a dash.
+    table = qc[qc.index('<h3 id="sensitivity">'):]
+    table = table[:table.index("</table>")]
+    assert "What a negative result excludes" in table
+    assert "at the calibrated threshold |t| = 3.5 (a 1 % chance" in table
+    assert "over a window of 6 nodes, about 4 mm of this tract" in table  # 6 × 60 mm / 99
+    assert "focal lesion that affects only part of the tract" in table
+    assert re.findall(r"<tr><th>([a-z ]+)</th><td[^>]*>([^<]+)</td></tr>", table) == [
+        ("medulla", "—"), ("pons", "28 %"), ("cerebral peduncle", "26 %"),
+        ("internal capsule", "24 %"), ("corona radiata", "25 %"), ("cortex", "—")]
+    # The per-node lists are drawn, not listed in the asymmetry table.
+    assert "fa_ai_profile_se" not in qc and "fa_profile_se" not in qc
     # Preprocessing QC: noise, motion, outliers and the gradient check, stated in words.
     assert "23.4" in qc and "2 (signal dropout in 5 slices)" in qc
     assert "flip x" in qc and "21 → 35" in qc
@@ -245,16 +303,38 @@ def test_full_report(inputs, tmp_path):
     methods = methods[:methods.index("</p>")]
     for phrase in ("MP-PCA", "b ≤ 50 s/mm²", "fitted by WLS with DIPY 1.12.0", "random seed 7",
                    "Gibbs ringing", "b-vector was rotated", "left out of the tensor fit",
-                   "24 signed axis permutations", "shells up to 1500 s/mm²",
+                   "24 signed axis permutations",
+                   "b = 0 volumes and the b = 1000 s/mm² shell (32 volumes)",
                    "10 seeds per voxel", "step of 0.5 mm", "FA &lt; 0.2", "exceeds 45°",
                    "Deterministic tensor tractography",
                    "within 8 mm of the line through each side's CST ROIs",
                    "FA down to 0.1",
-                   "at least 6 consecutive nodes", "|AI| ≥ 0.1", "mean |AI| is at least 0.2",
-                   "last 10 nodes", "cut-off of 0.25", "fewer than 20 streamlines",
+                   "lowest brainstem level (medulla, else pons, else cerebral peduncle)",
+                   "(here the pons)", "here z = -31.7 mm", "named from its MNI height",
+                   "at every node (none left out)", "200 bootstrap replicates",
+                   "Whitcher et al. 2008", "provisional, to be refitted",
+                   "every window of 6 and 12 consecutive nodes",
+                   "2000 simulated healthy profiles", "exceed with probability 0.01",
+                   "a 1 % chance of a false finding", "within 3 mm of the boundary",
+                   "whole-tract |AI| ≥ 0.05", "cut-off of 0.25", "fewer than 20 streamlines",
                    "NumPy 2.1.0", "cst-integrity"):
         assert phrase in methods, phrase
-    assert "not recorded" not in methods
+    assert "not recorded" not in methods and "shells up to" not in methods
+    assert "consecutive nodes of one sign" not in methods  # the fixed rule was not used
+    assert "Whitcher B" in text  # in the references
+    # Units of the diffusivities (stored in mm²/s) in the tract summary.
+    assert "Mean MD (×10⁻³ mm²/s)" in qc and '<td class="num">0.7</td>' in qc
+    assert "Mean RD (×10⁻³ mm²/s)" in qc and "Mean AD (×10⁻³ mm²/s)" in qc
+    # A tensor run does not claim a probabilistic direction getter.
+    params_table = text[text.index("<h3>Parameters</h3>"):text.index("<h3>Inputs</h3>")]
+    assert "deterministic (tensor; --direction prob applies to CSD only)" in params_table
+    # The asymmetry caption describes the calibrated rule: a band, no |AI| threshold.
+    caption = text[text.index("<b>FA asymmetry index.</b>"):]
+    caption = caption[:caption.index("</figcaption>")]
+    assert "Grey band: ± 2 standard errors of AI" in caption
+    assert "every window of 6 and 12 consecutive nodes" in caption
+    assert "|t| = 5.1 against a threshold of 3.5" in caption
+    assert "detection threshold |AI|" not in caption and "end that detection" not in caption
     images = _images(text)
     assert len(images) >= 9  # slices, colour FA, glass brain, FA, AI, MD/RD, reg., mask, ROIs
     assert "could not be drawn" not in text
@@ -264,10 +344,16 @@ def test_full_report(inputs, tmp_path):
 def test_write_is_atomic_and_overwrites(inputs, tmp_path):
     out = tmp_path / "report.html"
     out.write_text("old")
-    report.write_report(out, metrics=_metrics(), profiles_tsv=inputs["profiles_tsv"],
+    report.write_report(out, metrics=_fixed_ai_metrics(), profiles_tsv=inputs["profiles_tsv"],
                         fa_file=inputs["fa_file"], tract_files=inputs["tract_files"])
-    assert out.read_text().startswith("<!DOCTYPE html>")
+    text = out.read_text()
+    assert text.startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # A fixed-AI run: its threshold and end nodes in the caption, no calibrated texts.
+    assert "± detection threshold |AI| = 0.1 (dashed red)" in text
+    assert "the 10 nodes at each end that detection leaves out" in text
+    assert "What a negative result excludes" not in text and "Grey band" not in text
+    assert "<th>Window t</th>" not in text
 
 
 def _colour_columns(fig, ax, rgb, tol=0.5):
@@ -374,7 +460,7 @@ def test_metrics_without_localization(inputs, tmp_path):
 
 def test_not_assessable_lists_qc_reasons(inputs, tmp_path):
     metrics = _metrics()
-    metrics["localization"] = {"assessable": False, "umn_damage": False, "affected_side": None,
+    metrics["localization"] = {"assessable": False, "umn_damage": None, "affected_side": None,
                                "level": None, "peak_ras_mm": None, "segments": [],
                                "thresholds": {"node_ai": 0.1, "min_nodes": 6}}
     metrics["qc"]["warnings"] = ["Too few left CST streamlines (3 < 20)."]
@@ -386,9 +472,12 @@ def test_not_assessable_lists_qc_reasons(inputs, tmp_path):
 
 def test_no_damage_verdict_and_minimal_metrics(tmp_path):
     metrics = {"localization": {"assessable": True, "umn_damage": False, "affected_side": "none",
-                                "thresholds": {"node_ai": 0.1, "min_nodes": 6}}}
+                                "thresholds": {"method": "fixed-ai", "node_ai": 0.1,
+                                               "min_nodes": 6}}}
     v = report.verdict(metrics)
-    assert v["status"] == "no" and "No imaging evidence" in v["sentence"]
+    assert v["status"] == "no" and v["sentence"] == (
+        "No imaging evidence of upper-motor-neuron damage along either CST: no segment of the "
+        "FA asymmetry profile reached |AI| ≥ 0.1 over ≥ 6 consecutive nodes.")
     out = report.write_report(tmp_path / "r.html", metrics={}, profiles_tsv=None, fa_file=None,
                               tract_files={})
     text = out.read_text()
@@ -472,6 +561,132 @@ def test_bad_v1_is_noted(inputs, tmp_path):
     assert "is not an X×Y×Z×3 vector image" in text
     assert "Colour FA not available" in text
     assert "could not be drawn" not in text
+
+
+def test_methods_name_the_shells_fitted_and_csd_keeps_its_direction():
+    metrics = _metrics()
+    metrics["qc"]["preprocessing"]["tensor"]["shells"] = [2500.0]
+    text = report.methods_text(metrics)
+    assert "the b = 0 volumes and the b = 2500 s/mm² shell (32 volumes)" in text
+    assert "every shell lay above the 1500 s/mm² preferred for the tensor" in text
+    assert "up to 1500" not in text
+    metrics["qc"]["preprocessing"]["tensor"]["shells"] = [1000.0, 1500.0]
+    assert "b = 1000, 1500 s/mm² shells" in report.methods_text(metrics)
+    params = metrics["provenance"]["parameters"]
+    metrics["qc"]["tracking"]["model_choice"] = {"model": "csd", "sh_order": 6}
+    assert report._displayed_parameters(metrics, params) is params  # CSD: as recorded
+    metrics["qc"]["tracking"]["model_choice"] = {"model": "dti"}
+    shown = report._displayed_parameters(metrics, params)
+    assert shown["tracking"]["direction"].startswith("deterministic (tensor")
+    assert params["tracking"]["direction"] == "prob"  # the metrics are not changed
+
+
+def test_qc_notices_are_shown_and_not_called_no_warnings(inputs, tmp_path):
+    metrics = _metrics()
+    metrics["qc"]["warnings"] = []
+    metrics["qc"]["notices"] = ["Heavy head motion: largest translation from the reference "
+                                "4.61 mm (notice above 2 mm)."]
+    text = report.write_report(tmp_path / "r.html", metrics=metrics, **inputs).read_text()
+    qc = text[text.index('id="qc"'):text.index('id="methods"')]
+    assert "No QC warnings" not in qc
+    assert "<h3>QC notices</h3>" in qc and "Heavy head motion" in qc
+    verdict_box = text[text.index('id="verdict"'):text.index('id="prognosis"')]
+    assert "QC notices" in verdict_box and "Heavy head motion" in verdict_box
+    metrics["qc"]["notices"] = []
+    text = report.write_report(tmp_path / "r.html", metrics=metrics, **inputs).read_text()
+    assert "No QC warnings or notices." in text and "<h3>QC notices</h3>" not in text
+
+
+def test_asymmetry_plot_greys_the_end_nodes_detection_ignores():
+    ai = np.zeros(100)
+    fig = report.plot_asymmetry_profile(ai, threshold=0.1, end_nodes=10)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "not used by detection (10 end nodes)" in labels
+    spans = [p for p in ax.patches if p.get_hatch() == ".."]
+    extents = sorted((round(p.get_x(), 1), round(p.get_x() + p.get_width(), 1)) for p in spans)
+    assert extents == [(-0.5, 9.5), (89.5, 99.5)]
+    bare = report.plot_asymmetry_profile(ai, threshold=0.1)  # not recorded: nothing greyed
+    assert not [p for p in bare.axes[0].patches if p.get_hatch() == ".."]
+    # What is greyed comes from the run's recorded detection settings.
+    assert report._ignored_end_nodes({"end_nodes": 10}) == 10  # runs from before "method"
+    assert report._ignored_end_nodes({"method": "fixed-ai", "end_nodes": 8}) == 8
+    assert report._ignored_end_nodes({"method": "calibrated", "end_nodes": 10}) is None
+
+
+def test_fixed_ai_rule_keeps_its_texts():
+    metrics = _fixed_ai_metrics()
+    assert report.verdict(metrics)["sentence"] == (
+        "Reduced FA along the left CST at the internal capsule (peak at x=-20, y=0, z=8 mm "
+        "RAS). A lesion of the left CST would affect the right side of the body.")
+    methods = report.methods_text(metrics)
+    for phrase in ("at least 6 consecutive nodes", "|AI| ≥ 0.1", "mean |AI| is at least 0.2",
+                   "last 10 nodes", "whole-tract |AI| ≥ 0.05"):
+        assert phrase in methods, phrase
+    assert "bootstrap" not in methods and "calibrated" not in methods
+    caption = report._asymmetry_caption(metrics["localization"], band=False)
+    assert "± detection threshold |AI| = 0.1 (dashed red); a finding needs ≥ 6" in caption
+    assert "the 10 nodes at each end that detection leaves out" in caption
+    assert report._detectable_drop_html(metrics) == ""
+    # Runs recorded before there was a choice of rule used the fixed one.
+    del metrics["localization"]["thresholds"]["method"]
+    assert report._detection_method(metrics["localization"]["thresholds"]) == "fixed-ai"
+    metrics["localization"].update(umn_damage=False, affected_side="none", segments=[])
+    assert "no segment of the FA asymmetry profile reached |AI| ≥ 0.1" in (
+        report.verdict(metrics)["sentence"])
+
+
+def test_calibrated_verdicts_name_the_test_and_a_boundary():
+    metrics = _metrics()
+    loc = metrics["localization"]
+    loc["levels_near_boundary"] = ["cerebral_peduncle", "internal_capsule"]
+    sentence = report.verdict(metrics)["sentence"]
+    assert sentence.startswith("Reduced FA along the left CST at the cerebral peduncle / "
+                               "internal capsule boundary (peak at x=-20, y=0, z=8 mm RAS): ")
+    html = report._verdict_html(metrics)
+    assert "<b>Level:</b> cerebral peduncle / internal capsule boundary" in html
+    loc["levels_near_boundary"] = ["internal_capsule"]  # near no boundary: the level alone
+    assert "at the internal capsule (peak" in report.verdict(metrics)["sentence"]
+    # No finding: the statistic against its threshold, and where to read what it excludes.
+    loc.update(umn_damage=False, affected_side="none", level=None, peak_ras_mm=None,
+               peak_node=None, confidence=None, segments=[], levels_near_boundary=None)
+    loc["statistic"].update(value=2.845, p_value=0.10195)
+    assert report.verdict(metrics)["sentence"] == (
+        "No imaging evidence of upper-motor-neuron damage along either CST: the largest window "
+        "asymmetry was |t| = 2.8 against a threshold of 3.5 (calibrated to a 1 % chance of a "
+        "finding on a healthy scan of this quality; p = 0.10). The smallest FA drop this scan "
+        "could have detected at each level is listed under “What a negative result excludes”.")
+    # Two decimals where one would show the statistic equal to its threshold.
+    loc["statistic"].update(value=3.47, p_value=0.0063, false_positive_rate=0.005)
+    assert ("|t| = 3.47 against a threshold of 3.50 (calibrated to a 0.5 % chance of a "
+            "finding on a healthy scan of this quality; p = 0.006)") in (
+        report.verdict(metrics)["sentence"])
+    # The drop table shows whether or not there is a finding, as long as it is recorded.
+    assert "What a negative result excludes" in report._detectable_drop_html(metrics)
+    loc["detectable_fa_drop"] = None
+    assert report._detectable_drop_html(metrics) == ""
+    assert "What a negative result" not in report.verdict(metrics)["sentence"]
+
+
+def test_asymmetry_plot_draws_the_bootstrap_band_for_the_calibrated_rule():
+    ai = np.zeros(100)
+    ai[50:60] = -0.15
+    se = np.full(100, 0.02)
+    fig = report.plot_asymmetry_profile(ai, se=se, segments=[{"start_node": 50,
+                                                              "end_node": 59}])
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "± 2 SE (bootstrap)" in labels and "detected segment" in labels
+    assert not [label for label in labels if "threshold" in label or "end nodes" in label]
+    (band,) = [c for c in ax.collections if c.get_label() == "± 2 SE (bootstrap)"]
+    vertices = np.concatenate([path.vertices for path in band.get_paths()])
+    assert vertices[:, 1].min() == pytest.approx(-0.19) and vertices[:, 1].max() == (
+        pytest.approx(0.04))
+    assert ax.get_ylim()[0] <= -0.19  # the band fits in the axes
+    # The fixed rule's figure keeps its ± threshold lines and no band.
+    fixed = report.plot_asymmetry_profile(ai, threshold=0.1).axes[0]
+    labels = [t.get_text() for t in fixed.get_legend().get_texts()]
+    assert "± threshold (0.1)" in labels and "± 2 SE (bootstrap)" not in labels
 
 
 def test_methods_without_parameters():

@@ -10,7 +10,9 @@ from nibabel.affines import apply_affine
 import pipeline.tracking as tracking
 from pipeline.tracking import (
     clean_bundle,
-    clip_between,
+    clip_from_height,
+    common_start_height,
+    heights_along,
     orient_inferior_first,
     seeds_in_mask,
     select_tract,
@@ -228,47 +230,68 @@ def test_select_tract_outside_grid_is_label_zero():
     assert len(kept) == 1 and kept[0] is inside
 
 
-def test_orient_inferior_first():
+def test_orient_inferior_first_by_height_not_world_z():
+    """The end with the lower MNI height comes first, even where world z says otherwise
+    (a side-lying head); the heights are flipped with their streamline."""
     up = np.array([[0, 0, -10.0], [1, 0, 0.0], [2, 0, 10.0]])
     down = np.array([[5, 5, 30.0], [5, 6, 20.0], [5, 7, -5.0]])
-    out = orient_inferior_first([up, down])
-    assert out[0] is up
-    np.testing.assert_array_equal(out[1], down[::-1])
-    assert out[1][0, 2] == -5.0 and out[1][-1, 2] == 30.0
+    heights = [np.array([-30.0, -20.0, -10.0]), np.array([-40.0, -35.0, -30.0])]
+    out, out_heights = orient_inferior_first([up, down], heights)
+    assert out[0] is up and np.array_equal(out_heights[0], heights[0])
+    np.testing.assert_array_equal(out[1], down)       # low height first already
+    flipped, flipped_heights = orient_inferior_first([up], [heights[0][::-1]])
+    np.testing.assert_array_equal(flipped[0], up[::-1])
+    np.testing.assert_array_equal(flipped_heights[0], heights[0])
     assert down[0, 2] == 30.0  # input untouched
 
 
-def test_clip_between_first_lower_then_first_upper():
+def test_heights_along_samples_the_map_nan_outside():
+    heights = np.arange(SHAPE[2], dtype=float)[None, None, :] * np.ones(SHAPE)
+    pts = _world([[1.0, 1.0, 4.0], [1.0, 1.0, 7.0], [1.0, 1.0, 500.0]])
+    (values,) = heights_along([pts], heights, AFFINE)
+    np.testing.assert_allclose(values[:2], [4.0, 7.0])
+    assert np.isnan(values[2])
+
+
+def test_common_start_height_is_the_higher_of_floor_and_both_reaches():
+    # side A: lowest points -50 ... -41; side B: -30 for all but one
+    side_a = [np.array([-50.0 + k, 0.0]) for k in range(10)]
+    side_b = [np.array([-30.0, 0.0])] * 9 + [np.array([-60.0, 0.0])]
+    assert common_start_height([side_a, side_a], floor=-55.0) == pytest.approx(
+        np.quantile(np.arange(-50.0, -40.0), 0.8))
+    assert common_start_height([side_a, side_b], floor=-55.0) == pytest.approx(-30.0)
+    assert common_start_height([side_a, side_a], floor=-20.0) == -20.0
+    assert np.isnan(common_start_height([side_a, []], floor=-55.0))
+
+
+def test_clip_from_height_to_the_first_upper_roi_point():
     labels = np.zeros(SHAPE, dtype=np.int16)
-    labels[:, :, 3] = 2         # an "upper" label below the lower ROI: must be ignored
-    labels[:, :, 8:10] = 1      # lower ROI: world z in [-25, -21)
+    labels[:, :, 3] = 2         # an "upper" label below the start height: ignored
     labels[:, :, 24:26] = 2     # upper ROI: world z in [7, 11)
-    labels[:, :, 30:32] = 1     # lower label again above: irrelevant
-    # points at world z = -39.75, -39.25, ... (never on a voxel boundary)
     zw = np.arange(-39.75, 38.0, 0.5)
     pts = np.stack([np.full_like(zw, 1.0), np.full_like(zw, -3.0), zw], 1)
-    clipped = clip_between([pts], labels, AFFINE, lower=1, upper=2)
-    assert len(clipped) == 1
-    c = clipped[0]
-    assert c[0, 2] == pytest.approx(-24.75)  # first point in voxel z 8 (world ≥ −25)
-    assert c[-1, 2] == pytest.approx(7.25)   # first point in voxel z 24 (world ≥ 7)
-    np.testing.assert_array_equal(c, pts[(zw >= -25) & (zw <= 7.25)])
+    heights = zw + 100.0        # any monotonic height map
+    (clipped,) = clip_from_height([pts], [heights], labels, AFFINE, start_height=75.0,
+                                  upper=2)
+    assert clipped[0, 2] == pytest.approx(-24.75)   # first point above height 75 (z -25)
+    assert clipped[-1, 2] == pytest.approx(7.25)    # first point in the upper ROI
+    np.testing.assert_array_equal(clipped, pts[(zw > -25) & (zw <= 7.25)])
 
 
-def test_clip_between_drops_streamlines_missing_an_roi():
+def test_clip_from_height_drops_what_misses_the_height_or_the_roi():
     labels = np.zeros(SHAPE, dtype=np.int16)
-    labels[:, :, 8:10] = 1
     labels[:, :, 24:26] = 2
     zw = np.arange(-39.75, 38.0, 0.5)
     full = np.stack([np.zeros_like(zw), np.zeros_like(zw), zw], 1)
-    only_lower = full[full[:, 2] < 0]
-    only_upper = full[full[:, 2] > 0]
-    upper_then_lower = full[::-1]  # superior first: meets upper before lower
-    out = clip_between([only_lower, full, only_upper, upper_then_lower], labels, AFFINE,
-                       lower=1, upper=2)
-    assert len(out) == 1
-    assert out[0][0, 2] == pytest.approx(-24.75) and out[0][-1, 2] == pytest.approx(7.25)
-    assert clip_between([], labels, AFFINE, lower=1, upper=2) == []
+    starts_high = full[zw > -20]
+    stops_low = full[zw < 0]
+    out = clip_from_height([starts_high, full, stops_low],
+                           [starts_high[:, 2], full[:, 2], stops_low[:, 2]], labels, AFFINE,
+                           start_height=-25.0, upper=2)
+    assert len(out) == 1 and out[0][0, 2] == pytest.approx(-24.75)
+    assert clip_from_height([], [], labels, AFFINE, start_height=-25.0, upper=2) == []
+    assert clip_from_height([full], [full[:, 2]], labels, AFFINE, start_height=np.nan,
+                            upper=2) == []
 
 
 # --------------------------------------------------------------------------- cleaning / tractometry

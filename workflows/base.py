@@ -1,14 +1,51 @@
 """Nipype workflows: one subject, and one diffusion run of it."""
 
 from nipype.interfaces import utility as niu
+from nipype.interfaces.base import traits
+from nipype.interfaces.utility.wrappers import FunctionInputSpec
 from nipype.pipeline import engine as pe
 
+from pipeline.preprocess import DTI_MAX_BVALUE
+
 from . import nodes
+from .execution import split_parameters
+
+
+class _FunctionInputSpec(FunctionInputSpec):
+    """Inputs of :class:`_Function`: the execution settings a step may take, unhashed.
+
+    Nipype reuses a step's cached result while the hash of its inputs is
+    unchanged; ``nohash`` leaves these out of it, as they do not change what the
+    step computes (see :data:`workflows.execution.EXECUTION_SETTINGS`).
+    """
+
+    n_jobs = traits.Int(nohash=True, desc="workers or threads of the step")
+    # Any, not Either(None, Str): Nipype reads ``nohash`` from the trait type, which
+    # Either does not carry.
+    dask_scheduler = traits.Any(nohash=True, desc="Dask scheduler address, 'slurm' or None")
+    execution = traits.Dict(nohash=True, desc="the execution settings, for provenance")
+
+
+#: Inputs of a step that its cached result does not depend on.
+_UNHASHED_INPUTS = ("n_jobs", "dask_scheduler", "execution")
+
+
+class _Function(niu.Function):
+    """``niu.Function`` whose inputs in :data:`_UNHASHED_INPUTS` are not hashed."""
+
+    input_spec = _FunctionInputSpec
+
+    def __init__(self, function, input_names, output_names):
+        unhashed = [n for n in input_names if n in _UNHASHED_INPUTS]
+        # Function adds a hashed trait for each name it is given; the unhashed ones are
+        # declared by the spec already and only need to reach the function's arguments.
+        super().__init__(function=function, output_names=output_names,
+                         input_names=[n for n in input_names if n not in unhashed])
+        self._input_names.extend(unhashed)
 
 
 def _function_node(function, inputs, outputs, name, **kwargs):
-    return pe.Node(niu.Function(input_names=inputs, output_names=outputs, function=function),
-                   name=name, **kwargs)
+    return pe.Node(_Function(function, inputs, outputs), name=name, **kwargs)
 
 
 def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoise_wf"):
@@ -245,7 +282,7 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
 
 
 def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_threshold=50.0,
-                name="cst_wf"):
+                dti_max_bvalue=DTI_MAX_BVALUE, name="cst_wf"):
     """Template registration, the tracking model, CST tracking and 100-node tract profiles.
 
     Parameters
@@ -261,21 +298,24 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         joblib workers for tracking, threads for SyN's field inversions (neither
         result depends on it).
     seed : int
-        Random seed of seed placement.
+        Random seed of seed placement and of the profiles' bootstrap.
     dask_scheduler : str, optional
         Track on this Dask cluster (scheduler address, or ``"slurm"`` for a
         dask-jobqueue SLURMCluster of ``n_jobs`` workers) instead of locally.
 
     b0_threshold : float
-        b-values (s/mm²) at or below this are b0 (for the CSD fit).
+        b-values (s/mm²) at or below this are b0 (for the CSD fit and the bootstrap).
+    dti_max_bvalue : float
+        The tensor's highest shell (s/mm²), for the bootstrap of the tensor fit.
 
     Inputs
     ------
-    fa, md, rd, ad, v1, mask, and dwi, bval, bvec, outliers_qc (for CSD)
+    fa, md, rd, ad, v1, mask, and dwi, bval, bvec, outliers_qc (for CSD and the
+    profiles' bootstrap)
 
     Outputs
     -------
-    rois, levels, template_mask, registration_qc, left, right, tracking_qc, fodf_qc,
+    rois, mni_z, template_mask, registration_qc, left, right, tracking_qc, fodf_qc,
     profiles_tsv, profiles_json
     """
     wf = pe.Workflow(name=name)
@@ -283,12 +323,13 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         fields=["fa", "md", "rd", "ad", "v1", "mask", "dwi", "bval", "bvec", "outliers_qc"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["rois", "levels", "template_mask", "registration_qc", "left", "right",
+        fields=["rois", "mni_z", "template_mask", "registration_qc", "left", "right",
                 "tracking_qc", "fodf_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
     # One process slot: its second thread runs only SyN's field inversions, a fifth of its
     # time, so the other core stays with the gradient check, which runs beside it.
     register = _function_node(nodes.register_atlas, ["fa_file", "mask_file", "n_jobs"],
-                              ["rois", "levels", "template_mask", "qc"], "register_atlas")
+                              ["rois", "mni_z", "template_mask", "qc"],
+                              "register_atlas")
     register.inputs.n_jobs = n_jobs
     fodf = _function_node(
         nodes.fit_fodf, ["dwi_file", "bval_file", "bvec_file", "mask_file", "fa_file",
@@ -299,7 +340,8 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
                           n_jobs=n_jobs)
     track = _function_node(
         nodes.track_cst, ["fa_file", "v1_file", "mask_file", "rois_file", "registration_qc",
-                          "sh_file", "fodf_qc", "tracking", "n_jobs", "seed", "dask_scheduler"],
+                          "mni_z_file", "sh_file", "fodf_qc", "tracking", "n_jobs", "seed",
+                          "dask_scheduler"],
         ["left", "right", "qc"],
         "track_cst", n_procs=1 if dask_scheduler else n_jobs)  # Dask workers do the tracking
     track.inputs.tracking = {k: v for k, v in tracking.items() if k != "model"}
@@ -308,13 +350,17 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     track.inputs.dask_scheduler = dask_scheduler
     profiles = _function_node(
         nodes.tract_profiles, ["left_trk", "right_trk", "fa_file", "md_file", "rd_file",
-                               "ad_file", "levels_file", "rois_file", "subject"],
+                               "ad_file", "mni_z_file", "rois_file", "dwi_file", "bval_file",
+                               "bvec_file", "outliers_qc", "subject", "b0_threshold",
+                               "max_bvalue", "seed"],
         ["tsv", "json"], "tract_profiles")
-    profiles.inputs.subject = subject
+    profiles.inputs.trait_set(subject=subject, b0_threshold=b0_threshold,
+                              max_bvalue=dti_max_bvalue, seed=seed)
     wf.connect([
         (inputnode, register, [("fa", "fa_file"), ("mask", "mask_file")]),
         (inputnode, track, [("fa", "fa_file"), ("v1", "v1_file"), ("mask", "mask_file")]),
-        (register, track, [("rois", "rois_file"), ("qc", "registration_qc")]),
+        (register, track, [("rois", "rois_file"), ("qc", "registration_qc"),
+                           ("mni_z", "mni_z_file")]),
         (inputnode, fodf, [("dwi", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
                            ("mask", "mask_file"), ("fa", "fa_file"),
                            ("outliers_qc", "outliers_qc")]),
@@ -322,10 +368,11 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc")]),
         (fodf, outputnode, [("qc", "fodf_qc")]),
         (inputnode, profiles, [("fa", "fa_file"), ("md", "md_file"), ("rd", "rd_file"),
-                               ("ad", "ad_file")]),
-        (register, profiles, [("levels", "levels_file"), ("rois", "rois_file")]),
+                               ("ad", "ad_file"), ("dwi", "dwi_file"), ("bval", "bval_file"),
+                               ("bvec", "bvec_file"), ("outliers_qc", "outliers_qc")]),
+        (register, profiles, [("mni_z", "mni_z_file"), ("rois", "rois_file")]),
         (track, profiles, [("left", "left_trk"), ("right", "right_trk")]),
-        (register, outputnode, [("rois", "rois"), ("levels", "levels"),
+        (register, outputnode, [("rois", "rois"), ("mni_z", "mni_z"),
                                 ("template_mask", "template_mask"), ("qc", "registration_qc")]),
         (track, outputnode, [("left", "left"), ("right", "right"), ("qc", "tracking_qc")]),
         (profiles, outputnode, [("tsv", "profiles_tsv"), ("json", "profiles_json")]),
@@ -360,17 +407,20 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
                          n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"],
                          dask_scheduler=parameters.get("dask_scheduler"),
-                         b0_threshold=parameters["preprocessing"]["b0_threshold"])
+                         b0_threshold=parameters["preprocessing"]["b0_threshold"],
+                         dti_max_bvalue=parameters["preprocessing"]["dti_max_bvalue"])
 
     assess = _function_node(
         nodes.assess, ["profiles_json", "registration_qc", "tracking_qc", "preprocess_qc",
-                       "subject", "entities", "input_files", "parameters", "clinical"],
+                       "subject", "entities", "input_files", "parameters", "execution",
+                       "clinical"],
         ["metrics"], "assess")
     source_files = [str(path) for path in run.source_files]
     assess.inputs.subject = run.subject
     assess.inputs.entities = dict(run.entities)
     assess.inputs.input_files = source_files
-    assess.inputs.parameters = parameters
+    # Only the settings that decide the results may invalidate the cached assessment.
+    assess.inputs.parameters, assess.inputs.execution = split_parameters(parameters)
     assess.inputs.clinical = clinical
 
     report = _function_node(

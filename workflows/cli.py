@@ -27,10 +27,11 @@ from pipeline.clinical import read_clinical_scores
 from pipeline.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_ASSESSABLE, EXIT_OK, BusyError,
                              CSTError, InputError)
 from pipeline.localization import DEFAULT_THRESHOLDS
-from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS
+from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 
 from .config import format_config, read_config
-from .execution import PLUGINS, parse_plugin_args
+from .execution import (PLUGINS, outputs_up_to_date, parse_n_jobs, parse_plugin_args,
+                        remove_subject_work, resolve_n_jobs, subject_work_dir)
 
 LOG = logging.getLogger("cst")
 
@@ -51,16 +52,29 @@ Research use only, not a medical device.
 """
 
 
+def _false_positive_rate(text):
+    """A per-scan false-finding rate: a probability between 0 and 0.5 (exclusive)."""
+    rate = float(text)
+    if not 0 < rate < 0.5:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 0.5, got {text}")
+    return rate
+
+
 def _add_common_options(parser):
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file with settings (flags given here override it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective settings as TOML and exit")
     parser.add_argument("--work-dir", type=Path, help="Nipype working directory (cache; a "
-                        "rerun resumes from it). Default: OUT_DIR/.cst-work")
-    parser.add_argument("--n-jobs", type=int, default=1, metavar="N",
-                        help="parallel workers for denoising and tracking (default 1); "
-                             "results do not depend on it")
+                        "rerun of a failed or interrupted run resumes from it). "
+                        "Default: OUT_DIR/.cst-work")
+    parser.add_argument("--keep-work", action="store_true", default=False,
+                        help="keep the subject's work folder after a successful run (by "
+                             "default it is removed; a failed run always keeps it)")
+    parser.add_argument("--n-jobs", type=parse_n_jobs, default=1, metavar="N",
+                        help="parallel workers for denoising and tracking (default 1); -1: "
+                             "every core this process may use (under SLURM, the job's "
+                             "--cpus-per-task); results do not depend on it")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed for seed placement (default 0)")
     g = parser.add_argument_group("execution on a cluster (results do not depend on it)")
@@ -118,14 +132,26 @@ def _add_common_options(parser):
     g.add_argument("--seeds-per-voxel", type=int, default=10,
                    help="seeds per voxel of the CST ROIs (default 10)")
     g = parser.add_argument_group("detection and prognosis")
+    g.add_argument("--detection", choices=("calibrated", "fixed-ai"),
+                   default=DEFAULT_THRESHOLDS["method"],
+                   help="calibrated: asymmetry tested against this scan's bootstrap noise and "
+                        "the healthy-asymmetry model at a stated false-finding rate (default); "
+                        "fixed-ai: the fixed |AI| thresholds below")
+    g.add_argument("--false-positive-rate", type=_false_positive_rate,
+                   default=DEFAULT_THRESHOLDS["false_positive_rate"], metavar="RATE",
+                   help="calibrated detection: chance of a finding on a healthy scan "
+                        "(default %(default)g)")
     g.add_argument("--node-ai", type=float, default=DEFAULT_THRESHOLDS["node_ai"],
-                   help="|AI| at a profile node counted as asymmetric (default %(default)g)")
+                   help="fixed-ai: |AI| at a profile node counted as asymmetric "
+                        "(default %(default)g)")
     g.add_argument("--min-nodes", type=int, default=DEFAULT_THRESHOLDS["min_nodes"],
-                   help="consecutive asymmetric nodes for a finding (default %(default)d)")
+                   help="fixed-ai: consecutive asymmetric nodes for a finding "
+                        "(default %(default)d)")
     g.add_argument("--segment-mean-ai", type=float, default=DEFAULT_THRESHOLDS["segment_mean_ai"],
-                   help="mean |AI| over those nodes for a finding (default %(default)g)")
-    g.add_argument("--prep-plic-ai", type=float, default=0.25,
-                   help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default 0.25)")
+                   help="fixed-ai: mean |AI| over those nodes for a finding "
+                        "(default %(default)g)")
+    g.add_argument("--prep-plic-ai", type=float, default=DEFAULT_PREP_PLIC_AI,
+                   help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default %(default)g)")
     # PREP2 (Stinear 2017) reads the participant's safe_score, age, mep_status and nihss
     # from participants.tsv; these are its cut-offs.
     g.add_argument("--prep2-safe", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_safe"],
@@ -147,7 +173,7 @@ def build_parameters(args):
     from pipeline.steps import DEFAULT_QC_LIMITS
 
     return {
-        "n_jobs": int(args.n_jobs),
+        "n_jobs": resolve_n_jobs(args.n_jobs),
         "dask_scheduler": args.dask_scheduler or None,
         "seed": int(args.seed),
         "preprocessing": {"b0_threshold": args.b0_threshold, "denoise": args.denoise,
@@ -155,15 +181,18 @@ def build_parameters(args):
                           "outliers": args.outliers, "gradient_check": args.gradient_check,
                           "dti_max_bvalue": args.dti_max_bvalue,
                           "combine_runs": bool(args.combine_runs),
-                          "brain_mask": "median_otsu(median_radius=2, numpass=1)",
+                          "brain_mask": "median_otsu(median_radius=2, numpass=1), mean b0 "
+                                        "| mean DWI, holes filled",
                           "tensor_fit": "WLS"},
         "tracking": {"model": args.model, "direction": args.direction,
                      "fa_stop": args.fa_stop, "gap_fa": args.gap_fa,
                      "corridor_radius_mm": args.corridor_radius, "max_angle_deg": args.max_angle,
                      "step_mm": args.step_mm, "seeds_per_voxel": args.seeds_per_voxel,
                      "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
-        "localization": {**DEFAULT_THRESHOLDS, "node_ai": args.node_ai,
-                         "min_nodes": args.min_nodes, "segment_mean_ai": args.segment_mean_ai},
+        "localization": {**DEFAULT_THRESHOLDS, "method": args.detection,
+                         "false_positive_rate": args.false_positive_rate,
+                         "node_ai": args.node_ai, "min_nodes": args.min_nodes,
+                         "segment_mean_ai": args.segment_mean_ai},
         "prognosis": {"prep_plic_ai": args.prep_plic_ai, "prep2_safe": args.prep2_safe,
                       "prep2_safe_any_age": args.prep2_safe_any_age, "prep2_age": args.prep2_age,
                       "prep2_nihss": args.prep2_nihss},
@@ -171,7 +200,7 @@ def build_parameters(args):
     }
 
 
-def _configure_nipype(work_dir, debug):
+def _configure_nipype(debug):
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
     # loky's resource tracker (a separate process) reports joblib's already-removed
     # memmap folders at exit; the message is noise to users, so children ignore it.
@@ -179,9 +208,9 @@ def _configure_nipype(work_dir, debug):
     from nipype import config, logging as nlogging
 
     config.update_config({
-        "execution": {"crashdump_dir": str(Path(work_dir) / "crash"), "crashfile_format": "txt",
-                      "stop_on_first_crash": True, "remove_unnecessary_outputs": False,
-                      "check_version": False, "poll_sleep_duration": 0.05},
+        "execution": {"crashfile_format": "txt", "stop_on_first_crash": True,
+                      "remove_unnecessary_outputs": False, "check_version": False,
+                      "poll_sleep_duration": 0.05},
         "logging": {"workflow_level": "INFO" if debug else "WARNING",
                     "interface_level": "INFO" if debug else "WARNING"},
         "monitoring": {"enabled": False},
@@ -198,9 +227,13 @@ def _configure_nipype(work_dir, debug):
 
 
 def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False,
-                config_text="", plugin="MultiProc", plugin_args=None):
+                config_text="", plugin="MultiProc", plugin_args=None, keep_work=False):
     """Validate, run and summarise every DWI run of one subject. Returns the exit code.
 
+    Runs whose outputs are complete and up to date (same inputs, settings and
+    software: :func:`workflows.execution.outputs_up_to_date`) are not run
+    again. After success the subject's work folder is removed unless
+    ``keep_work``; a failed or interrupted run keeps it, so that a rerun resumes.
     ``plugin`` and ``plugin_args`` choose how the Nipype graph runs (see
     :func:`workflows.execution.run_workflow`).
     """
@@ -221,19 +254,27 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / ".cst-work"
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
     with subject_lock(work_dir, label), run_log(out_dir / f"sub-{label}" / "log", config_text):
         write_dataset_description(out_dir, source_dataset=bids_dir)
-        _configure_nipype(work_dir, debug)
-        LOG.info("sub-%s: %d diffusion run(s): %s", label, len(runs),
-                 ", ".join(r.stem for r in runs))
-        _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args or {}, clinical)
+        pending = [run for run in runs
+                   if not outputs_up_to_date(run, out_dir, parameters, clinical)]
+        LOG.info("sub-%s: %d diffusion run(s): %s; to compute: %s", label, len(runs),
+                 ", ".join(r.stem for r in runs), ", ".join(r.stem for r in pending) or "none")
+        if pending:
+            _configure_nipype(debug)
+            _run_workflow(pending, out_dir, work_dir, parameters, plugin, plugin_args or {},
+                          clinical)
+        if not keep_work:
+            remove_subject_work(work_dir, label)
 
     exit_code = EXIT_OK
     for run in runs:
         metrics_path = run.derivatives_dir(out_dir) / f"{run.stem}_desc-cst_metrics.json"
         metrics = json.loads(metrics_path.read_text())
         print(_verdict_line(run.stem, metrics))
+        if run not in pending:
+            print("  (outputs already complete for these inputs and settings: nothing "
+                  "recomputed)")
         for notice in metrics["qc"].get("notices", []):
             print(f"  note:    {notice}")
         print(f"  report:  {out_dir / (run.stem + '.html')}")
@@ -246,16 +287,43 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
 @contextmanager
 def subject_lock(work_dir, label):
     """Hold an exclusive lock on ``sub-<label>`` in ``work_dir`` (released when the process ends,
-    even on SIGKILL). A second run of the same subject there is refused, not interleaved."""
+    even on SIGKILL). A second run of the same subject there is refused, not interleaved.
+
+    The lock file is removed on the way out, while still locked, and so is ``work_dir`` when
+    that leaves it empty. A run that opened the file just before then locks a file no longer
+    in the folder, so it checks, once locked, that the file it holds is the one at the path,
+    and tries again with the new one if not.
+    """
     path = Path(work_dir) / f"sub-{label}.lock"
-    with open(path, "a") as handle:
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)  # another run may have just removed it
+        try:
+            handle = open(path, "a")
+        except FileNotFoundError:  # the folder went between the two lines: make it again
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            handle.close()
             raise BusyError(f"Another run is processing sub-{label} with this work directory.",
                             path=path, fix="Wait for it to finish, or use another --work-dir "
                                            "and --out-dir.") from exc
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(handle.fileno()), current):
+            break
+        handle.close()
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+        try:
+            path.parent.rmdir()
+        except OSError:  # not empty: a kept work folder, other subjects, the SLURM array's state
+            pass
 
 
 @contextmanager
@@ -288,13 +356,16 @@ def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clin
 
     wf = init_single_subject_wf(runs, out_dir=out_dir, work_dir=work_dir, parameters=parameters,
                                 clinical=clinical)
-    n_procs = max(1, parameters["n_jobs"])
+    # In the subject's own folder: found there after a failure even when other subjects
+    # share the work directory, and removed with it after a success.
+    crash_dir = subject_work_dir(work_dir, runs[0].subject) / "crash"
+    wf.config["execution"]["crashdump_dir"] = str(crash_dir)
     progress = _progress_callback(wf)
     try:
-        run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=n_procs,
+        run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=parameters["n_jobs"],
                      status_callback=progress)
     except RuntimeError as exc:
-        crash = sorted((work_dir / "crash").glob("crash-*.txt"), key=os.path.getmtime)
+        crash = sorted(crash_dir.glob("crash-*.txt"), key=os.path.getmtime)
         input_error = _input_error_in(crash[-1]) if crash else None
         if input_error is not None:  # a check inside a node (e.g. the gradient table) refused
             raise input_error from exc
@@ -305,26 +376,64 @@ def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clin
                            "work directory.") from exc
     finally:
         progress.close()
+    LOG.info("sub-%s: %d step(s) computed, %d reused from the work directory",
+             runs[0].subject, len(progress.computed), len(progress.cached))
 
 
 class _Progress:
-    """Nipype status callback: a progress bar on a terminal, log lines otherwise."""
+    """Nipype status callback: a progress bar on a terminal; in the log, one line per step
+    saying whether it was computed, taken from the cache ("cached") or failed.
+
+    Attributes
+    ----------
+    computed, cached : list of str
+        Full names of the steps computed, and of those taken from the cache, so far.
+    """
 
     def __init__(self, total):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="step", desc="cst-report",
                         disable=not sys.stderr.isatty(), leave=False)
+        self.computed, self.cached = [], []
+        self._will_compute = {}
 
     def __call__(self, node, status):
         if status == "start":
             self.bar.set_postfix_str(node.name)
+            self._will_compute[node.fullname] = _will_compute(node)
         elif status in ("end", "exception"):
-            LOG.info("step %s: %s", node.fullname, "done" if status == "end" else "FAILED")
+            # MultiProc and SLURM report a step they find in the cache as ended, never
+            # started (as they would a run_without_submitting step, which this graph does not
+            # have); Linear starts every step, and runs from the cache what it can.
+            if status == "exception":
+                outcome = "FAILED"
+            elif self._will_compute.pop(node.fullname, False):
+                outcome = "computed"
+                self.computed.append(node.fullname)
+            else:
+                outcome = "cached"
+                self.cached.append(node.fullname)
+            LOG.info("step %s: %s", node.fullname, outcome)
             self.bar.update(1)
 
     def close(self):
         self.bar.close()
+
+
+def _will_compute(node):
+    """Whether ``node.run()`` computes (True) or takes its result from the cache (False).
+
+    Mirrors the test in Nipype's ``Node.run``: an up-to-date cached result is used
+    unless the node always runs (``overwrite``).
+    """
+    if node.overwrite or (node.overwrite is None and node.interface.always_run):
+        return True
+    try:
+        cached, updated = node.is_cached()
+    except Exception:  # Nipype itself then reruns the node (plugins.base._local_hash_check)
+        return True
+    return not (cached and updated)
 
 
 def _progress_callback(wf):
@@ -425,7 +534,7 @@ def _cst_report(parser, argv):
     return run_subject(args.subject, args.bids_dir, args.out_dir, work_dir=args.work_dir,
                        parameters=build_parameters(args), debug=args.debug,
                        config_text=format_config(args), plugin=args.plugin,
-                       plugin_args=args.plugin_args)
+                       plugin_args=args.plugin_args, keep_work=args.keep_work)
 
 
 def cst_report_main(argv=None):
@@ -447,7 +556,9 @@ def bids_app_parser():
     parser.add_argument("output_dir", type=Path, nargs="?",
                         help="output (BIDS-Derivatives) directory")
     parser.add_argument("analysis_level", nargs="?", choices=("participant", "group"))
-    parser.add_argument("--participant-label", nargs="+", metavar="LABEL",
+    # --participant_label: the spelling of the BIDS-Apps specification.
+    parser.add_argument("--participant-label", "--participant_label", nargs="+",
+                        metavar="LABEL",
                         help="participants to process (default: all in the dataset)")
     _add_common_options(parser)
     return parser
@@ -491,7 +602,8 @@ def run_bids_app(parser, argv):
             codes.append(run_subject(label, args.bids_dir, args.output_dir,
                                      work_dir=args.work_dir, parameters=parameters,
                                      debug=args.debug, config_text=format_config(args),
-                                     plugin=args.plugin, plugin_args=args.plugin_args))
+                                     plugin=args.plugin, plugin_args=args.plugin_args,
+                                     keep_work=args.keep_work))
         except CSTError as exc:  # one bad participant does not stop the batch
             print(f"cst-integrity: sub-{label}: {exc}", file=sys.stderr)
             codes.append(exc.exit_code)

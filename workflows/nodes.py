@@ -3,6 +3,10 @@
 Nipype ships a function to its worker as source text, so each one imports
 what it needs inside its body and writes into the node's own folder (the
 current directory). All the science is in ``pipeline.steps``.
+
+Arguments named ``n_jobs``, ``dask_scheduler`` and ``execution`` are left out
+of Nipype's cache key (``workflows.base._Function``): a result never depends
+on them.
 """
 
 
@@ -103,7 +107,7 @@ def register_atlas(fa_file, mask_file, n_jobs):
     from pipeline.steps import register_atlas as register
 
     out = register(fa_file, mask_file, out_dir=os.getcwd(), n_jobs=n_jobs)
-    return out["rois"], out["levels"], out["template_mask"], out["qc"]
+    return out["rois"], out["mni_z"], out["template_mask"], out["qc"]
 
 
 def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_qc, model,
@@ -118,31 +122,35 @@ def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outl
     return out["sh"], out["qc"]
 
 
-def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, sh_file, fodf_qc,
-              tracking, n_jobs, seed, dask_scheduler=None):
+def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc, mni_z_file, sh_file,
+              fodf_qc, tracking, n_jobs, seed, dask_scheduler=None):
     import os
 
     from pipeline.steps import track_cst as track
 
-    out = track(fa_file, v1_file, mask_file, rois_file, registration_qc, out_dir=os.getcwd(),
-                sh_file=sh_file, fodf_qc_file=fodf_qc, n_jobs=n_jobs, seed=seed, dask_scheduler=dask_scheduler,
-                **tracking)
+    out = track(fa_file, v1_file, mask_file, rois_file, registration_qc, mni_z_file,
+                out_dir=os.getcwd(), sh_file=sh_file, fodf_qc_file=fodf_qc, n_jobs=n_jobs,
+                seed=seed, dask_scheduler=dask_scheduler, **tracking)
     return out["left"], out["right"], out["qc"]
 
 
-def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file, subject):
+def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
+                   rois_file, dwi_file, bval_file, bvec_file, outliers_qc, subject, b0_threshold,
+                   max_bvalue, seed):
     import os
 
     from pipeline.steps import tract_profiles as profiles
 
-    out = profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, levels_file,
-                   rois_file, out_dir=os.getcwd(), subject=subject)
+    out = profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
+                   rois_file, dwi_file, bval_file, bvec_file, outliers_qc, out_dir=os.getcwd(),
+                   subject=subject, b0_threshold=b0_threshold, max_bvalue=max_bvalue, seed=seed)
     return out["tsv"], out["json"]
 
 
 def assess(profiles_json, registration_qc, tracking_qc, preprocess_qc, subject, entities,
-           input_files, parameters, clinical):
+           input_files, parameters, execution, clinical):
+    """``execution``: the settings that do not change results, recorded beside ``parameters``
+    in the provenance (those of the run that made the assessment)."""
     import os
 
     from pipeline.steps import assess as run_assessment
@@ -150,7 +158,7 @@ def assess(profiles_json, registration_qc, tracking_qc, preprocess_qc, subject, 
     prognosis = dict(parameters["prognosis"])
     return run_assessment(profiles_json, registration_qc, tracking_qc, preprocess_qc,
                           out_dir=os.getcwd(), subject=subject, entities=entities,
-                          input_files=input_files, parameters=parameters,
+                          input_files=input_files, parameters={**execution, **parameters},
                           thresholds=parameters["localization"], qc_limits=parameters["qc"],
                           prep_plic_ai=prognosis.pop("prep_plic_ai"), clinical=clinical,
                           prep2_thresholds=prognosis)
