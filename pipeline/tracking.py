@@ -258,20 +258,21 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
                          random_seed=random_seed, dask_scheduler=dask_scheduler)
 
 
-def labels_along(points, labels, affine):
-    """Label value at each world-mm point (nearest voxel; 0 outside the grid)."""
+def labels_along(points, labels, affine, *, fill=0):
+    """Value of an image (labels, or any map) at each world-mm point (nearest voxel;
+    ``fill`` outside the grid)."""
     ijk = np.rint(apply_affine(np.linalg.inv(affine), points)).astype(int)
     inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape)), axis=1)
-    values = np.zeros(len(points), dtype=labels.dtype)
+    values = np.full(len(points), fill, dtype=np.result_type(labels.dtype, fill))
     values[inside] = labels[tuple(ijk[inside].T)]
     return values
 
 
-def _labels_per_streamline(streamlines, labels, affine):
+def _labels_per_streamline(streamlines, labels, affine, *, fill=0):
     """Labels along all streamlines at once: (values of all points, start offsets)."""
     lengths = np.array([len(s) for s in streamlines])
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return labels_along(np.concatenate(streamlines), labels, affine), offsets
+    return labels_along(np.concatenate(streamlines), labels, affine, fill=fill), offsets
 
 
 def select_tract(streamlines, labels, affine, *, required, forbidden):
@@ -292,12 +293,8 @@ def heights_along(streamlines, height_map, affine):
     NaN outside the grid): one array per streamline."""
     if len(streamlines) == 0:
         return []
-    lengths = np.array([len(s) for s in streamlines])
-    ijk = np.rint(apply_affine(np.linalg.inv(affine), np.concatenate(streamlines))).astype(int)
-    inside = np.all((ijk >= 0) & (ijk < np.array(height_map.shape)), axis=1)
-    values = np.full(len(ijk), np.nan, dtype=np.float64)
-    values[inside] = height_map[tuple(ijk[inside].T)]
-    return np.split(values, np.cumsum(lengths)[:-1])
+    values, offsets = _labels_per_streamline(streamlines, height_map, affine, fill=np.nan)
+    return np.split(values, offsets[1:])
 
 
 def orient_inferior_first(streamlines, heights):
