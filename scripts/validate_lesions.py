@@ -84,12 +84,14 @@ from pipeline.bids import find_dwi_runs  # noqa: E402
 from pipeline.dwi import read_fsl_gradients  # noqa: E402
 from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
 from pipeline.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
+from pipeline import localization  # noqa: E402
 from pipeline.localization import DEFAULT_THRESHOLDS  # noqa: E402
 from pipeline.normative import read_profiles  # noqa: E402
 
 DEFAULT_BIDS = [REPO.parent / "shared" / "data" / "bids",
                 REPO.parent / "shared" / "data" / "bids-clinical"]
-LEVELS = ("medulla", "pons", "cerebral_peduncle", "internal_capsule", "corona_radiata")
+#: The levels a lesion may be placed at: every CST level of the atlas below the cortex.
+LEVELS = tuple(level for level in localization.LEVELS if level != "cortex")
 SIDES = ("left", "right")
 CONDITIONS = ("original",) + degrade.DEGRADATIONS
 #: Default FA drops (issue ranges: severe −50 to −60 %, mild −25 to −30 %).
