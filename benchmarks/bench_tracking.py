@@ -116,7 +116,8 @@ def prepare(bids_dir, subject, work):
     save("fod_tournier.nii", convert_sh_descoteaux_tournier(sh.astype(np.float64))
          .astype(np.float32))
     return {"dwi": str(dwi), "bval": f"{stem}.bval", "bvec": f"{stem}.bvec",
-            "shape": list(data.shape), "voxel_mm": [float(v) for v in scan.img.header.get_zooms()[:3]],
+            "shape": list(data.shape),
+            "voxel_mm": [float(v) for v in scan.img.header.get_zooms()[:3]],
             "n_seed_voxels": int(seed_mask.sum()), "csd": {**choice, "sh_order": order, **info},
             **timings}
 

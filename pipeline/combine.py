@@ -10,8 +10,12 @@ import numpy as np
 from dipy.align import affine_registration
 from dipy.align.imaffine import AffineMap
 
-from .dwi import (fsl_bvecs_to_voxel_frame, voxel_directions_to_world,
-                  voxel_frame_to_fsl_bvecs, world_directions_to_voxel)
+from .dwi import (
+    fsl_bvecs_to_voxel_frame,
+    voxel_directions_to_world,
+    voxel_frame_to_fsl_bvecs,
+    world_directions_to_voxel,
+)
 
 
 def rigid_run_transform(moving_b0, moving_affine, reference_b0, reference_affine):

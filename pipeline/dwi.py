@@ -114,7 +114,8 @@ class DwiScan:
 
     def gradient_table(self):
         """DIPY gradient table in the voxel frame (the frame the data are stored in)."""
-        return gradient_table(self.bvals, bvecs=fsl_bvecs_to_voxel_frame(self.bvecs_fsl, self.affine),
+        return gradient_table(self.bvals,
+                              bvecs=fsl_bvecs_to_voxel_frame(self.bvecs_fsl, self.affine),
                               b0_threshold=self.b0_threshold)
 
 

@@ -32,8 +32,12 @@ from scipy.linalg import polar
 from scipy.ndimage import binary_dilation, gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from .dwi import (fsl_bvecs_to_voxel_frame, voxel_directions_to_world, voxel_frame_to_fsl_bvecs,
-                  world_directions_to_voxel)
+from .dwi import (
+    fsl_bvecs_to_voxel_frame,
+    voxel_directions_to_world,
+    voxel_frame_to_fsl_bvecs,
+    world_directions_to_voxel,
+)
 from .parallel import parallel_map
 
 MODELS = ("rigid", "affine")

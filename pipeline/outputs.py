@@ -6,7 +6,7 @@ import os
 import platform
 import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -205,7 +205,7 @@ def provenance(*, inputs, parameters):
         "software": software_versions(),
         "parameters": parameters,
         "inputs": {str(Path(p).name): {"path": str(p), "sha256": file_sha256(p)} for p in inputs},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -42,8 +42,12 @@ from scipy.spatial import cKDTree
 
 import atlases
 
-from .dwi import (fsl_bvecs_to_voxel_frame, voxel_directions_to_world, voxel_frame_to_fsl_bvecs,
-                  world_directions_to_voxel)
+from .dwi import (
+    fsl_bvecs_to_voxel_frame,
+    voxel_directions_to_world,
+    voxel_frame_to_fsl_bvecs,
+    world_directions_to_voxel,
+)
 
 MD_TISSUE = 0.75e-3
 MD_CSF = 3.0e-3
@@ -301,7 +305,8 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
         "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
     Path(str(stem) + ".json").write_text(json.dumps({
         "Synthetic": True,
-        "Description": "Synthetic DWI phantom (cst-integrity pipeline/phantom.py); not a scan of a person.",
+        "Description": ("Synthetic DWI phantom (cst-integrity pipeline/phantom.py); "
+                        "not a scan of a person."),
         "Manufacturer": "synthetic",
         "MagneticFieldStrength": 3,
         "EchoTime": 0.08,
@@ -320,7 +325,8 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
     parts = bids_dir / "participants.tsv"
     rows = []
     if parts.exists():
-        rows = [r for r in parts.read_text().splitlines()[1:] if r and not r.startswith(f"sub-{label}\t")]
+        rows = [r for r in parts.read_text().splitlines()[1:]
+                if r and not r.startswith(f"sub-{label}\t")]
     rows.append(f"sub-{label}\tn/a\tn/a\tsynthetic")
     parts.write_text("participant_id\tage\tsex\tgroup\n" + "\n".join(sorted(rows)) + "\n")
 
@@ -346,7 +352,8 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
         "bvalues": sorted({float(b) for b in bvals}),
         "n_volumes": int(len(bvals)),
         "origin_shift_mm": ORIGIN_SHIFT_MM.tolist(),
-        "coordinate_note": "ras_mm = world coordinates of the stored DWI = MNI152 mm + origin_shift_mm",
+        "coordinate_note": ("ras_mm = world coordinates of the stored DWI"
+                            " = MNI152 mm + origin_shift_mm"),
         "affine": aff_store.tolist(),
         "tube_radius_mm": TUBE_RADIUS_MM,
         "fa_tube": FA_TUBE,
@@ -365,7 +372,8 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
         truth["curves"][side] = {
             "name": f"CST_{side}",
             "control_points_ras_mm": (ctrl_points[side] + ORIGIN_SHIFT_MM).round(2).tolist(),
-            "control_points_from": ["upper medulla (extrapolated)"] + [f"{r}_{side} centroid" for r in ROI_CHAIN]
+            "control_points_from": ["upper medulla (extrapolated)"]
+                                   + [f"{r}_{side} centroid" for r in ROI_CHAIN]
                                    + ["beyond motor centroid (extrapolated)"],
             "points_ras_mm": (pts + ORIGIN_SHIFT_MM).round(2).tolist(),
             "n_voxels": int((tube_lab == (1 if side == "L" else 2)).sum()),

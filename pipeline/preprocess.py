@@ -66,7 +66,7 @@ def signal_region(b0):
     return ndimage.binary_fill_holes(smooth > SIGNAL_FRACTION_OF_OTSU * otsu(smooth))
 
 
-def brain_mask(b0, dwi_mean=None, affine=np.eye(4), *, template_brain=None,
+def brain_mask(b0, dwi_mean=None, affine=None, *, template_brain=None,
                median_radius=2, numpass=1):
     """Brain mask that keeps the brainstem (bool array).
 
@@ -80,8 +80,10 @@ def brain_mask(b0, dwi_mean=None, affine=np.eye(4), *, template_brain=None,
     grid, :func:`pipeline.registration.template_mask_in_subject`) adds the voxels
     it calls brain that have tissue signal (:func:`signal_region`) and lie within
     :data:`TEMPLATE_REACH_MM` of the Otsu mask, so a misregistered template cannot
-    add more than a rim.
+    add more than a rim. ``affine`` defaults to the identity.
     """
+    if affine is None:
+        affine = np.eye(4)
     _, mask = median_otsu(b0, median_radius=median_radius, numpass=numpass)
     if dwi_mean is not None:
         mask |= median_otsu(dwi_mean, median_radius=median_radius, numpass=numpass)[1]

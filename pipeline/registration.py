@@ -8,7 +8,6 @@ from dipy.align.imaffine import AffineMap
 from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
 from dipy.align.metrics import CCMetric
 
-
 #: Mutual information of the rigid and affine stages is estimated on this fraction of the
 #: template's voxels (DIPY's regular grid with a fixed-seed jitter, so reruns agree).
 #: Against all voxels and 500/100/20 iterations, on five real scans of ../shared/data

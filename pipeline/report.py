@@ -42,7 +42,7 @@ import math
 import multiprocessing
 import sys
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -1899,7 +1899,8 @@ def _preprocessing_qc_html(qc, params) -> str:
                  ("Coherence before → after (mm)",
                   f"{_fmt_num(check.get('score_before'))} → {_fmt_num(check.get('score_after'))}")]
     if tensor:
-        rows += [("Tensor fit: shells (s/mm²)", ", ".join(f"{b:g}" for b in tensor.get("shells", []))),
+        rows += [("Tensor fit: shells (s/mm²)",
+                  ", ".join(f"{b:g}" for b in tensor.get("shells", []))),
                  ("Tensor fit: volumes used", tensor.get("n_volumes"))]
     rows = [(k, v) for k, v in rows if v is not None]
     parts = ["<h3>Preprocessing</h3>", _kv_table(rows, headers=("Check", "Value"), css="qc")]
@@ -2403,7 +2404,7 @@ def _report_page(*, metrics, profiles_tsv, fa_file, tract_files, mask_file, rois
 
     subject = metrics.get("subject")
     label = _entities_label(subject, metrics.get("entities")) or "unknown subject"
-    created = _get(metrics, "provenance", "created") or datetime.now(timezone.utc).isoformat(
+    created = _get(metrics, "provenance", "created") or datetime.now(UTC).isoformat(
         timespec="seconds")
 
     # ---- figures ----

@@ -368,7 +368,8 @@ def clean_bundle(streamlines, *, n_points=100, distance_threshold=3.0, length_th
         distance = core_mahalanobis(resample_bundle(bundle, n_points))
         lengths = np.asarray(list(length(Streamlines(bundle))))
         length_z = np.abs(lengths - lengths.mean()) / (lengths.std() or 1.0)
-        keep = np.all(np.nan_to_num(distance) < distance_threshold, axis=1) & (length_z < length_threshold)
+        keep = (np.all(np.nan_to_num(distance) < distance_threshold, axis=1)
+                & (length_z < length_threshold))
         if keep.all() or keep.sum() < min_streamlines:
             break
         bundle = [s for s, k in zip(bundle, keep) if k]

@@ -2,10 +2,10 @@
 
 import numpy as np
 from dipy.stats.analysis import afq_profile
-from nibabel.affines import apply_affine
-from scipy.ndimage import map_coordinates
 from dipy.tracking.streamline import Streamlines, set_number_of_points
 from dipy.tracking.utils import length
+from nibabel.affines import apply_affine
+from scipy.ndimage import map_coordinates
 
 N_NODES = 100
 PROFILE_METRICS = ("fa", "md", "rd", "ad")

@@ -35,9 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from pipeline.localization import (DEFAULT_THRESHOLDS, HEALTHY_ASYMMETRY_FILE,  # noqa: E402
-                                   LEVELS, calibrated_finding)
 from validate_lesions import split_of  # noqa: E402
+
+from pipeline.localization import (  # noqa: E402
+    DEFAULT_THRESHOLDS,
+    HEALTHY_ASYMMETRY_FILE,
+    LEVELS,
+    calibrated_finding,
+)
 
 #: A level needs this many nodes over all runs for its own SD; else it takes the largest.
 MIN_LEVEL_NODES = 30

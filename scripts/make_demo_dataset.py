@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-directions", type=int, default=30)
     a = p.parse_args(argv)
     lesion = None if a.no_lesion else {
-        "side": a.lesion_side, "level": a.lesion_level, "radius_mm": a.radius_mm, "fa_drop": a.fa_drop}
+        "side": a.lesion_side, "level": a.lesion_level, "radius_mm": a.radius_mm,
+        "fa_drop": a.fa_drop}
     truth = make_phantom_dataset(a.bids_dir, subject=a.subject, lesion=lesion, seed=a.seed,
                                  n_directions=a.n_directions, snr=a.snr)
     print(json.dumps({"subject": truth["subject"], "lesion": truth["lesion"],

@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 JOB_NAME = "cst-integrity"
@@ -215,7 +215,7 @@ def main(argv=None):
     if running:
         sys.exit(f"slurm_array.py: array job {running} of {args.state_dir} is still queued or "
                  "running; wait for it (squeue) or cancel it (scancel) first")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     task_list = args.state_dir / f"tasks-{stamp}.txt"
     script = batch_script(args, task_list, len(submit))
     if args.dry_run:

@@ -79,12 +79,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import degrade  # noqa: E402
+from pipeline import degrade, localization  # noqa: E402
 from pipeline.bids import find_dwi_runs  # noqa: E402
 from pipeline.dwi import read_fsl_gradients  # noqa: E402
 from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
 from pipeline.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
-from pipeline import localization  # noqa: E402
 from pipeline.localization import DEFAULT_THRESHOLDS  # noqa: E402
 from pipeline.normative import read_profiles  # noqa: E402
 

@@ -52,7 +52,8 @@ def assert_same_tractograms(out_a, out_b, stem="sub-subject01"):
 
 def load_metrics(out_dir, stem):
     subject = stem.split("_")[0]
-    return json.loads((Path(out_dir) / subject / "dwi" / f"{stem}_desc-cst_metrics.json").read_text())
+    return json.loads(
+        (Path(out_dir) / subject / "dwi" / f"{stem}_desc-cst_metrics.json").read_text())
 
 
 PHANTOM_LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}

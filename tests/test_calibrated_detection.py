@@ -4,12 +4,16 @@
 import numpy as np
 import pytest
 from dipy.core.gradients import gradient_table
-from dipy.core.sphere import disperse_charges, HemiSphere
+from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.reconst.dti import TensorModel
 from threadpoolctl import threadpool_limits
 
-from pipeline.localization import (DEFAULT_THRESHOLDS, healthy_covariance, localize_damage,
-                                   window_means)
+from pipeline.localization import (
+    DEFAULT_THRESHOLDS,
+    healthy_covariance,
+    localize_damage,
+    window_means,
+)
 from pipeline.uncertainty import bootstrap_profiles, wild_bootstrap_fa
 
 N = 100

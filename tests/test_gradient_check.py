@@ -14,8 +14,12 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from pipeline.dwi import fsl_bvecs_to_voxel_frame, load_dwi
-from pipeline.gradient_check import (AS_GIVEN, candidate_corrections, check_gradient_table,
-                                     correction_in_voxel_frame)
+from pipeline.gradient_check import (
+    AS_GIVEN,
+    candidate_corrections,
+    check_gradient_table,
+    correction_in_voxel_frame,
+)
 from pipeline.preprocess import brain_mask, fit_dti, mean_b0
 
 from .conftest import SHARED_BIDS
@@ -165,7 +169,8 @@ def test_check_turns_the_principal_direction_of_the_tensor_fitted_first(tmp_path
     """The pipeline fits the tensor with the table as given and checks the table beside the
     registration: for a swapped table, the checked principal direction must be the one a
     fit with the right table gives, and FA must not depend on the swap at all."""
-    from pipeline.steps import brain_mask as mask_step, check_gradients, fit_tensor
+    from pipeline.steps import brain_mask as mask_step
+    from pipeline.steps import check_gradients, fit_tensor
 
     base = SHARED_BIDS / "sub-philips01" / "dwi" / "sub-philips01_dwi"
     dwi, bval, bvec = (f"{base}.nii.gz", f"{base}.bval", f"{base}.bvec")

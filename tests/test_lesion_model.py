@@ -13,7 +13,8 @@ from .conftest import SHARED_BIDS
 
 @pytest.mark.parametrize("fa_drop", [0.25, 0.5, 0.6])
 def test_radial_increase_gives_the_requested_fa(fa_drop):
-    evals = np.array([[1.7e-3, 0.3e-3, 0.3e-3], [1.2e-3, 0.6e-3, 0.4e-3], [1.5e-3, 0.5e-3, 0.45e-3]])
+    evals = np.array([[1.7e-3, 0.3e-3, 0.3e-3], [1.2e-3, 0.6e-3, 0.4e-3],
+                      [1.5e-3, 0.5e-3, 0.45e-3]])
     delta = radial_increase_for_fa_drop(evals, fa_drop)
     after = fractional_anisotropy(evals + delta[:, None] * np.array([0, 1, 1]))
     assert np.allclose(after, (1 - fa_drop) * fractional_anisotropy(evals), atol=1e-6)

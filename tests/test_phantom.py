@@ -18,8 +18,9 @@ def _load(bids, label):
     img = nib.load(str(stem) + ".nii.gz")
     bvals = np.loadtxt(str(stem) + ".bval")
     bvecs = np.loadtxt(str(stem) + ".bvec")
-    cst = np.asarray(nib.load(bids / "sourcedata" / "phantom" / f"sub-{label}_desc-cst_dseg.nii.gz").dataobj)
-    les = np.asarray(nib.load(bids / "sourcedata" / "phantom" / f"sub-{label}_desc-lesion_mask.nii.gz").dataobj)
+    phantom = bids / "sourcedata" / "phantom"
+    cst = np.asarray(nib.load(phantom / f"sub-{label}_desc-cst_dseg.nii.gz").dataobj)
+    les = np.asarray(nib.load(phantom / f"sub-{label}_desc-lesion_mask.nii.gz").dataobj)
     return img, bvals, bvecs, cst, les
 
 
@@ -65,7 +66,8 @@ def test_bids_layout(lesion_ds):
     assert "sub-phant01" in (bids / "participants.tsv").read_text()
     for ext in (".nii.gz", ".bval", ".bvec", ".json"):
         assert (bids / "sub-phant01" / "dwi" / f"sub-phant01_dwi{ext}").is_file()
-    assert json.loads((bids / "sub-phant01" / "dwi" / "sub-phant01_dwi.json").read_text())["Synthetic"] is True
+    sidecar = json.loads((bids / "sub-phant01" / "dwi" / "sub-phant01_dwi.json").read_text())
+    assert sidecar["Synthetic"] is True
     gt = json.loads((bids / "sourcedata" / "phantom" / "sub-phant01_groundtruth.json").read_text())
     assert gt["lesion"]["side"] == "left" and gt["lesion"]["level"] == "internal_capsule"
     assert gt == json.loads(json.dumps(truth))

@@ -9,9 +9,8 @@ import pytest
 
 from pipeline.phantom import make_phantom_dataset
 
-from .conftest import PHANTOM_CLINICAL
+from .conftest import PHANTOM_CLINICAL, assert_same_tractograms, load_metrics, run_cst_report
 from .conftest import PHANTOM_STEM as STEM
-from .conftest import assert_same_tractograms, load_metrics, run_cst_report
 
 pytestmark = pytest.mark.slow
 

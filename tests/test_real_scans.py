@@ -156,7 +156,8 @@ def test_x_flipped_storage_gives_same_cst(out_root, tmp_path):
         assert metrics["cst"][side]["fa_mean"] == pytest.approx(
             reference["cst"][side]["fa_mean"], abs=0.01)
         hemi = "L" if side == "left" else "R"
-        trk = out / f"sub-{subject}" / "dwi" / f"sub-{subject}_hemi-{hemi}_desc-CST_tractography.trk"
+        trk = (out / f"sub-{subject}" / "dwi"
+               / f"sub-{subject}_hemi-{hemi}_desc-CST_tractography.trk")
         x = np.median(np.concatenate(list(nib.streamlines.load(str(trk)).streamlines))[:, 0])
         assert (x < 0) if side == "left" else (x > 0)
     assert metrics["localization"]["affected_side"] == reference["localization"]["affected_side"]

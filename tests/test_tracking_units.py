@@ -472,7 +472,8 @@ def test_tensor_points_across_the_tube_in_the_crossing(crossing_field):
     assert np.all(np.abs(f["maps"]["v1"][core][:, 0]) > 0.9)  # voxel x = world x
     # the response comes from the single-fibre part of the tube
     evals = f["info"]["response_evals"]
-    assert evals[0] == pytest.approx(1.7e-3, rel=0.05) and evals[1] == pytest.approx(0.3e-3, rel=0.1)
+    assert (evals[0] == pytest.approx(1.7e-3, rel=0.05)
+            and evals[1] == pytest.approx(0.3e-3, rel=0.1))
 
 
 @pytest.mark.parametrize("direction", ["det", "prob"])
