@@ -76,6 +76,18 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     return results
 
 
+def parallel_imap_threads(function, argument_tuples, *, n_jobs):
+    """``function(*args)`` for each of ``argument_tuples`` on ``n_jobs`` threads, yielded
+    in order as they finish (see :func:`parallel_map`'s ``threads=True``).
+
+    A generator, so the caller can store each result and let it go: at most about
+    ``2 × n_jobs`` results are alive at once, not all of them.
+    """
+    with threadpool_limits(limits=1, user_api="blas"), \
+            Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator") as parallel:
+        yield from parallel(delayed(function)(*args) for args in argument_tuples)
+
+
 def require_dask(dask_scheduler):
     """Fail early, with the fix, when ``dask_scheduler`` asks for packages not installed.
 

@@ -16,9 +16,23 @@ from nibabel.affines import apply_affine
 
 import atlases
 
-from . import (combine, denoise as denoise_module, fodf, gibbs, gradient_check, localization,
-               motion, outliers, outputs, preprocess, prognosis, registration, tracking,
-               tractometry, uncertainty)
+from . import (
+    combine,
+    fodf,
+    gibbs,
+    gradient_check,
+    localization,
+    motion,
+    outliers,
+    outputs,
+    preprocess,
+    prognosis,
+    registration,
+    tracking,
+    tractometry,
+    uncertainty,
+)
+from . import denoise as denoise_module
 from .dwi import load_dwi
 from .errors import InputError
 
@@ -77,8 +91,12 @@ def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0):
 
 
 def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
-            b0_threshold=50.0, n_jobs=1):
+            b0_threshold=50.0, n_jobs=1, memory_gb=None):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
+
+    ``memory_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
+    series and its denoised box stay in memory; MP-PCA's slabs and patch batches share
+    what is left (:func:`pipeline.denoise.mppca_chunks`). The result does not depend on it.
 
     Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume,
     and ``header``: the input image's name and the warnings its header raised on loading,
@@ -88,12 +106,19 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
+    measured_b0 = preprocess.mean_b0(data, scan.b0_mask)  # before data is denoised in place
+    working_bytes = None
+    if memory_gb is not None:
+        resident = 2 * data.nbytes  # the series and the denoised copy of its brain box
+        working_bytes = max(int(memory_gb * 2 ** 30) - resident, 0)
+    patch_radius = denoise_module.mppca_patch_radius(data.shape[-1])
     denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
-                                                 n_jobs=n_jobs)
+                                                 patch_radius=patch_radius, n_jobs=n_jobs,
+                                                 memory_bytes=working_bytes, overwrite=True)
+    del data  # denoised in place
     voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
     qc = {"method": method, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
-          "mppca_patch_radius": denoise_module.PIPELINE_PATCH_RADIUS if method == "mppca"
-          else None,
+          "mppca_patch_radius": patch_radius if method == "mppca" else None,
           "mppca_patch_stride": denoise_module.PIPELINE_PATCH_STRIDE if method == "mppca"
           else None,
           "noise_sigma_median": None, "snr_b0": None,
@@ -102,8 +127,7 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
         noise = float(np.median(sigma[mask]))
         qc["noise_sigma_median"] = round(noise, 3)
         if noise > 0:  # SNR of the mean b0 in the brain, with the estimated noise
-            qc["snr_b0"] = round(float(np.median(preprocess.mean_b0(data, scan.b0_mask)[mask]))
-                                 / noise, 1)
+            qc["snr_b0"] = round(float(np.median(measured_b0[mask])) / noise, 1)
     return {"dwi": str(_save_series(out_dir / "dwi_denoised.nii", denoised, scan)),
             "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
 
@@ -356,7 +380,8 @@ def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     rois = registration.labels_to_subject(mapping, template_rois) * (mask > 0)
     mni_z = registration.template_z_in_subject(mapping, template_img.affine, template_fa.shape)
     paths = {
-        "rois": outputs.save_nifti(out_dir / "cst_rois.nii.gz", rois, fa_img.affine, dtype=np.int16),
+        "rois": outputs.save_nifti(out_dir / "cst_rois.nii.gz", rois, fa_img.affine,
+                                   dtype=np.int16),
         "mni_z": outputs.save_nifti(out_dir / "mni_z.nii.gz", mni_z, fa_img.affine),
         "warped_fa": outputs.save_nifti(out_dir / "fa_in_template.nii.gz", warped_fa,
                                         template_img.affine),
@@ -656,7 +681,8 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_
             row.update({f"dti_{m}": row[m] for m in tractometry.PROFILE_METRICS})
             rows.append(row)
 
-    plic = {side: tractometry.roi_mean(maps["fa"], rois, atlases.CST_ROI_LABELS[f"plic_{HEMI[side]}"])
+    plic = {side: tractometry.roi_mean(maps["fa"], rois,
+                                       atlases.CST_ROI_LABELS[f"plic_{HEMI[side]}"])
             for side in SIDES}
     ai_profile = tractometry.asymmetry_index(fa_profiles["left"], fa_profiles["right"])
     result = {

@@ -5,7 +5,17 @@ import pytest
 from dipy.denoise.gibbs import gibbs_removal
 from dipy.denoise.localpca import mppca as dipy_mppca
 
-from pipeline.denoise import denoise_dwi, marchenko_pastur_noise, mppca
+from pipeline.denoise import (
+    SLAB_THICKNESS,
+    denoise_dwi,
+    marchenko_pastur_noise,
+    mppca,
+    mppca_bytes_per_patch,
+    mppca_patch_batch,
+    mppca_patch_radius,
+    mppca_peak_bytes,
+    mppca_slab_thickness,
+)
 from pipeline.errors import InputError
 from pipeline.gibbs import remove_gibbs_ringing
 from pipeline.preprocess import check_tensor_directions, dti_volumes, fit_dti
@@ -53,6 +63,40 @@ def test_mppca_independent_of_slabs_and_workers():
     b, sb = mppca(noisy, mask, slab_thickness=7, patch_stride=2, n_jobs=2)
     np.testing.assert_array_equal(np.nan_to_num(a), np.nan_to_num(b))
     np.testing.assert_array_equal(np.nan_to_num(sa), np.nan_to_num(sb))
+
+
+def test_mppca_patch_holds_more_voxels_than_volumes():
+    """DIPY's condition (patch voxels − 1 ≥ volumes), from 5×5×5 up."""
+    assert [mppca_patch_radius(n) for n in (6, 33, 124, 125, 288, 342, 343)] == \
+        [2, 2, 2, 3, 3, 3, 4]
+    for n in (33, 105, 288, 500):
+        r = mppca_patch_radius(n)
+        assert (2 * r + 1) ** 3 - 1 >= n > (2 * r - 1) ** 3 - 1 or r == 2
+
+
+def test_mppca_memory_budget_changes_slabs_not_the_result():
+    """A small budget gives thin slabs; the denoised series is the same to the bit, in
+    place or on a copy; the patch batch depends on the series' shape only."""
+    _, noisy = _low_rank_series()
+    mask = np.zeros(noisy.shape[:3], dtype=bool)
+    mask[2:-2, 3:-3, 1:-1] = True
+    bvals = np.full(noisy.shape[-1], 1000.0)
+    reference, reference_sigma = denoise_dwi(noisy, mask, bvals, n_jobs=2)
+    shape = noisy.shape
+    tight = mppca_bytes_per_patch(shape[-1], 2) * mppca_patch_batch(shape[-1], 2) * 2
+    assert mppca_slab_thickness(shape, 2, n_workers=2, memory_bytes=tight) == 1
+    assert mppca_slab_thickness(shape, 2, n_workers=2, memory_bytes=None) == SLAB_THICKNESS
+    assert mppca_peak_bytes(shape, 2, n_workers=2, memory_bytes=tight) < \
+        mppca_peak_bytes(shape, 2, n_workers=2)
+    series = noisy.astype(np.float32)
+    denoised, sigma = denoise_dwi(series, mask, bvals, n_jobs=2, memory_bytes=tight,
+                                  overwrite=True)
+    assert denoised is series  # in place
+    np.testing.assert_array_equal(denoised, reference)
+    np.testing.assert_array_equal(sigma, reference_sigma)
+    assert mppca_patch_batch(33, 2) == mppca_patch_batch(71, 2) == 2048
+    assert 16 < mppca_patch_batch(288, 3) < 200
+    assert mppca_patch_batch(288, 3) * mppca_bytes_per_patch(288, 3) <= 2 ** 30
 
 
 def test_marchenko_pastur_noise_pure_noise_patch():

@@ -14,8 +14,14 @@ from nipype.pipeline import engine as pe
 from pipeline.bids import find_dwi_runs
 from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
 from workflows.base import _function_node, init_single_subject_wf
-from workflows.cli import (_Progress, bids_app_parser, build_parameters, cst_report_parser,
-                           parse_args, subject_lock)
+from workflows.cli import (
+    _Progress,
+    bids_app_parser,
+    build_parameters,
+    cst_report_parser,
+    parse_args,
+    subject_lock,
+)
 from workflows.config import format_config
 from workflows.execution import remove_subject_work, run_workflow, subject_work_dir
 
@@ -103,11 +109,13 @@ def _subject_wf(runs, tmp_path, *argv):
 
 
 def test_execution_settings_do_not_enter_the_cache_keys(two_run_bids, tmp_path):
-    """Changing --n-jobs or --dask-scheduler recomputes nothing (each step's hash is the
-    same), while each step still claims its workers from MultiProc (n_procs)."""
+    """Changing --n-jobs, --mem-gb or --dask-scheduler recomputes nothing (each step's hash
+    is the same), while each step still claims its workers (n_procs) and denoising its
+    memory (mem_gb) from MultiProc."""
     runs = find_dwi_runs(two_run_bids, "sub-01")
     one = _subject_wf(runs, tmp_path, "--n-jobs", "1")
-    three = _subject_wf(runs, tmp_path, "--n-jobs", "3", "--dask-scheduler", "tcp://h:8786")
+    three = _subject_wf(runs, tmp_path, "--n-jobs", "3", "--dask-scheduler", "tcp://h:8786",
+                        "--mem-gb", "5")
     reseeded = _subject_wf(runs, tmp_path, "--n-jobs", "1", "--seed", "7")
 
     def key(wf, name):
@@ -123,8 +131,9 @@ def test_execution_settings_do_not_enter_the_cache_keys(two_run_bids, tmp_path):
     denoise = "sub_01_dir_AP_wf.dwi_preproc_wf.dwi_denoise_wf_0.denoise"
     assert one.get_node(denoise).n_procs == 1 and three.get_node(denoise).n_procs == 3
     assert three.get_node(denoise).inputs.n_jobs == 3  # and the step gets the value
+    assert three.get_node(denoise).mem_gb == 5 and three.get_node(denoise).inputs.mem_gb == 5
     assert three.get_node("sub_01_dir_AP_wf.assess").inputs.execution == {
-        "n_jobs": 3, "dask_scheduler": "tcp://h:8786"}
+        "n_jobs": 3, "mem_gb": 5, "dask_scheduler": "tcp://h:8786"}
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
@@ -155,6 +164,35 @@ def test_n_jobs_minus_one_is_every_core_this_process_may_use(monkeypatch, tmp_pa
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")  # inside a SLURM job: its allocation
     assert build_parameters(args)["n_jobs"] == 6
     assert "n_jobs = -1" in format_config(args)  # the file keeps the setting, not the count
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots", "inf"])
+def test_bad_mem_gb_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(cst_report_parser(), [f"--mem-gb={value}"])
+    assert exc.value.code == EXIT_BAD_INPUT
+    assert "argument --mem-gb:" in capsys.readouterr().err
+
+
+def test_mem_gb_defaults_to_the_slurm_allocation_or_the_machine(monkeypatch, tmp_path):
+    args = parse_args(cst_report_parser(), [])
+    for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(name, raising=False)
+    machine = build_parameters(args)["mem_gb"]
+    assert 0 < machine <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "8192")  # MB, as SLURM writes it
+    assert build_parameters(args)["mem_gb"] == 8
+    monkeypatch.delenv("SLURM_MEM_PER_NODE")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "3072")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert build_parameters(args)["mem_gb"] == 12
+    config = tmp_path / "cst.toml"
+    config.write_text("[execution]\nmem_gb = 2.5\n")
+    assert build_parameters(parse_args(cst_report_parser(), ["--config", str(config)]))[
+        "mem_gb"] == 2.5
+    config.write_text("[execution]\nmem_gb = 0\n")
+    with pytest.raises(InputError, match="execution.mem_gb"):
+        parse_args(cst_report_parser(), ["--config", str(config)])
 
 
 def test_participant_label_takes_the_bids_apps_spelling():
@@ -198,8 +236,18 @@ def test_log_tells_computed_from_cached_steps(tmp_path, caplog):
             outcomes.append((sorted(progress.computed), sorted(progress.cached)))
         assert outcomes == [(["steps.again", "steps.first"], []),
                             (["steps.again"], ["steps.first"])], plugin
+        # the rerun's timings: the computed step has its seconds, the cached one none
+        # under MultiProc (never started) and its (short) lookup under Linear
+        timings = tmp_path / f"{plugin}_steps.tsv"
+        progress.write_timings(timings)
+        rows = [line.split("\t") for line in timings.read_text().splitlines()]
+        assert rows[0] == ["step", "outcome", "seconds"]
+        by_step = {step: (outcome, seconds) for step, outcome, seconds in rows[1:]}
+        assert by_step["steps.again"][0] == "computed"
+        assert 0 <= float(by_step["steps.again"][1]) < 60
+        assert by_step["steps.first"][0] == "cached"
     assert "step steps.first: cached" in caplog.text
-    assert "step steps.first: computed" in caplog.text
+    assert "step steps.first: computed in " in caplog.text
 
 
 def test_lock_file_goes_with_the_run_and_a_held_lock_refuses(tmp_path):

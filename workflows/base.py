@@ -20,6 +20,7 @@ class _FunctionInputSpec(FunctionInputSpec):
     """
 
     n_jobs = traits.Int(nohash=True, desc="workers or threads of the step")
+    mem_gb = traits.Any(nohash=True, desc="memory budget of the step (GiB) or None")
     # Any, not Either(None, Str): Nipype reads ``nohash`` from the trait type, which
     # Either does not carry.
     dask_scheduler = traits.Any(nohash=True, desc="Dask scheduler address, 'slurm' or None")
@@ -27,7 +28,7 @@ class _FunctionInputSpec(FunctionInputSpec):
 
 
 #: Inputs of a step that its cached result does not depend on.
-_UNHASHED_INPUTS = ("n_jobs", "dask_scheduler", "execution")
+_UNHASHED_INPUTS = ("n_jobs", "mem_gb", "dask_scheduler", "execution")
 
 
 class _Function(niu.Function):
@@ -48,7 +49,8 @@ def _function_node(function, inputs, outputs, name, **kwargs):
     return pe.Node(_Function(function, inputs, outputs), name=name, **kwargs)
 
 
-def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoise_wf"):
+def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
+                        name="dwi_denoise_wf"):
     """Brain mask, denoising and Gibbs-ringing removal of one run, on its own grid.
 
     Parameters
@@ -60,6 +62,9 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoi
         Remove Gibbs ringing.
     n_jobs : int
         Workers for denoising and Gibbs removal.
+    mem_gb : float, optional
+        Memory budget (GiB) of the denoising step, which sizes its chunks from it and
+        declares it to the scheduler (None: default chunks).
 
     Inputs
     ------
@@ -78,9 +83,11 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, name="dwi_denoi
                                              "b0_threshold"], ["b0", "mask"], "brain_mask")
     mask.inputs.b0_threshold = b0_threshold
     noise = _function_node(nodes.denoise, ["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                           "method", "b0_threshold", "n_jobs"], ["dwi", "qc"],
-                           "denoise", n_procs=n_jobs)
-    noise.inputs.trait_set(method=denoise, b0_threshold=b0_threshold, n_jobs=n_jobs)
+                                           "method", "b0_threshold", "n_jobs",
+                                           "mem_gb"], ["dwi", "qc"], "denoise", n_procs=n_jobs,
+                           **({} if mem_gb is None else {"mem_gb": mem_gb}))
+    noise.inputs.trait_set(method=denoise, b0_threshold=b0_threshold, n_jobs=n_jobs,
+                           mem_gb=mem_gb)
     files = [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]
     wf.connect([
         (inputnode, mask, files),
@@ -221,7 +228,7 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
     runs : list of pipeline.bids.DwiRun
         One run, or the runs to combine (the first is the reference).
     parameters : dict
-        The run configuration (``preprocessing`` section and ``n_jobs``).
+        The run configuration (``preprocessing`` section, ``n_jobs`` and ``mem_gb``).
 
     Outputs
     -------
@@ -240,7 +247,8 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
     for index, run in enumerate(runs):
         denoise_wf = init_dwi_denoise_wf(b0_threshold=pre["b0_threshold"],
                                          denoise=pre["denoise"], gibbs=pre["gibbs"],
-                                         n_jobs=n_jobs, name=f"dwi_denoise_wf_{index}")
+                                         n_jobs=n_jobs, mem_gb=parameters.get("mem_gb"),
+                                         name=f"dwi_denoise_wf_{index}")
         denoise_wf.inputs.inputnode.dwi_file = str(run.dwi)
         denoise_wf.inputs.inputnode.bval_file = str(run.bval)
         denoise_wf.inputs.inputnode.bvec_file = str(run.bvec)

@@ -17,21 +17,37 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.clinical import read_clinical_scores
-from pipeline.errors import (EXIT_INTERNAL_ERROR, EXIT_NOT_ASSESSABLE, EXIT_OK, BusyError,
-                             CSTError, InputError)
+from pipeline.errors import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_NOT_ASSESSABLE,
+    EXIT_OK,
+    BusyError,
+    CSTError,
+    InputError,
+)
 from pipeline.localization import DEFAULT_THRESHOLDS
 from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 
 from .config import format_config, read_config
-from .execution import (PLUGINS, outputs_up_to_date, parse_n_jobs, parse_plugin_args,
-                        remove_subject_work, resolve_n_jobs, subject_work_dir)
+from .execution import (
+    PLUGINS,
+    outputs_up_to_date,
+    parse_mem_gb,
+    parse_n_jobs,
+    parse_plugin_args,
+    remove_subject_work,
+    resolve_mem_gb,
+    resolve_n_jobs,
+    subject_work_dir,
+)
 
 LOG = logging.getLogger("cst")
 
@@ -75,6 +91,11 @@ def _add_common_options(parser):
                         help="parallel workers for denoising and tracking (default 1); -1: "
                              "every core this process may use (under SLURM, the job's "
                              "--cpus-per-task); results do not depend on it")
+    parser.add_argument("--mem-gb", type=parse_mem_gb, default=None, metavar="GB",
+                        help="memory budget in GiB (default: what the machine, or the SLURM "
+                             "allocation, has available); denoising works in chunks sized "
+                             "from it and a series that needs more is refused up front; "
+                             "results do not depend on it")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed for seed placement (default 0)")
     g = parser.add_argument_group("execution on a cluster (results do not depend on it)")
@@ -174,6 +195,7 @@ def build_parameters(args):
 
     return {
         "n_jobs": resolve_n_jobs(args.n_jobs),
+        "mem_gb": resolve_mem_gb(args.mem_gb),
         "dask_scheduler": args.dask_scheduler or None,
         "seed": int(args.seed),
         "preprocessing": {"b0_threshold": args.b0_threshold, "denoise": args.denoise,
@@ -205,7 +227,8 @@ def _configure_nipype(debug):
     # loky's resource tracker (a separate process) reports joblib's already-removed
     # memmap folders at exit; the message is noise to users, so children ignore it.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
-    from nipype import config, logging as nlogging
+    from nipype import config
+    from nipype import logging as nlogging
 
     config.update_config({
         "execution": {"crashfile_format": "txt", "stop_on_first_crash": True,
@@ -244,9 +267,11 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
 
     require_dask(parameters.get("dask_scheduler"))
     runs = find_dwi_runs(bids_dir, subject)
+    budget = parameters.get("mem_gb")
     for run in runs:  # every input is checked before any work starts
         load_dwi(run.dwi, run.bval, run.bvec,
-                 b0_threshold=parameters["preprocessing"]["b0_threshold"])
+                 b0_threshold=parameters["preprocessing"]["b0_threshold"],
+                 memory_limit_bytes=None if budget is None else int(budget * 2 ** 30))
     clinical = read_clinical_scores(bids_dir, runs[0].subject)
     if parameters["preprocessing"]["combine_runs"]:
         runs = combine_by_session(runs)
@@ -254,7 +279,8 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
     out_dir = Path(out_dir).resolve()
     work_dir = Path(work_dir).resolve() if work_dir else out_dir / ".cst-work"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with subject_lock(work_dir, label), run_log(out_dir / f"sub-{label}" / "log", config_text):
+    with subject_lock(work_dir, label), \
+            run_log(out_dir / f"sub-{label}" / "log", config_text) as log_prefix:
         write_dataset_description(out_dir, source_dataset=bids_dir)
         pending = [run for run in runs
                    if not outputs_up_to_date(run, out_dir, parameters, clinical)]
@@ -263,7 +289,8 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
         if pending:
             _configure_nipype(debug)
             _run_workflow(pending, out_dir, work_dir, parameters, plugin, plugin_args or {},
-                          clinical)
+                          clinical, timings_path=log_prefix.with_name(
+                              log_prefix.name + "_steps.tsv"))
         if not keep_work:
             remove_subject_work(work_dir, label)
 
@@ -329,8 +356,9 @@ def subject_lock(work_dir, label):
 @contextmanager
 def run_log(log_dir, config_text):
     """Log this run (ours and Nipype's messages) to ``log_dir/cst-report_<UTC time>.log``,
-    with the effective configuration beside it."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}"
+    with the effective configuration beside it. Yields that common path prefix (for
+    further records of the run, e.g. its step timings)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + f"_{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / f"cst-report_{stamp}.toml").write_text(config_text)
     handler = logging.FileHandler(log_dir / f"cst-report_{stamp}.log")
@@ -342,7 +370,7 @@ def run_log(log_dir, config_text):
         lg.addHandler(handler)
         lg.setLevel(min(lg.level or logging.INFO, logging.INFO))
     try:
-        yield
+        yield log_dir / f"cst-report_{stamp}"
     finally:
         for lg, level in saved:
             lg.removeHandler(handler)
@@ -350,7 +378,10 @@ def run_log(log_dir, config_text):
         handler.close()
 
 
-def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clinical):
+def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clinical,
+                  timings_path=None):
+    """Build and run the subject's graph; ``timings_path``: where the TSV of its steps
+    (outcome and wall seconds, :meth:`_Progress.write_timings`) goes, also after a failure."""
     from workflows.base import init_single_subject_wf
     from workflows.execution import run_workflow
 
@@ -363,7 +394,7 @@ def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clin
     progress = _progress_callback(wf)
     try:
         run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=parameters["n_jobs"],
-                     status_callback=progress)
+                     memory_gb=parameters.get("mem_gb"), status_callback=progress)
     except RuntimeError as exc:
         crash = sorted(crash_dir.glob("crash-*.txt"), key=os.path.getmtime)
         input_error = _input_error_in(crash[-1]) if crash else None
@@ -376,6 +407,8 @@ def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clin
                            "work directory.") from exc
     finally:
         progress.close()
+        if timings_path is not None:
+            progress.write_timings(timings_path)
     LOG.info("sub-%s: %d step(s) computed, %d reused from the work directory",
              runs[0].subject, len(progress.computed), len(progress.cached))
 
@@ -388,6 +421,9 @@ class _Progress:
     ----------
     computed, cached : list of str
         Full names of the steps computed, and of those taken from the cache, so far.
+    steps : list of (str, str, float or None)
+        Each finished step: full name, outcome, wall seconds from its start to its end as
+        the scheduler saw them (None for a cached step that the scheduler never started).
     """
 
     def __init__(self, total):
@@ -395,13 +431,14 @@ class _Progress:
 
         self.bar = tqdm(total=total, unit="step", desc="cst-report",
                         disable=not sys.stderr.isatty(), leave=False)
-        self.computed, self.cached = [], []
-        self._will_compute = {}
+        self.computed, self.cached, self.steps = [], [], []
+        self._will_compute, self._started = {}, {}
 
     def __call__(self, node, status):
         if status == "start":
             self.bar.set_postfix_str(node.name)
             self._will_compute[node.fullname] = _will_compute(node)
+            self._started[node.fullname] = time.monotonic()
         elif status in ("end", "exception"):
             # MultiProc and SLURM report a step they find in the cache as ended, never
             # started (as they would a run_without_submitting step, which this graph does not
@@ -414,11 +451,25 @@ class _Progress:
             else:
                 outcome = "cached"
                 self.cached.append(node.fullname)
-            LOG.info("step %s: %s", node.fullname, outcome)
+            started = self._started.pop(node.fullname, None)
+            seconds = None if started is None else round(time.monotonic() - started, 2)
+            self.steps.append((node.fullname, outcome, seconds))
+            LOG.info("step %s: %s%s", node.fullname, outcome,
+                     "" if seconds is None or outcome == "cached" else f" in {seconds:.1f} s")
             self.bar.update(1)
 
     def close(self):
         self.bar.close()
+
+    def write_timings(self, path):
+        """The finished steps as a TSV (step, outcome, seconds; ``n/a`` when unknown)."""
+        from pipeline.outputs import atomic_path
+
+        rows = ["step\toutcome\tseconds"] + [
+            f"{name}\t{outcome}\t{'n/a' if seconds is None else seconds}"
+            for name, outcome, seconds in self.steps]
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("\n".join(rows) + "\n")
 
 
 def _will_compute(node):

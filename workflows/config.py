@@ -18,11 +18,12 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 
-from .execution import check_n_jobs
+from .execution import check_mem_gb, check_n_jobs
 
 #: (section, key) in a TOML file → argparse destination.
 CONFIG_KEYS = {
     ("execution", "n_jobs"): "n_jobs",
+    ("execution", "mem_gb"): "mem_gb",
     ("execution", "seed"): "seed",
     ("execution", "work_dir"): "work_dir",
     ("execution", "keep_work"): "keep_work",
@@ -61,7 +62,7 @@ CONFIG_KEYS = {
 def read_config(path):
     """Argparse defaults from a TOML file.
 
-    Unknown sections or keys, and an invalid ``n_jobs``, are an input error.
+    Unknown sections or keys, and an invalid ``n_jobs`` or ``mem_gb``, are an input error.
     """
     path = Path(path)
     try:
@@ -88,6 +89,12 @@ def read_config(path):
         except ValueError as exc:
             raise InputError(f"Invalid setting 'execution.n_jobs': {exc}.", path=path,
                              fix="Write e.g. n_jobs = 2, or n_jobs = -1.") from exc
+    if "mem_gb" in defaults:
+        try:
+            defaults["mem_gb"] = check_mem_gb(defaults["mem_gb"])
+        except ValueError as exc:
+            raise InputError(f"Invalid setting 'execution.mem_gb': {exc}.", path=path,
+                             fix="Write e.g. mem_gb = 8.") from exc
     return defaults
 
 

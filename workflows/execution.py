@@ -34,7 +34,7 @@ LOG = logging.getLogger("cst")
 PLUGINS = ("Linear", "MultiProc", "SLURM")
 
 #: Keys of the run configuration that decide how a run is executed, never what it computes.
-EXECUTION_SETTINGS = ("n_jobs", "dask_scheduler")
+EXECUTION_SETTINGS = ("n_jobs", "mem_gb", "dask_scheduler")
 
 #: ``--n-jobs`` value meaning every core this process may use (:func:`available_cores`).
 ALL_CORES = -1
@@ -120,6 +120,59 @@ def available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux (macOS)
         return os.cpu_count() or 1
+
+
+def check_mem_gb(value):
+    """A valid ``mem_gb`` setting: a positive memory budget in GiB.
+
+    Raises
+    ------
+    ValueError
+        With a one-line message saying what is allowed.
+    """
+    allowed = "give the memory the run may use in GiB, e.g. 8 or 0.5"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number; {allowed}") from None
+    if isinstance(value, bool) or not number > 0 or number == float("inf"):
+        raise ValueError(f"{value!r} GiB is not possible; {allowed}")
+    return number
+
+
+def parse_mem_gb(text):
+    """``--mem-gb`` value (argparse ``type``): see :func:`check_mem_gb`."""
+    try:
+        return check_mem_gb(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def available_memory_gb():
+    """Memory (GiB) this run may use: SLURM's allocation when it sets one
+    (``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` × ``SLURM_CPUS_PER_TASK``, in MB),
+    else what the machine has available now (``MemAvailable`` capped by a cgroup limit);
+    None when neither is known.
+    """
+    from pipeline.dwi import available_memory_bytes
+
+    per_node = os.environ.get("SLURM_MEM_PER_NODE", "").strip()
+    per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "").strip()
+    if per_node.isdigit() and int(per_node) > 0:
+        return int(per_node) / 1024
+    if per_cpu.isdigit() and int(per_cpu) > 0:
+        return int(per_cpu) * available_cores() / 1024
+    available = available_memory_bytes()
+    return None if available is None else available / 2 ** 30
+
+
+def resolve_mem_gb(mem_gb):
+    """The memory budget (GiB) of a run: ``mem_gb``, or :func:`available_memory_gb` when it
+    is None (None when that is unknown too: no budget, the default chunk sizes)."""
+    if mem_gb is not None:
+        return mem_gb
+    available = available_memory_gb()
+    return None if available is None else round(available, 2)
 
 
 def resolve_n_jobs(n_jobs):
@@ -254,7 +307,7 @@ def remove_subject_work(work_dir, label):
                     folder, exc)
 
 
-def run_workflow(wf, *, plugin, plugin_args, n_procs, status_callback=None):
+def run_workflow(wf, *, plugin, plugin_args, n_procs, memory_gb=None, status_callback=None):
     """Run ``wf`` through ``plugin``.
 
     Parameters
@@ -266,6 +319,9 @@ def run_workflow(wf, *, plugin, plugin_args, n_procs, status_callback=None):
         e.g. ``sbatch_args``, ``max_jobs``, ``template`` for SLURM.
     n_procs : int
         Processes of the MultiProc pool.
+    memory_gb : float, optional
+        Memory (GiB) MultiProc shares among the steps by their ``mem_gb`` (None: Nipype's
+        default, 90 % of the machine's).
     status_callback : callable, optional
         Nipype status callback (progress reporting).
     """
@@ -274,6 +330,8 @@ def run_workflow(wf, *, plugin, plugin_args, n_procs, status_callback=None):
     settings = {}
     if plugin == "MultiProc":
         settings = {"n_procs": n_procs, "raise_insufficient": False}
+        if memory_gb is not None:
+            settings["memory_gb"] = memory_gb
     elif plugin == "SLURM":
         _prepare_for_slurm(wf)
     settings.update(plugin_args)

@@ -20,13 +20,14 @@ def brain_mask(dwi_file, bval_file, bvec_file, b0_threshold):
     return out["b0"], out["mask"]
 
 
-def denoise(dwi_file, bval_file, bvec_file, mask_file, method, b0_threshold, n_jobs):
+def denoise(dwi_file, bval_file, bvec_file, mask_file, method, b0_threshold, n_jobs, mem_gb):
     import os
 
     from pipeline.steps import denoise as run_denoise
 
     out = run_denoise(dwi_file, bval_file, bvec_file, mask_file, out_dir=os.getcwd(),
-                      method=method, b0_threshold=b0_threshold, n_jobs=n_jobs)
+                      method=method, b0_threshold=b0_threshold, n_jobs=n_jobs,
+                      memory_gb=mem_gb)
     return out["dwi"], out["qc"]
 
 
