@@ -23,7 +23,12 @@ from workflows.cli import (
     subject_lock,
 )
 from workflows.config import format_config
-from workflows.execution import remove_subject_work, run_workflow, subject_work_dir
+from workflows.execution import (
+    remove_subject_work,
+    resolve_mem_gb,
+    run_workflow,
+    subject_work_dir,
+)
 
 from .conftest import REPO, run_cst_report
 
@@ -104,8 +109,9 @@ def test_relative_paths_reach_the_workflow_as_absolute(two_run_bids, monkeypatch
 
 def _subject_wf(runs, tmp_path, *argv):
     args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y", *argv])
+    parameters = build_parameters(args)
     return init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
-                                  parameters=build_parameters(args))
+                                  parameters=parameters, mem_gb=parameters["mem_gb"])
 
 
 def test_execution_settings_do_not_enter_the_cache_keys(two_run_bids, tmp_path):
@@ -175,17 +181,19 @@ def test_bad_mem_gb_is_a_usage_error(value, capsys):
 
 
 def test_mem_gb_defaults_to_the_slurm_allocation_or_the_machine(monkeypatch, tmp_path):
+    """Recorded as given (None: the default), resolved when the run starts."""
     args = parse_args(cst_report_parser(), [])
+    assert build_parameters(args)["mem_gb"] is None
     for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_PER_TASK"):
         monkeypatch.delenv(name, raising=False)
-    machine = build_parameters(args)["mem_gb"]
+    machine = resolve_mem_gb(None)
     assert 0 < machine <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "8192")  # MB, as SLURM writes it
-    assert build_parameters(args)["mem_gb"] == 8
+    assert resolve_mem_gb(None) == 8 and resolve_mem_gb(3.5) == 3.5
     monkeypatch.delenv("SLURM_MEM_PER_NODE")
     monkeypatch.setenv("SLURM_MEM_PER_CPU", "3072")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
-    assert build_parameters(args)["mem_gb"] == 12
+    assert resolve_mem_gb(None) == 12
     config = tmp_path / "cst.toml"
     config.write_text("[execution]\nmem_gb = 2.5\n")
     assert build_parameters(parse_args(cst_report_parser(), ["--config", str(config)]))[

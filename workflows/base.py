@@ -214,7 +214,7 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     return wf
 
 
-def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
+def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf"):
     """From the raw series of one run (or several combined runs) to the tensor maps.
 
     Per run: brain mask → denoising → Gibbs removal; several runs are then
@@ -228,7 +228,9 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
     runs : list of pipeline.bids.DwiRun
         One run, or the runs to combine (the first is the reference).
     parameters : dict
-        The run configuration (``preprocessing`` section, ``n_jobs`` and ``mem_gb``).
+        The run configuration (``preprocessing`` section and ``n_jobs``).
+    mem_gb : float, optional
+        The run's memory budget (GiB) for the denoising steps (None: default chunks).
 
     Outputs
     -------
@@ -247,7 +249,7 @@ def init_dwi_preproc_wf(runs, *, parameters, name="dwi_preproc_wf"):
     for index, run in enumerate(runs):
         denoise_wf = init_dwi_denoise_wf(b0_threshold=pre["b0_threshold"],
                                          denoise=pre["denoise"], gibbs=pre["gibbs"],
-                                         n_jobs=n_jobs, mem_gb=parameters.get("mem_gb"),
+                                         n_jobs=n_jobs, mem_gb=mem_gb,
                                          name=f"dwi_denoise_wf_{index}")
         denoise_wf.inputs.inputnode.dwi_file = str(run.dwi)
         denoise_wf.inputs.inputnode.bval_file = str(run.bval)
@@ -388,7 +390,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     return wf
 
 
-def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
+def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, name=None):
     """Everything for one diffusion run, from the BIDS files to its derivatives and report.
 
     Parameters
@@ -397,11 +399,14 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
     out_dir : path
         Root of the BIDS-Derivatives output.
     parameters : dict
-        The run configuration (see ``workflows.config.default_parameters``); it
+        The run configuration (see :func:`workflows.cli.build_parameters`); it
         is recorded in every output's provenance.
     clinical : dict, optional
         The participant's bedside scores for PREP2
         (:func:`pipeline.clinical.read_clinical_scores`).
+    mem_gb : float, optional
+        The memory budget (GiB) the run resolved for itself (not recorded: it depends on
+        the machine, not on the results).
     name : str
         Defaults to ``<stem>_wf``.
 
@@ -410,7 +415,8 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
     written : list of the derivative files
     """
     wf = pe.Workflow(name=name or f"{run.stem.replace('-', '_')}_wf")
-    preproc_wf = init_dwi_preproc_wf(list(getattr(run, "runs", [run])), parameters=parameters)
+    preproc_wf = init_dwi_preproc_wf(list(getattr(run, "runs", [run])), parameters=parameters,
+                                     mem_gb=mem_gb)
     cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
                          n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"],
@@ -484,7 +490,7 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, name=None):
 
 
 def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, clinical=None,
-                           name="single_subject_wf"):
+                           mem_gb=None, name="single_subject_wf"):
     """One subject: each run (or each set of combined runs) processed and reported.
 
     Parameters
@@ -494,8 +500,10 @@ def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, clinical=None
     parameters : dict
     clinical : dict, optional
         The participant's bedside scores (PREP2), from ``participants.tsv``.
+    mem_gb : float, optional
+        The run's memory budget (GiB), see :func:`init_dwi_run_wf`.
     """
     wf = pe.Workflow(name=f"{name}_{runs[0].subject}", base_dir=str(work_dir))
     wf.add_nodes([init_dwi_run_wf(run, out_dir=out_dir, parameters=parameters,
-                                  clinical=clinical) for run in runs])
+                                  clinical=clinical, mem_gb=mem_gb) for run in runs])
     return wf

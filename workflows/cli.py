@@ -195,7 +195,9 @@ def build_parameters(args):
 
     return {
         "n_jobs": resolve_n_jobs(args.n_jobs),
-        "mem_gb": resolve_mem_gb(args.mem_gb),
+        # as given (None: the machine's, resolved when the run starts), so that the
+        # recorded settings do not change with the memory free at the time
+        "mem_gb": args.mem_gb,
         "dask_scheduler": args.dask_scheduler or None,
         "seed": int(args.seed),
         "preprocessing": {"b0_threshold": args.b0_threshold, "denoise": args.denoise,
@@ -267,7 +269,7 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
 
     require_dask(parameters.get("dask_scheduler"))
     runs = find_dwi_runs(bids_dir, subject)
-    budget = parameters.get("mem_gb")
+    budget = resolve_mem_gb(parameters.get("mem_gb"))
     for run in runs:  # every input is checked before any work starts
         load_dwi(run.dwi, run.bval, run.bvec,
                  b0_threshold=parameters["preprocessing"]["b0_threshold"],
@@ -289,7 +291,7 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
         if pending:
             _configure_nipype(debug)
             _run_workflow(pending, out_dir, work_dir, parameters, plugin, plugin_args or {},
-                          clinical, timings_path=log_prefix.with_name(
+                          clinical, mem_gb=budget, timings_path=log_prefix.with_name(
                               log_prefix.name + "_steps.tsv"))
         if not keep_work:
             remove_subject_work(work_dir, label)
@@ -379,14 +381,15 @@ def run_log(log_dir, config_text):
 
 
 def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clinical,
-                  timings_path=None):
-    """Build and run the subject's graph; ``timings_path``: where the TSV of its steps
-    (outcome and wall seconds, :meth:`_Progress.write_timings`) goes, also after a failure."""
+                  mem_gb=None, timings_path=None):
+    """Build and run the subject's graph. ``mem_gb``: the resolved memory budget (GiB);
+    ``timings_path``: where the TSV of its steps (outcome and wall seconds,
+    :meth:`_Progress.write_timings`) goes, also after a failure."""
     from workflows.base import init_single_subject_wf
     from workflows.execution import run_workflow
 
     wf = init_single_subject_wf(runs, out_dir=out_dir, work_dir=work_dir, parameters=parameters,
-                                clinical=clinical)
+                                clinical=clinical, mem_gb=mem_gb)
     # In the subject's own folder: found there after a failure even when other subjects
     # share the work directory, and removed with it after a success.
     crash_dir = subject_work_dir(work_dir, runs[0].subject) / "crash"
@@ -394,7 +397,7 @@ def _run_workflow(runs, out_dir, work_dir, parameters, plugin, plugin_args, clin
     progress = _progress_callback(wf)
     try:
         run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=parameters["n_jobs"],
-                     memory_gb=parameters.get("mem_gb"), status_callback=progress)
+                     memory_gb=mem_gb, status_callback=progress)
     except RuntimeError as exc:
         crash = sorted(crash_dir.glob("crash-*.txt"), key=os.path.getmtime)
         input_error = _input_error_in(crash[-1]) if crash else None
