@@ -12,6 +12,7 @@ import numpy as np
 from . import normative
 from .outputs import file_sha256, provenance, write_json, write_sidecar, write_text
 from .report import _CSS, _new_figure, figure_to_data_uri
+from .tractometry import TRACT_NAMES
 
 GROUP_COLUMNS = ("participant_id", "run", "assessable", "umn_damage", "affected_side", "level",
                  "peak_x", "peak_y", "peak_z", "fa_ai_tract", "fa_ai_plic",
@@ -115,7 +116,7 @@ def _comparison_rows(profiles, comparison):
         row = {"node": node, "level": profiles["left"]["level"][node],
                "fa_ai": round(float(profiles["fa_ai"][node]), 6),
                "t_fa_ai": round(float(t[("asymmetry", "fa_ai")][node]), 4)}
-        for side, tract in normative.TRACTS.items():
+        for side, tract in TRACT_NAMES.items():
             row[f"fa_{side}"] = round(float(profiles[side]["fa"][node]), 6)
             row[f"t_fa_{side}"] = round(float(t[(tract, "fa")][node]), 4)
         rows.append(row)

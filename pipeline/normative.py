@@ -21,10 +21,9 @@ import numpy as np
 from .clinical import participant_rows
 from .localization import DEFAULT_THRESHOLDS, deviation_segments, primary_finding
 from .report import read_profiles_tsv
+from .tractometry import PROFILE_METRICS, TRACT_NAMES, asymmetry_index
 
 CONTROL_GROUPS = {"control", "controls", "hc", "healthy", "healthy_control"}
-TRACTS = {"left": "CST_L", "right": "CST_R"}
-METRICS = ("fa", "md", "rd", "ad")
 #: Fewest controls for norms: an SD from fewer is meaningless.
 MIN_CONTROLS = 3
 #: Finding rules on the t profile of the FA asymmetry: |t| >= node_t at ``min_nodes``
@@ -55,18 +54,16 @@ def read_profiles(tsv_path):
         ((n_nodes, 3) RAS mm); ``fa_ai``: (n_nodes,) (FA_L - FA_R) / (FA_L + FA_R).
     """
     profiles = read_profiles_tsv(tsv_path)
-    for side in TRACTS:
+    for side in TRACT_NAMES:
         profiles[side]["xyz"] = np.column_stack([profiles[side][a] for a in "xyz"])
-    left, right = profiles["left"]["fa"], profiles["right"]["fa"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        profiles["fa_ai"] = (left - right) / (left + right)
+    profiles["fa_ai"] = asymmetry_index(profiles["left"]["fa"], profiles["right"]["fa"])
     return profiles
 
 
 def _profile_values(profiles):
     """(tract, metric) -> (n_nodes,) values of one run, the asymmetry as ("asymmetry", "fa_ai")."""
-    values = {(TRACTS[side], metric): profiles[side][metric]
-              for side in TRACTS for metric in METRICS}
+    values = {(TRACT_NAMES[side], metric): profiles[side][metric]
+              for side in TRACT_NAMES for metric in PROFILE_METRICS}
     values[("asymmetry", "fa_ai")] = profiles["fa_ai"]
     return values
 
@@ -126,12 +123,13 @@ def compare_with_norms(profiles, norms, thresholds=None):
     t = {key: single_case_t(values[key], norm) for key, norm in norms.items()}
     ai_t = t[("asymmetry", "fa_ai")]
     segments = deviation_segments(
-        ai_t, {side: profiles[side]["level"] for side in TRACTS},
-        {side: profiles[side]["xyz"] for side in TRACTS}, node_threshold=thresholds["node_t"],
+        ai_t, {side: profiles[side]["level"] for side in TRACT_NAMES},
+        {side: profiles[side]["xyz"] for side in TRACT_NAMES},
+        node_threshold=thresholds["node_t"],
         min_nodes=thresholds["min_nodes"], segment_mean=thresholds["segment_mean_t"],
         end_nodes=thresholds["end_nodes"], statistic="t")
     for segment in segments:
-        fa_t = t[(TRACTS[segment["side"]], "fa")][segment["peak_node"]]
+        fa_t = t[(TRACT_NAMES[segment["side"]], "fa")][segment["peak_node"]]
         segment["fa_t_affected_side_at_peak"] = round(float(fa_t), 3)
     localization = {"umn_damage": False, "affected_side": "none", "level": None,
                     "peak_ras_mm": None, "peak_node": None, "confidence": None,

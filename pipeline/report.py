@@ -58,6 +58,7 @@ from .dwi import voxel_directions_to_world
 from .localization import BOUNDARY_MARGIN_MM, LEVELS
 from .outputs import write_text
 from .prognosis import DISCLAIMER
+from .tractometry import SIDES, TRACT_NAMES
 from .uncertainty import N_BOOTSTRAP
 
 LOGGER = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ LOGGER = logging.getLogger(__name__)
 COLORS = {"left": "#E69F00", "right": "#0072B2"}
 PEAK_COLOR = "#D7191C"
 SEGMENT_COLOR = "#D7191C"
-TRACT_NAMES = {"left": "CST_L", "right": "CST_R"}
-SIDES = ("left", "right")
 
 LEVEL_COLORS = {"medulla": "#c6dbef", "pons": "#c7e9c0", "cerebral_peduncle": "#fdd0a2",
                 "internal_capsule": "#dadaeb", "corona_radiata": "#fff2ae",

@@ -35,9 +35,7 @@ from . import (
 from . import denoise as denoise_module
 from .dwi import load_dwi
 from .errors import InputError
-
-SIDES = ("left", "right")
-HEMI = {"left": "L", "right": "R"}
+from .tractometry import HEMI, SIDES
 
 
 def _load(path, dtype=np.float32):
@@ -673,7 +671,7 @@ def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_
         node_xyz[side] = xyz
         fa_profiles[side] = prof["fa"]
         for node in range(tractometry.N_NODES):
-            row = {"tract": f"CST_{HEMI[side]}", "node": node}
+            row = {"tract": tractometry.TRACT_NAMES[side], "node": node}
             row.update({m: _fmt(prof[m][node]) for m in tractometry.PROFILE_METRICS})
             row.update({"x": _fmt(xyz[node, 0], 2), "y": _fmt(xyz[node, 1], 2),
                         "z": _fmt(xyz[node, 2], 2), "level": node_levels[side][node] or "n/a"})

@@ -9,6 +9,11 @@ from scipy.ndimage import map_coordinates
 
 N_NODES = 100
 PROFILE_METRICS = ("fa", "md", "rd", "ad")
+#: The two CSTs, as every module names them: side, BIDS ``hemi-`` label, and the tract
+#: name of the profiles TSV (pyAFQ-style ``tractID``).
+SIDES = ("left", "right")
+HEMI = {"left": "L", "right": "R"}
+TRACT_NAMES = {"left": "CST_L", "right": "CST_R"}
 
 
 def resample_bundle(bundle, n_nodes=N_NODES):
