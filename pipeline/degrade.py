@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .dwi import count_unique_directions, read_fsl_gradients
+from .dwi import B0_THRESHOLD, count_unique_directions, read_fsl_gradients
 from .preprocess import SHELL_TOLERANCE, axial_axis
 
 #: The degradations :func:`degrade_series` knows, in the order the validation runs them.
@@ -138,7 +138,7 @@ def thick_slices(data, affine, thickness_mm=SLICE_MM, *, axis=None, prefilter=Tr
     return _resample(data, affine, new_zooms, prefilter=prefilter, order=order)
 
 
-def lowest_shell(bvals, *, b0_threshold=50.0, shell_tolerance=SHELL_TOLERANCE):
+def lowest_shell(bvals, *, b0_threshold=B0_THRESHOLD, shell_tolerance=SHELL_TOLERANCE):
     """Indices of the diffusion-weighted volumes of the lowest shell (b in s/mm²)."""
     bvals = np.asarray(bvals, dtype=float)
     weighted = bvals > b0_threshold
@@ -162,7 +162,7 @@ def _antipodal_energy(units):
                  np.sum(1.0 / np.maximum(summ[upper], 1e-9)))
 
 
-def direction_subset(bvals, bvecs, n_directions=N_DIRECTIONS, *, b0_threshold=50.0,
+def direction_subset(bvals, bvecs, n_directions=N_DIRECTIONS, *, b0_threshold=B0_THRESHOLD,
                      shell_tolerance=SHELL_TOLERANCE):
     """Volumes to keep: every b0 and ``n_directions`` well-spread ones of the lowest shell.
 
@@ -268,7 +268,7 @@ def flip_storage_x(data, affine):
     return np.asarray(data)[::-1].copy(), np.asarray(affine, float) @ flip
 
 
-def estimate_noise_sigma(data, bvals, affine, *, b0_threshold=50.0):
+def estimate_noise_sigma(data, bvals, affine, *, b0_threshold=B0_THRESHOLD):
     """The scan's noise σ (signal units) as the pipeline estimates it.
 
     Median over the brain mask (:func:`pipeline.preprocess.brain_mask`) of the
@@ -307,7 +307,7 @@ def read_series(dwi_path):
                   img.header.copy())
 
 
-def skip_reason(name, affine, bvals, bvecs_fsl, *, b0_threshold=50.0):
+def skip_reason(name, affine, bvals, bvecs_fsl, *, b0_threshold=B0_THRESHOLD):
     """Why degradation ``name`` does not apply to a scan (None when it does).
 
     ``3mm``: every voxel edge already ≥ 3 mm; ``12dir``: ≤ 12 distinct directions
@@ -331,7 +331,7 @@ def skip_reason(name, affine, bvals, bvecs_fsl, *, b0_threshold=50.0):
     return None
 
 
-def degrade_series(series, name, *, b0_threshold=50.0, noise_sigma=None, seed=0):
+def degrade_series(series, name, *, b0_threshold=B0_THRESHOLD, noise_sigma=None, seed=0):
     """``series`` degraded by ``name`` (one of :data:`DEGRADATIONS`).
 
     Parameters

@@ -22,6 +22,9 @@ from dipy.core.gradients import gradient_table
 
 from .errors import InputError
 
+#: b-values (s/mm²) at or below this count as b0 by default: some vendors store the b0 as
+#: b=1.25 or b=5 (the command line's ``--b0-threshold``).
+B0_THRESHOLD = 50.0
 #: Fewest non-collinear diffusion-weighted directions a tensor fit needs.
 MIN_DIRECTIONS = 6
 #: Plausible voxel edge lengths (mm), checked in the header and in the affine.
@@ -402,7 +405,7 @@ def check_header(img, dwi_path):
     return img, warnings
 
 
-def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=50.0, check_data=True,
+def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=B0_THRESHOLD, check_data=True,
              memory_limit_bytes=None):
     """Load a DWI run and check everything a tensor fit and tracking rely on.
 

@@ -33,7 +33,7 @@ from itertools import product
 import numpy as np
 from dipy.tracking.streamline import length
 
-from .dwi import fsl_bvecs_to_voxel_frame
+from .dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
 from .preprocess import DTI_MAX_BVALUE, dti_volumes, fit_dti
 from .tracking import seeds_in_mask, track_dti_deterministic
 
@@ -150,7 +150,7 @@ def mean_streamline_length(streamlines):
     return float(np.mean(length(streamlines)))
 
 
-def check_gradient_table(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold=50.0,
+def check_gradient_table(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold=B0_THRESHOLD,
                          max_bvalue_dti=DTI_MAX_BVALUE, min_gain=MIN_GAIN, n_seeds=N_SEEDS,
                          seed_min_fa=0.3, fa_stop=0.2, max_angle_deg=45.0, step_mm=1.0,
                          random_seed=0):

@@ -19,7 +19,7 @@ import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel, fractional_anisotropy
 
-from .dwi import fsl_bvecs_to_voxel_frame
+from .dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
 
 
 def radial_increase_for_fa_drop(evals, fa_drop, *, iterations=60):
@@ -54,7 +54,7 @@ def radial_increase_for_fa_drop(evals, fa_drop, *, iterations=60):
 
 
 def implant_lesion(data, bvals, bvecs_fsl, affine, centre_ras_mm, *, radius_mm, fa_drop,
-                   b0_threshold=50.0, brain_mask=None):
+                   b0_threshold=B0_THRESHOLD, brain_mask=None):
     """A copy of ``data`` with a radial-diffusivity lesion in a sphere (see the module).
 
     Parameters

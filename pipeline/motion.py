@@ -33,6 +33,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from .dwi import (
+    B0_THRESHOLD,
     fsl_bvecs_to_voxel_frame,
     voxel_directions_to_world,
     voxel_frame_to_fsl_bvecs,
@@ -116,7 +117,7 @@ class _Level:
     max_evaluations: int
 
 
-def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=50.0,
+def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=B0_THRESHOLD,
                    model="affine", n_jobs=1):
     """Register every volume of a DWI series to its mean b0 and rotate the b-vectors.
 
@@ -220,7 +221,7 @@ def framewise_displacement(parameters, radius_mm=HEAD_RADIUS_MM):
     return np.concatenate([[0.0], fd])
 
 
-def rotate_bvecs(bvals, bvecs_fsl, affine, volume_affines, *, b0_threshold=50.0):
+def rotate_bvecs(bvals, bvecs_fsl, affine, volume_affines, *, b0_threshold=B0_THRESHOLD):
     """Rotate each diffusion-weighted volume's b-vector by the inverse of its head rotation.
 
     A volume acquired with the head rotated by R relative to the reference saw

@@ -16,6 +16,7 @@ correction: slice 59 of volumes 25-31 would count as dropped).
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from .dwi import B0_THRESHOLD
 from .motion import framewise_displacement
 
 #: A slice is a dropout when its in-mask mean signal is below this fraction of
@@ -49,7 +50,7 @@ MAX_FRAMEWISE_DISPLACEMENT_MM = 5.0
 MAX_ROTATION_DEG = 5.0
 
 
-def detect_outlier_volumes(data, bvals, mask, *, b0_threshold=50.0, motion_parameters=None,
+def detect_outlier_volumes(data, bvals, mask, *, b0_threshold=B0_THRESHOLD, motion_parameters=None,
                            dropout_ratio=DROPOUT_RATIO, dropout_robust_z=DROPOUT_ROBUST_Z,
                            max_framewise_displacement_mm=MAX_FRAMEWISE_DISPLACEMENT_MM,
                            max_rotation_deg=MAX_ROTATION_DEG):
@@ -132,7 +133,7 @@ def detect_outlier_volumes(data, bvals, mask, *, b0_threshold=50.0, motion_param
     }
 
 
-def slice_dropout(data, bvals, mask, *, b0_threshold=50.0, ratio=DROPOUT_RATIO,
+def slice_dropout(data, bvals, mask, *, b0_threshold=B0_THRESHOLD, ratio=DROPOUT_RATIO,
                   robust_z=DROPOUT_ROBUST_Z):
     """Slices of diffusion-weighted volumes whose signal dropped out.
 
@@ -176,7 +177,7 @@ def slice_means(data, mask):
     return sums / np.maximum(counts, 1)[:, None]
 
 
-def diffusion_shells(bvals, *, b0_threshold=50.0, tolerance=SHELL_TOLERANCE):
+def diffusion_shells(bvals, *, b0_threshold=B0_THRESHOLD, tolerance=SHELL_TOLERANCE):
     """Indices of the diffusion-weighted volumes of each shell (b-values within ``tolerance``).
 
     Returns

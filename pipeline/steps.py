@@ -33,7 +33,7 @@ from . import (
     uncertainty,
 )
 from . import denoise as denoise_module
-from .dwi import load_dwi
+from .dwi import B0_THRESHOLD, load_dwi
 from .errors import InputError
 from .tractometry import HEMI, SIDES
 
@@ -61,7 +61,7 @@ def _write_bvecs(path, bvecs_fsl):
     return path
 
 
-def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0):
+def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRESHOLD):
     """Mean b0 (the reference every volume is aligned to) and the brain mask
     (:func:`pipeline.preprocess.brain_mask`, with the template's brain placed by an
     affine registration of a quick FA).
@@ -89,7 +89,7 @@ def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=50.0):
 
 
 def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
-            b0_threshold=50.0, n_jobs=1, memory_gb=None):
+            b0_threshold=B0_THRESHOLD, n_jobs=1, memory_gb=None):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
     ``memory_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
@@ -143,7 +143,7 @@ def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
 
 
 def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files, *, out_dir,
-                 b0_threshold=50.0):
+                 b0_threshold=B0_THRESHOLD):
     """Align the runs of one session to the first (rigid, mean b0) and concatenate them.
 
     Returns dict of paths: ``dwi``, ``bval``, ``bvec`` (first run's grid, FSL
@@ -181,7 +181,7 @@ def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files
 
 
 def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model="affine",
-                   b0_threshold=50.0, n_jobs=1):
+                   b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Align every volume to the mean b0 and rotate its b-vector with it.
 
     Returns dict of paths: ``dwi``, ``bvec`` (rotated, FSL convention) and
@@ -208,7 +208,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
 
 
 def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *, out_dir,
-                    b0_threshold=50.0, action="exclude"):
+                    b0_threshold=B0_THRESHOLD, action="exclude"):
     """Volumes with signal dropout or extreme motion.
 
     ``action`` "exclude" leaves them out of the tensor fit; "report" only lists them.
@@ -229,7 +229,7 @@ def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *
 
 
 def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1_file, *,
-                    out_dir, mode="fix", b0_threshold=50.0, source_bvec_file=None):
+                    out_dir, mode="fix", b0_threshold=B0_THRESHOLD, source_bvec_file=None):
     """Fibre-coherence check of the gradient table (axis flips and permutations).
 
     ``mode``: "fix" applies the best table and reports it, "error" stops with
@@ -288,7 +288,7 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
 
 
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
-               b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
+               b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
 
     Uses b0 and the shells up to ``max_bvalue`` s/mm², without excluded outliers.
@@ -412,7 +412,7 @@ def cst_search_box(rois, affine, margin_mm=CSD_BOX_MARGIN_MM):
 
 
 def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_file, *,
-             out_dir, model="dti", fa_stop=0.2, b0_threshold=50.0, n_jobs=1):
+             out_dir, model="dti", fa_stop=0.2, b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Choose the tracking model for the acquisition and, for CSD, fit the fibre ODFs.
 
     Parameters
@@ -631,7 +631,7 @@ AFQ_TRACT_NAMES = {"left": "Left Corticospinal", "right": "Right Corticospinal"}
 
 def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
                    rois_file, dwi_file, bval_file, bvec_file, outliers_file, *, out_dir, subject,
-                   b0_threshold=50.0, max_bvalue=preprocess.DTI_MAX_BVALUE, seed=0):
+                   b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, seed=0):
     """100-node profiles of both CSTs (TSV), per-side summaries and asymmetry (JSON).
 
     The JSON also holds :data:`pipeline.uncertainty.N_BOOTSTRAP` bootstrap

@@ -5,6 +5,7 @@ from nipype.interfaces.base import traits
 from nipype.interfaces.utility.wrappers import FunctionInputSpec
 from nipype.pipeline import engine as pe
 
+from pipeline.dwi import B0_THRESHOLD
 from pipeline.preprocess import DTI_MAX_BVALUE
 
 from . import nodes
@@ -291,7 +292,7 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     return wf
 
 
-def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_threshold=50.0,
+def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_threshold=B0_THRESHOLD,
                 dti_max_bvalue=DTI_MAX_BVALUE, name="cst_wf"):
     """Template registration, the tracking model, CST tracking and 100-node tract profiles.
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.clinical import read_clinical_scores
+from pipeline.dwi import B0_THRESHOLD
 from pipeline.errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_NOT_ASSESSABLE,
@@ -110,7 +111,7 @@ def _add_common_options(parser):
                         "'slurm' to start a dask-jobqueue SLURMCluster of --n-jobs workers "
                         "(needs the [dask] extra)")
     g = parser.add_argument_group("preprocessing")
-    g.add_argument("--b0-threshold", type=float, default=50.0, metavar="B",
+    g.add_argument("--b0-threshold", type=float, default=B0_THRESHOLD, metavar="B",
                    help="b-values <= B s/mm² are b0 (default 50)")
     g.add_argument("--denoise", choices=("mppca", "patch2self", "none"), default="mppca",
                    help="denoising method (default mppca)")
