@@ -458,8 +458,7 @@ class _Progress:
             started = self._started.pop(node.fullname, None)
             seconds = None if started is None else round(time.monotonic() - started, 2)
             self.steps.append((node.fullname, outcome, seconds))
-            LOG.info("step %s: %s%s", node.fullname, outcome,
-                     "" if seconds is None or outcome == "cached" else f" in {seconds:.1f} s")
+            LOG.info("step %s: %s", node.fullname, outcome)
             self.bar.update(1)
 
     def close(self):
