@@ -52,11 +52,8 @@ def parallel_map(function, argument_tuples, *, n_jobs, threads=False):
     """
     argument_tuples = list(argument_tuples)
     on_dask = _ON_DASK.get()
-    if threads and not on_dask:
-        # n_jobs=1 runs the calls here, one after the other
-        with threadpool_limits(limits=1, user_api="blas"), \
-                Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
-            return parallel(delayed(function)(*args) for args in argument_tuples)
+    if threads and not on_dask:  # n_jobs=1 runs the calls here, one after the other
+        return list(parallel_imap_threads(function, argument_tuples, n_jobs=n_jobs))
     if not on_dask and (n_jobs == 1 or len(argument_tuples) < 2):
         return [function(*args) for args in argument_tuples]
     results = []

@@ -40,9 +40,10 @@ from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 from .config import format_config, read_config
 from .execution import (
     PLUGINS,
+    argparse_type,
+    check_mem_gb,
+    check_n_jobs,
     outputs_up_to_date,
-    parse_mem_gb,
-    parse_n_jobs,
     parse_plugin_args,
     remove_subject_work,
     resolve_mem_gb,
@@ -88,11 +89,11 @@ def _add_common_options(parser):
     parser.add_argument("--keep-work", action="store_true", default=False,
                         help="keep the subject's work folder after a successful run (by "
                              "default it is removed; a failed run always keeps it)")
-    parser.add_argument("--n-jobs", type=parse_n_jobs, default=1, metavar="N",
+    parser.add_argument("--n-jobs", type=argparse_type(check_n_jobs), default=1, metavar="N",
                         help="parallel workers for denoising and tracking (default 1); -1: "
                              "every core this process may use (under SLURM, the job's "
                              "--cpus-per-task); results do not depend on it")
-    parser.add_argument("--mem-gb", type=parse_mem_gb, default=None, metavar="GB",
+    parser.add_argument("--mem-gb", type=argparse_type(check_mem_gb), default=None, metavar="GB",
                         help="memory budget in GiB (default: what the machine, or the SLURM "
                              "allocation, has available); denoising works in chunks sized "
                              "from it and a series that needs more is refused up front; "
@@ -435,8 +436,16 @@ class _Progress:
 
         self.bar = tqdm(total=total, unit="step", desc="cst-report",
                         disable=not sys.stderr.isatty(), leave=False)
-        self.computed, self.cached, self.steps = [], [], []
+        self.steps = []
         self._will_compute, self._started = {}, {}
+
+    @property
+    def computed(self):
+        return [name for name, outcome, _ in self.steps if outcome == "computed"]
+
+    @property
+    def cached(self):
+        return [name for name, outcome, _ in self.steps if outcome == "cached"]
 
     def __call__(self, node, status):
         if status == "start":
@@ -451,10 +460,8 @@ class _Progress:
                 outcome = "FAILED"
             elif self._will_compute.pop(node.fullname, False):
                 outcome = "computed"
-                self.computed.append(node.fullname)
             else:
                 outcome = "cached"
-                self.cached.append(node.fullname)
             started = self._started.pop(node.fullname, None)
             seconds = None if started is None else round(time.monotonic() - started, 2)
             self.steps.append((node.fullname, outcome, seconds))

@@ -58,6 +58,11 @@ CONFIG_KEYS = {
     ("prognosis", "prep2_nihss"): "prep2_nihss",
 }
 
+#: Settings of the ``[execution]`` section whose values are checked on reading (argparse
+#: checks them on the command line): key → (check, example for the message).
+CHECKED_SETTINGS = {"n_jobs": (check_n_jobs, "n_jobs = 2, or n_jobs = -1"),
+                    "mem_gb": (check_mem_gb, "mem_gb = 8")}
+
 
 def read_config(path):
     """Argparse defaults from a TOML file.
@@ -83,18 +88,13 @@ def read_config(path):
                                  fix=f"Known settings: {known}.")
             defaults[CONFIG_KEYS[(section, key)]] = value
     # argparse checks the values it parses, not the defaults taken from here.
-    if "n_jobs" in defaults:
-        try:
-            defaults["n_jobs"] = check_n_jobs(defaults["n_jobs"])
-        except ValueError as exc:
-            raise InputError(f"Invalid setting 'execution.n_jobs': {exc}.", path=path,
-                             fix="Write e.g. n_jobs = 2, or n_jobs = -1.") from exc
-    if "mem_gb" in defaults:
-        try:
-            defaults["mem_gb"] = check_mem_gb(defaults["mem_gb"])
-        except ValueError as exc:
-            raise InputError(f"Invalid setting 'execution.mem_gb': {exc}.", path=path,
-                             fix="Write e.g. mem_gb = 8.") from exc
+    for key, (check, example) in CHECKED_SETTINGS.items():
+        if key in defaults:
+            try:
+                defaults[key] = check(defaults[key])
+            except ValueError as exc:
+                raise InputError(f"Invalid setting 'execution.{key}': {exc}.", path=path,
+                                 fix=f"Write e.g. {example}.") from exc
     return defaults
 
 

@@ -94,14 +94,6 @@ def check_n_jobs(value):
     return number
 
 
-def parse_n_jobs(text):
-    """``--n-jobs`` value (argparse ``type``): see :func:`check_n_jobs`."""
-    try:
-        return check_n_jobs(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def available_cores():
     """Cores this process may use.
 
@@ -140,12 +132,18 @@ def check_mem_gb(value):
     return number
 
 
-def parse_mem_gb(text):
-    """``--mem-gb`` value (argparse ``type``): see :func:`check_mem_gb`."""
-    try:
-        return check_mem_gb(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def argparse_type(check):
+    """An argparse ``type`` from a setting's ``check`` (value → value, ``ValueError`` with a
+    one-line message): the same rule for the command line as for the TOML file."""
+
+    def parse(text):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    parse.__name__ = check.__name__.replace("check_", "")
+    return parse
 
 
 def available_memory_gb():
