@@ -46,7 +46,11 @@ rerun skips it (``--refresh`` reruns ``cst-report`` anyway, which resumes from i
 folder, e.g. after a change of the detection settings). A failed run is recorded
 (``failed.json``, ``cst-report.log``) and retried by the next invocation.
 ``--max-runs N`` stops after N ``cst-report`` invocations (0: only print the tables of
-what is cached). Runs are sequential; ``--n-jobs`` goes to ``cst-report``.
+what is cached). ``--reassess`` judges the finished runs again with the current
+detection code and settings, from the profiles and bootstrap replicates their work
+folders keep (seconds per run, nothing rewritten): how a change of the statistic or
+of the healthy model is tried on the cached runs. Runs are sequential; ``--n-jobs``
+goes to ``cst-report``.
 
 Layout: ``OUT/runs/<run>/healthy/<condition>/`` and
 ``OUT/runs/<run>/<side>-<level>-fa<drop %>/<condition>/`` hold ``bids/``, ``out/``,
@@ -183,8 +187,9 @@ def find_runs(datasets, subjects):
 class Runner:
     """``cst-report`` on one-run BIDS copies, with a budget of invocations."""
 
-    def __init__(self, n_jobs, max_runs, refresh, keep_work=True):
+    def __init__(self, n_jobs, max_runs, refresh, keep_work=True, reassess=False):
         self.n_jobs, self.max_runs, self.refresh = n_jobs, max_runs, refresh
+        self.reassess = reassess
         self.started = 0
         self.pending = 0  # runs wanted but left for a later invocation (budget)
         self.failed = []  # runs that failed in this invocation (retried by the next)
@@ -204,7 +209,8 @@ class Runner:
         """
         cached = run_dir / "metrics.json"
         if cached.is_file() and not self.refresh:
-            return json.loads(cached.read_text())
+            metrics = json.loads(cached.read_text())
+            return reassessed(metrics, run_dir) if self.reassess else metrics
         if not self.budget_left():
             self.pending += 1
             return json.loads(cached.read_text()) if cached.is_file() else None
@@ -235,6 +241,24 @@ class Runner:
         cached.write_text(text)
         print(f"    ran {what} in {seconds:.0f} s", flush=True)
         return json.loads(text)
+
+
+def reassessed(metrics, run_dir):
+    """``metrics`` with its localisation redone by the current detection code and default
+    settings, from the profiles and bootstrap replicates kept in the run's work folder
+    (nothing is written; QC and tracking stay as the run made them)."""
+    if not metrics["qc"]["assessable"]:
+        return metrics
+    kept = sorted(run_dir.glob("out/.cst-work/*/*/cst_wf/tract_profiles/profiles.json"))
+    if not kept:
+        raise SystemExit(f"--reassess: no profiles.json in the work folder of {run_dir} "
+                         f"(run without --no-keep-work)")
+    profiles = json.loads(kept[0].read_text())
+    ai = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]])
+    found = localization.localize_damage(
+        ai, profiles["node_levels"], {s: np.asarray(profiles["node_xyz"][s]) for s in SIDES},
+        ai_bootstrap=profiles["fa_ai_bootstrap"], node_mni_z=profiles.get("node_mni_z"))
+    return {**metrics, "localization": found}
 
 
 def noise_sigma(run, run_root):
@@ -432,6 +456,11 @@ def main(argv=None):
     parser.add_argument("--refresh", action="store_true",
                         help="rerun cst-report on finished runs too (it resumes from its work "
                              "folder)")
+    parser.add_argument("--reassess", action="store_true",
+                        help="judge finished runs again with the current detection code and "
+                             "defaults, from the profiles kept in their work folders, without "
+                             "rerunning cst-report (seconds per run; nothing is written but the "
+                             "tables)")
     parser.add_argument("--no-keep-work", action="store_true",
                         help="do not pass --keep-work to cst-report (saves disk: a run's work "
                              "folder is ~10x its input, but --refresh then redoes whole runs)")
@@ -452,7 +481,8 @@ def main(argv=None):
         raise SystemExit("no runs selected")
     conditions = [c for c in CONDITIONS if c in args.degradations]
     args.out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.n_jobs, args.max_runs, args.refresh, keep_work=not args.no_keep_work)
+    runner = Runner(args.n_jobs, args.max_runs, args.refresh, keep_work=not args.no_keep_work,
+                    reassess=args.reassess)
     print(f"{len(runs)} runs of {len({r.label for r in runs})} subjects ({args.split}); "
           f"conditions {', '.join(conditions)}; cst-report "
           f"{'with' if runner.keep_work else 'without'} --keep-work", flush=True)
