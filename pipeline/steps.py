@@ -35,6 +35,7 @@ from . import (
 from . import denoise as denoise_module
 from .dwi import B0_THRESHOLD, load_dwi
 from .errors import InputError
+from .stage import stage
 from .tractometry import HEMI, SIDES
 
 
@@ -61,6 +62,7 @@ def _write_bvecs(path, bvecs_fsl):
     return path
 
 
+@stage(outputs=("b0", "mask"))
 def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRESHOLD):
     """Mean b0 (the reference every volume is aligned to) and the brain mask
     (:func:`pipeline.preprocess.brain_mask`, with the template's brain placed by an
@@ -88,6 +90,7 @@ def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRES
                                            dtype=np.uint8))}
 
 
+@stage(outputs=("dwi", "qc"))
 def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
             b0_threshold=B0_THRESHOLD, n_jobs=1, memory_gb=None):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
@@ -130,6 +133,7 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
             "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
 
 
+@stage(outputs=("dwi",))
 def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
     """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016).
 
@@ -142,6 +146,7 @@ def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
                                           img.affine))}
 
 
+@stage(outputs=("dwi", "bval", "bvec", "mask", "denoise_qc", "qc"))
 def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files, *, out_dir,
                  b0_threshold=B0_THRESHOLD):
     """Align the runs of one session to the first (rigid, mean b0) and concatenate them.
@@ -180,6 +185,7 @@ def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files
             "qc": str(outputs.write_json(out_dir / "combine_qc.json", qc))}
 
 
+@stage(outputs=("dwi", "bvec", "qc"))
 def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model="affine",
                    b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Align every volume to the mean b0 and rotate its b-vector with it.
@@ -207,6 +213,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
             "qc": str(outputs.write_json(out_dir / "motion_qc.json", qc))}
 
 
+@stage(outputs=("qc",))
 def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *, out_dir,
                     b0_threshold=B0_THRESHOLD, action="exclude"):
     """Volumes with signal dropout or extreme motion.
@@ -228,6 +235,7 @@ def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *
     return {"qc": str(outputs.write_json(Path(out_dir) / "outliers_qc.json", found))}
 
 
+@stage(outputs=("bvec", "v1", "qc"))
 def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1_file, *,
                     out_dir, mode="fix", b0_threshold=B0_THRESHOLD, source_bvec_file=None):
     """Fibre-coherence check of the gradient table (axis flips and permutations).
@@ -287,6 +295,7 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
     return paths
 
 
+@stage(outputs=("fa", "md", "rd", "ad", "v1", "qc"))
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
                b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
@@ -313,6 +322,7 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
     return paths
 
 
+@stage(output="qc")
 def collect_preprocessing_qc(*, out_dir, denoise_qc, motion_qc, outliers_qc, gradient_qc,
                              tensor_qc, combine_qc=None):
     """One JSON with the QC of every preprocessing node (None for a skipped step).
@@ -340,6 +350,7 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+@stage(outputs=("rois", "mni_z", "template_mask", "qc"))
 def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     """Register FA to the MNI FA template; bring the CST ROIs and MNI heights to the subject.
 
@@ -411,6 +422,7 @@ def cst_search_box(rois, affine, margin_mm=CSD_BOX_MARGIN_MM):
     return box
 
 
+@stage(outputs=("sh", "qc"))
 def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_file, *,
              out_dir, model="dti", fa_stop=0.2, b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Choose the tracking model for the acquisition and, for CSD, fit the fibre ODFs.
@@ -522,6 +534,7 @@ def _lowest_kept_landmark(streamlines, rois, affine, chains):
             return chain, selected, counts
 
 
+@stage(outputs=("left", "right", "qc"))
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_z_file, *,
               out_dir,
               sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, gap_fa=0.1,
@@ -629,6 +642,7 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_
 AFQ_TRACT_NAMES = {"left": "Left Corticospinal", "right": "Right Corticospinal"}
 
 
+@stage(outputs=("tsv", "json"))
 def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
                    rois_file, dwi_file, bval_file, bvec_file, outliers_file, *, out_dir, subject,
                    b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, seed=0):
@@ -843,6 +857,7 @@ def motion_notices(motion_qc, limits=None):
             f"check the motion plot, and compare with other runs with care."]
 
 
+@stage(output="metrics")
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
            out_dir, subject, entities, input_files, parameters, thresholds=None,
            qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI, clinical=None,
@@ -1006,6 +1021,7 @@ def _write_roi_labels(dseg_path):
                               "\n".join(lines) + "\n")
 
 
+@stage(output="written")
 def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, parameters):
     """Write a run's results into the BIDS-Derivatives tree, each file atomically,
     each with a JSON sidecar; the metrics JSON is written last, so its presence
