@@ -4,6 +4,10 @@ Each stage reads its inputs from files, writes its outputs into ``out_dir``
 (a Nipype node's working folder when run from ``workflows``) and returns the
 paths. Keeping the stages file-based is what lets Nipype cache them, resume a
 killed run and ship them to other processes or cluster nodes.
+
+Each stage names its results once (:func:`pipeline.stage.stage`); its Nipype node is
+built from that and its signature (:func:`workflows.base.stage_node`), so the names of
+its parameters are those of the node's inputs.
 """
 
 import csv
@@ -92,10 +96,10 @@ def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRES
 
 @stage(outputs=("dwi", "qc"))
 def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
-            b0_threshold=B0_THRESHOLD, n_jobs=1, memory_gb=None):
+            b0_threshold=B0_THRESHOLD, n_jobs=1, mem_gb=None):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
-    ``memory_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
+    ``mem_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
     series and its denoised box stay in memory; MP-PCA's slabs and patch batches share
     what is left (:func:`pipeline.denoise.mppca_chunks`). The result does not depend on it.
 
@@ -109,9 +113,9 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     measured_b0 = preprocess.mean_b0(data, scan.b0_mask)  # before data is denoised in place
     working_bytes = None
-    if memory_gb is not None:
+    if mem_gb is not None:
         resident = 2 * data.nbytes  # the series and the denoised copy of its brain box
-        working_bytes = max(int(memory_gb * 2 ** 30) - resident, 0)
+        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
     patch_radius = denoise_module.mppca_patch_radius(data.shape[-1])
     denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
                                                  patch_radius=patch_radius, n_jobs=n_jobs,
@@ -861,11 +865,14 @@ def motion_notices(motion_qc, limits=None):
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
            out_dir, subject, entities, input_files, parameters, thresholds=None,
            qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI, clinical=None,
-           prep2_thresholds=None):
+           prep2_thresholds=None, execution=None):
     """Localisation, prognosis, QC and provenance → the metrics JSON (public contract).
 
     ``clinical``: the participant's bedside scores for PREP2
     (:func:`pipeline.clinical.read_clinical_scores`), recorded under ``clinical``.
+    ``parameters``: the settings recorded in the provenance; ``execution``: the settings
+    that do not change results (``workflows.execution.EXECUTION_SETTINGS``), recorded
+    before them (those of the run that made the assessment).
     """
     profiles = json.loads(Path(profiles_json).read_text())
     reg_qc = json.loads(Path(registration_qc_file).read_text())
@@ -927,9 +934,27 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "detectable_fa_drop": loc.get("detectable_fa_drop"),
             "combined_runs": pre_qc.get("combined_runs"),
         },
-        "provenance": outputs.provenance(inputs=input_files, parameters=parameters),
+        "provenance": outputs.provenance(inputs=input_files,
+                                         parameters={**(execution or {}), **parameters}),
     }
     return str(outputs.write_json(Path(out_dir) / "metrics.json", metrics))
+
+
+@stage(output="html")
+def make_report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, mask_file,
+                rois_file, template_mask_file, *, out_dir, n_jobs=1):
+    """The run's HTML report (:func:`pipeline.report.write_report`) from its metrics JSON.
+
+    Returns the path of ``report.html``.
+    """
+    from .report import write_report
+
+    metrics = json.loads(Path(metrics_json).read_text())
+    return str(write_report(Path(out_dir) / "report.html", metrics=metrics,
+                            profiles_tsv=profiles_tsv, fa_file=fa_file,
+                            tract_files={"left": left_trk, "right": right_trk},
+                            mask_file=mask_file, rois_file=rois_file, v1_file=v1_file,
+                            template_in_subject_file=template_mask_file, n_jobs=n_jobs))
 
 
 #: Derivative file names (after the ``sub-X[_entities]`` stem) and what each holds.
@@ -1022,10 +1047,15 @@ def _write_roi_labels(dseg_path):
 
 
 @stage(output="written")
-def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, parameters):
+def write_derivatives(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report, *,
+                      report_dir, stem, derivatives_dir, source_files, parameters):
     """Write a run's results into the BIDS-Derivatives tree, each file atomically,
     each with a JSON sidecar; the metrics JSON is written last, so its presence
     means the run's outputs are complete.
+
+    ``fa`` to ``profiles_tsv`` are the files of :data:`DERIVATIVES` (by its keys),
+    ``metrics`` the metrics JSON and ``report`` the HTML report, copied into
+    ``report_dir`` (the root of the derivatives).
 
     The images are written again with the input DWI's xform codes
     (:func:`pipeline.outputs.save_nifti`), the ROI segmentation gets its label
@@ -1036,6 +1066,8 @@ def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, pa
     """
     import shutil
 
+    files = {"fa": fa, "md": md, "rd": rd, "ad": ad, "mask": mask, "rois": rois, "left": left,
+             "right": right, "profiles_tsv": profiles_tsv}
     derivatives_dir = Path(derivatives_dir)
     # The input image (with --combine-runs, the first run's: the grid of them all).
     dwi = source_files[0]
@@ -1069,6 +1101,6 @@ def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, pa
             target, description=description, sources=source_files,
             spatial_reference=spatial_reference, parameters=parameters,
             extra=_SIDECAR_FIELDS.get(key))))
-    copy(files["report"], Path(out_dir) / f"{stem}.html")
-    copy(files["metrics"], derivatives_dir / f"{stem}_desc-cst_metrics.json")
+    copy(report, Path(report_dir) / f"{stem}.html")
+    copy(metrics, derivatives_dir / f"{stem}_desc-cst_metrics.json")
     return written
