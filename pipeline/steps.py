@@ -4,6 +4,10 @@ Each stage reads its inputs from files, writes its outputs into ``out_dir``
 (a Nipype node's working folder when run from ``workflows``) and returns the
 paths. Keeping the stages file-based is what lets Nipype cache them, resume a
 killed run and ship them to other processes or cluster nodes.
+
+Each stage names its results once (:func:`pipeline.stage.stage`); its Nipype node is
+built from that and its signature (:func:`workflows.base.stage_node`), so the names of
+its parameters are those of the node's inputs.
 """
 
 import csv
@@ -35,6 +39,7 @@ from . import (
 from . import denoise as denoise_module
 from .dwi import B0_THRESHOLD, load_dwi
 from .errors import InputError
+from .stage import stage
 from .tractometry import HEMI, SIDES
 
 
@@ -61,6 +66,7 @@ def _write_bvecs(path, bvecs_fsl):
     return path
 
 
+@stage(outputs=("b0", "mask"))
 def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRESHOLD):
     """Mean b0 (the reference every volume is aligned to) and the brain mask
     (:func:`pipeline.preprocess.brain_mask`, with the template's brain placed by an
@@ -88,11 +94,12 @@ def brain_mask(dwi_file, bval_file, bvec_file, *, out_dir, b0_threshold=B0_THRES
                                            dtype=np.uint8))}
 
 
+@stage(outputs=("dwi", "qc"))
 def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca",
-            b0_threshold=B0_THRESHOLD, n_jobs=1, memory_gb=None):
+            b0_threshold=B0_THRESHOLD, n_jobs=1, mem_gb=None):
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
-    ``memory_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
+    ``mem_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
     series and its denoised box stay in memory; MP-PCA's slabs and patch batches share
     what is left (:func:`pipeline.denoise.mppca_chunks`). The result does not depend on it.
 
@@ -106,9 +113,9 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     measured_b0 = preprocess.mean_b0(data, scan.b0_mask)  # before data is denoised in place
     working_bytes = None
-    if memory_gb is not None:
+    if mem_gb is not None:
         resident = 2 * data.nbytes  # the series and the denoised copy of its brain box
-        working_bytes = max(int(memory_gb * 2 ** 30) - resident, 0)
+        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
     patch_radius = denoise_module.mppca_patch_radius(data.shape[-1])
     denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
                                                  patch_radius=patch_radius, n_jobs=n_jobs,
@@ -130,6 +137,7 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
             "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
 
 
+@stage(outputs=("dwi",))
 def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
     """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016).
 
@@ -142,6 +150,7 @@ def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
                                           img.affine))}
 
 
+@stage(outputs=("dwi", "bval", "bvec", "mask", "denoise_qc", "qc"))
 def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files, *, out_dir,
                  b0_threshold=B0_THRESHOLD):
     """Align the runs of one session to the first (rigid, mean b0) and concatenate them.
@@ -180,6 +189,7 @@ def combine_runs(dwi_files, bval_files, bvec_files, mask_files, denoise_qc_files
             "qc": str(outputs.write_json(out_dir / "combine_qc.json", qc))}
 
 
+@stage(outputs=("dwi", "bvec", "qc"))
 def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model="affine",
                    b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Align every volume to the mean b0 and rotate its b-vector with it.
@@ -207,6 +217,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
             "qc": str(outputs.write_json(out_dir / "motion_qc.json", qc))}
 
 
+@stage(outputs=("qc",))
 def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *, out_dir,
                     b0_threshold=B0_THRESHOLD, action="exclude"):
     """Volumes with signal dropout or extreme motion.
@@ -228,6 +239,7 @@ def detect_outliers(dwi_file, bval_file, bvec_file, mask_file, motion_qc_file, *
     return {"qc": str(outputs.write_json(Path(out_dir) / "outliers_qc.json", found))}
 
 
+@stage(outputs=("bvec", "v1", "qc"))
 def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1_file, *,
                     out_dir, mode="fix", b0_threshold=B0_THRESHOLD, source_bvec_file=None):
     """Fibre-coherence check of the gradient table (axis flips and permutations).
@@ -287,6 +299,7 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
     return paths
 
 
+@stage(outputs=("fa", "md", "rd", "ad", "v1", "qc"))
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
                b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
@@ -313,6 +326,7 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
     return paths
 
 
+@stage(output="qc")
 def collect_preprocessing_qc(*, out_dir, denoise_qc, motion_qc, outliers_qc, gradient_qc,
                              tensor_qc, combine_qc=None):
     """One JSON with the QC of every preprocessing node (None for a skipped step).
@@ -340,6 +354,7 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+@stage(outputs=("rois", "mni_z", "template_mask", "qc"))
 def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     """Register FA to the MNI FA template; bring the CST ROIs and MNI heights to the subject.
 
@@ -411,6 +426,7 @@ def cst_search_box(rois, affine, margin_mm=CSD_BOX_MARGIN_MM):
     return box
 
 
+@stage(outputs=("sh", "qc"))
 def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_file, *,
              out_dir, model="dti", fa_stop=0.2, b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Choose the tracking model for the acquisition and, for CSD, fit the fibre ODFs.
@@ -522,6 +538,7 @@ def _lowest_kept_landmark(streamlines, rois, affine, chains):
             return chain, selected, counts
 
 
+@stage(outputs=("left", "right", "qc"))
 def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_z_file, *,
               out_dir,
               sh_file=None, fodf_qc_file=None, direction="prob", fa_stop=0.2, gap_fa=0.1,
@@ -629,6 +646,7 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_
 AFQ_TRACT_NAMES = {"left": "Left Corticospinal", "right": "Right Corticospinal"}
 
 
+@stage(outputs=("tsv", "json"))
 def tract_profiles(left_trk, right_trk, fa_file, md_file, rd_file, ad_file, mni_z_file,
                    rois_file, dwi_file, bval_file, bvec_file, outliers_file, *, out_dir, subject,
                    b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, seed=0):
@@ -843,14 +861,18 @@ def motion_notices(motion_qc, limits=None):
             f"check the motion plot, and compare with other runs with care."]
 
 
+@stage(output="metrics")
 def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
            out_dir, subject, entities, input_files, parameters, thresholds=None,
            qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI, clinical=None,
-           prep2_thresholds=None):
+           prep2_thresholds=None, execution=None):
     """Localisation, prognosis, QC and provenance → the metrics JSON (public contract).
 
     ``clinical``: the participant's bedside scores for PREP2
     (:func:`pipeline.clinical.read_clinical_scores`), recorded under ``clinical``.
+    ``parameters``: the settings recorded in the provenance; ``execution``: the settings
+    that do not change results (``workflows.execution.EXECUTION_SETTINGS``), recorded
+    before them (those of the run that made the assessment).
     """
     profiles = json.loads(Path(profiles_json).read_text())
     reg_qc = json.loads(Path(registration_qc_file).read_text())
@@ -912,9 +934,27 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "detectable_fa_drop": loc.get("detectable_fa_drop"),
             "combined_runs": pre_qc.get("combined_runs"),
         },
-        "provenance": outputs.provenance(inputs=input_files, parameters=parameters),
+        "provenance": outputs.provenance(inputs=input_files,
+                                         parameters={**(execution or {}), **parameters}),
     }
     return str(outputs.write_json(Path(out_dir) / "metrics.json", metrics))
+
+
+@stage(output="html")
+def make_report(metrics_json, profiles_tsv, fa_file, v1_file, left_trk, right_trk, mask_file,
+                rois_file, template_mask_file, *, out_dir, n_jobs=1):
+    """The run's HTML report (:func:`pipeline.report.write_report`) from its metrics JSON.
+
+    Returns the path of ``report.html``.
+    """
+    from .report import write_report
+
+    metrics = json.loads(Path(metrics_json).read_text())
+    return str(write_report(Path(out_dir) / "report.html", metrics=metrics,
+                            profiles_tsv=profiles_tsv, fa_file=fa_file,
+                            tract_files={"left": left_trk, "right": right_trk},
+                            mask_file=mask_file, rois_file=rois_file, v1_file=v1_file,
+                            template_in_subject_file=template_mask_file, n_jobs=n_jobs))
 
 
 #: Derivative file names (after the ``sub-X[_entities]`` stem) and what each holds.
@@ -1006,10 +1046,16 @@ def _write_roi_labels(dseg_path):
                               "\n".join(lines) + "\n")
 
 
-def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, parameters):
+@stage(output="written")
+def write_derivatives(fa, md, rd, ad, mask, rois, left, right, profiles_tsv, metrics, report, *,
+                      report_dir, stem, derivatives_dir, source_files, parameters):
     """Write a run's results into the BIDS-Derivatives tree, each file atomically,
     each with a JSON sidecar; the metrics JSON is written last, so its presence
     means the run's outputs are complete.
+
+    ``fa`` to ``profiles_tsv`` are the files of :data:`DERIVATIVES` (by its keys),
+    ``metrics`` the metrics JSON and ``report`` the HTML report, copied into
+    ``report_dir`` (the root of the derivatives).
 
     The images are written again with the input DWI's xform codes
     (:func:`pipeline.outputs.save_nifti`), the ROI segmentation gets its label
@@ -1020,6 +1066,8 @@ def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, pa
     """
     import shutil
 
+    files = {"fa": fa, "md": md, "rd": rd, "ad": ad, "mask": mask, "rois": rois, "left": left,
+             "right": right, "profiles_tsv": profiles_tsv}
     derivatives_dir = Path(derivatives_dir)
     # The input image (with --combine-runs, the first run's: the grid of them all).
     dwi = source_files[0]
@@ -1053,6 +1101,6 @@ def write_derivatives(files, *, out_dir, stem, derivatives_dir, source_files, pa
             target, description=description, sources=source_files,
             spatial_reference=spatial_reference, parameters=parameters,
             extra=_SIDECAR_FIELDS.get(key))))
-    copy(files["report"], Path(out_dir) / f"{stem}.html")
-    copy(files["metrics"], derivatives_dir / f"{stem}_desc-cst_metrics.json")
+    copy(report, Path(report_dir) / f"{stem}.html")
+    copy(metrics, derivatives_dir / f"{stem}_desc-cst_metrics.json")
     return written

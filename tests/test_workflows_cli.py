@@ -13,7 +13,8 @@ from nipype.pipeline import engine as pe
 
 from pipeline.bids import find_dwi_runs
 from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
-from workflows.base import _function_node, init_single_subject_wf
+from pipeline.stage import stage
+from workflows.base import init_single_subject_wf, stage_node
 from workflows.cli import (
     _Progress,
     bids_app_parser,
@@ -222,6 +223,7 @@ def test_cst_integrity_refuses_bad_n_jobs_in_a_fresh_process(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@stage(output="y")
 def _double(x):
     return 2 * x
 
@@ -233,9 +235,8 @@ def test_log_tells_computed_from_cached_steps(tmp_path, caplog):
         outcomes = []
         for _ in range(2):
             wf = pe.Workflow(name="steps", base_dir=str(tmp_path / plugin))
-            first = _function_node(_double, ["x"], ["y"], "first")
-            first.inputs.x = 1
-            again = _function_node(_double, ["x"], ["y"], "again", overwrite=True)
+            first = stage_node(_double, "first", inputs={"x": 1})
+            again = stage_node(_double, "again", overwrite=True)
             wf.connect(first, "y", again, "x")
             progress = _Progress(2)
             with caplog.at_level(logging.INFO, logger="cst"):

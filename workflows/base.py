@@ -1,25 +1,33 @@
 """Nipype workflows: one subject, and one diffusion run of it."""
 
+import inspect
+
 from nipype.interfaces import utility as niu
 from nipype.interfaces.base import traits
 from nipype.interfaces.utility.wrappers import FunctionInputSpec
 from nipype.pipeline import engine as pe
 
+from pipeline import steps
 from pipeline.dwi import B0_THRESHOLD
 from pipeline.preprocess import DTI_MAX_BVALUE
 
-from . import nodes
-from .execution import split_parameters
+from .execution import EXECUTION_SETTINGS, split_parameters
+
+#: Inputs of a stage that its cached result does not depend on: the execution settings, and
+#: ``execution`` (all of them, recorded in the provenance).
+UNHASHED_INPUTS = (*EXECUTION_SETTINGS, "execution")
 
 
-class _FunctionInputSpec(FunctionInputSpec):
-    """Inputs of :class:`_Function`: the execution settings a step may take, unhashed.
+class _StageInputSpec(FunctionInputSpec):
+    """Inputs of :class:`StageInterface`: the stage, and the execution settings it may take,
+    unhashed.
 
     Nipype reuses a step's cached result while the hash of its inputs is
     unchanged; ``nohash`` leaves these out of it, as they do not change what the
     step computes (see :data:`workflows.execution.EXECUTION_SETTINGS`).
     """
 
+    stage = traits.Str(mandatory=True, desc="the stage run, 'module:function'")
     n_jobs = traits.Int(nohash=True, desc="workers or threads of the step")
     mem_gb = traits.Any(nohash=True, desc="memory budget of the step (GiB) or None")
     # Any, not Either(None, Str): Nipype reads ``nohash`` from the trait type, which
@@ -28,26 +36,86 @@ class _FunctionInputSpec(FunctionInputSpec):
     execution = traits.Dict(nohash=True, desc="the execution settings, for provenance")
 
 
-#: Inputs of a step that its cached result does not depend on.
-_UNHASHED_INPUTS = ("n_jobs", "mem_gb", "dask_scheduler", "execution")
+def _run_stage(stage, **inputs):
+    """Run the pipeline stage ``stage`` ("module:function") on ``inputs``, writing into the
+    current folder (the node's) when it takes an ``out_dir``; return its declared results,
+    a tuple when there are several.
+
+    Nipype ships this function to its worker as source text: it imports inside its body.
+    """
+    import importlib
+    import inspect
+    import os
+
+    module, _, name = stage.partition(":")
+    step = getattr(importlib.import_module(module), name)
+    if "out_dir" in inspect.signature(step).parameters:
+        inputs["out_dir"] = os.getcwd()
+    values = step.stage_outputs.values(step(**inputs))
+    return values if len(values) > 1 else values[0]
 
 
-class _Function(niu.Function):
-    """``niu.Function`` whose inputs in :data:`_UNHASHED_INPUTS` are not hashed."""
+def stage_inputs(step):
+    """The node inputs of the pipeline stage ``step``: its parameters but ``out_dir``.
 
-    input_spec = _FunctionInputSpec
+    Raises
+    ------
+    TypeError
+        ``step`` is not a stage (:func:`pipeline.stage.stage`), or takes ``*args`` or
+        ``**kwargs``.
+    """
+    if not hasattr(step, "stage_outputs"):
+        raise TypeError(f"{step.__qualname__} is not declared a stage (pipeline.stage.stage)")
+    parameters = inspect.signature(step).parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        raise TypeError(f"the stage {step.__qualname__} takes *args or **kwargs")
+    return [p.name for p in parameters if p.name != "out_dir"]
 
-    def __init__(self, function, input_names, output_names):
-        unhashed = [n for n in input_names if n in _UNHASHED_INPUTS]
-        # Function adds a hashed trait for each name it is given; the unhashed ones are
-        # declared by the spec already and only need to reach the function's arguments.
-        super().__init__(function=function, output_names=output_names,
-                         input_names=[n for n in input_names if n not in unhashed])
-        self._input_names.extend(unhashed)
+
+class StageInterface(niu.Function):
+    """The Nipype interface of a pipeline stage: its inputs are the stage's parameters
+    (:func:`stage_inputs`), its outputs the results it declares, and those of
+    :data:`UNHASHED_INPUTS` are not hashed."""
+
+    input_spec = _StageInputSpec
+
+    def __init__(self, step):
+        names = stage_inputs(step)
+        unhashed = [n for n in names if n in UNHASHED_INPUTS]
+        # Function adds a hashed trait for each name it is given; the stage and the unhashed
+        # inputs are declared by the spec already and only need to reach _run_stage.
+        super().__init__(function=_run_stage, output_names=list(step.stage_outputs.names),
+                         input_names=[n for n in names if n not in unhashed])
+        self._input_names.extend(["stage", *unhashed])
+        self.inputs.stage = f"{step.__module__}:{step.__name__}"
 
 
-def _function_node(function, inputs, outputs, name, **kwargs):
-    return pe.Node(_Function(function, inputs, outputs), name=name, **kwargs)
+def stage_node(step, name, *, inputs=None, **kwargs):
+    """A node running the pipeline stage ``step`` in its own folder (:class:`StageInterface`).
+
+    Parameters
+    ----------
+    step : function
+        A stage of :mod:`pipeline.steps` (:func:`pipeline.stage.stage`).
+    name : str
+        The node's name.
+    inputs : dict, optional
+        Values of some of its inputs (the others come by connections, or are the stage's
+        defaults).
+    **kwargs
+        Of :class:`nipype.pipeline.engine.Node` (``n_procs``, ``mem_gb``, ``overwrite``).
+
+    Raises
+    ------
+    ValueError
+        ``inputs`` names a parameter the stage does not take.
+    """
+    node = pe.Node(StageInterface(step), name=name, **kwargs)
+    unknown = sorted(set(inputs or ()) - set(stage_inputs(step)))
+    if unknown:
+        raise ValueError(f"the stage {step.__name__} takes no {', '.join(unknown)}")
+    node.inputs.trait_set(**(inputs or {}))
+    return node
 
 
 def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
@@ -80,15 +148,11 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["dwi", "b0", "mask", "denoise_qc"]),
                          name="outputnode")
-    mask = _function_node(nodes.brain_mask, ["dwi_file", "bval_file", "bvec_file",
-                                             "b0_threshold"], ["b0", "mask"], "brain_mask")
-    mask.inputs.b0_threshold = b0_threshold
-    noise = _function_node(nodes.denoise, ["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                           "method", "b0_threshold", "n_jobs",
-                                           "mem_gb"], ["dwi", "qc"], "denoise", n_procs=n_jobs,
-                           **({} if mem_gb is None else {"mem_gb": mem_gb}))
-    noise.inputs.trait_set(method=denoise, b0_threshold=b0_threshold, n_jobs=n_jobs,
-                           mem_gb=mem_gb)
+    mask = stage_node(steps.brain_mask, "brain_mask", inputs={"b0_threshold": b0_threshold})
+    noise = stage_node(steps.denoise, "denoise", n_procs=n_jobs,
+                       inputs={"method": denoise, "b0_threshold": b0_threshold,
+                               "n_jobs": n_jobs, "mem_gb": mem_gb},
+                       **({} if mem_gb is None else {"mem_gb": mem_gb}))
     files = [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]
     wf.connect([
         (inputnode, mask, files),
@@ -98,9 +162,8 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
         (noise, outputnode, [("qc", "denoise_qc")]),
     ])
     if gibbs:
-        ringing = _function_node(nodes.remove_gibbs, ["dwi_file", "mask_file", "n_jobs"],
-                                 ["dwi"], "remove_gibbs", n_procs=n_jobs)
-        ringing.inputs.n_jobs = n_jobs
+        ringing = stage_node(steps.remove_gibbs, "remove_gibbs", n_procs=n_jobs,
+                             inputs={"n_jobs": n_jobs})
         wf.connect([(noise, ringing, [("dwi", "dwi_file")]),
                     (mask, ringing, [("mask", "mask_file")]),
                     (ringing, outputnode, [("dwi", "dwi")])])
@@ -148,38 +211,27 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec", "outliers_qc"]),
         name="outputnode")
-    flag = _function_node(nodes.detect_outliers, ["dwi_file", "bval_file", "bvec_file",
-                                                  "mask_file", "motion_qc", "b0_threshold",
-                                                  "action"], ["qc"], "detect_outliers")
-    flag.inputs.trait_set(b0_threshold=b0_threshold, action=outliers)
-    check = _function_node(nodes.check_gradients, ["dwi_file", "bval_file", "bvec_file",
-                                                   "mask_file", "outliers_qc", "v1_file", "mode",
-                                                   "b0_threshold", "source_bvec_file"],
-                           ["bvec", "v1", "qc"], "check_gradients")
-    check.inputs.trait_set(mode=gradient_check, b0_threshold=b0_threshold)
-    fit = _function_node(nodes.fit_tensor, ["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                            "outliers_qc", "b0_threshold", "max_bvalue",
-                                            "n_jobs"],
-                         ["fa", "md", "rd", "ad", "v1", "qc"], "fit_tensor", n_procs=n_jobs)
-    fit.inputs.trait_set(b0_threshold=b0_threshold, max_bvalue=dti_max_bvalue, n_jobs=n_jobs)
-    collect = _function_node(nodes.collect_preprocessing_qc,
-                             ["denoise_qc", "motion_qc", "outliers_qc", "gradient_qc",
-                              "tensor_qc", "combine_qc"], ["qc"], "preprocessing_qc")
+    flag = stage_node(steps.detect_outliers, "detect_outliers",
+                      inputs={"b0_threshold": b0_threshold, "action": outliers})
+    check = stage_node(steps.check_gradients, "check_gradients",
+                       inputs={"mode": gradient_check, "b0_threshold": b0_threshold})
+    fit = stage_node(steps.fit_tensor, "fit_tensor", n_procs=n_jobs,
+                     inputs={"b0_threshold": b0_threshold, "max_bvalue": dti_max_bvalue,
+                             "n_jobs": n_jobs})
+    collect = stage_node(steps.collect_preprocessing_qc, "preprocessing_qc")
     # The series and its b-vectors as they leave motion correction (or skip it).
     series, series_field, bvecs, bvec_field = inputnode, "dwi_file", inputnode, "bvec_file"
     if motion != "none":
-        realign = _function_node(nodes.correct_motion, ["dwi_file", "bval_file", "bvec_file",
-                                                        "mask_file", "model", "b0_threshold",
-                                                        "n_jobs"], ["dwi", "bvec", "qc"],
-                                 "correct_motion", n_procs=n_jobs)
-        realign.inputs.trait_set(model=motion, b0_threshold=b0_threshold, n_jobs=n_jobs)
+        realign = stage_node(steps.correct_motion, "correct_motion", n_procs=n_jobs,
+                             inputs={"model": motion, "b0_threshold": b0_threshold,
+                                     "n_jobs": n_jobs})
         wf.connect([(inputnode, realign, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
                                           ("bvec_file", "bvec_file"), ("mask", "mask_file")]),
-                    (realign, flag, [("qc", "motion_qc")]),
+                    (realign, flag, [("qc", "motion_qc_file")]),
                     (realign, collect, [("qc", "motion_qc")])])
         series, series_field, bvecs, bvec_field = realign, "dwi", realign, "bvec"
     else:
-        flag.inputs.motion_qc = None
+        flag.inputs.motion_qc_file = None
         collect.inputs.motion_qc = None
     for node in (check, fit):
         wf.connect(series, series_field, node, "dwi_file")
@@ -195,10 +247,10 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
         # pipeline.steps.check_gradients). So FA, and the template registration that
         # needs only FA, do not wait for the check: it runs beside the registration.
         (bvecs, fit, [(bvec_field, "bvec_file")]),
-        (flag, fit, [("qc", "outliers_qc")]),
+        (flag, fit, [("qc", "outliers_file")]),
         (bvecs, check, [(bvec_field, "bvec_file")]),
         (inputnode, check, [("source_bvec_file", "source_bvec_file")]),
-        (flag, check, [("qc", "outliers_qc")]),
+        (flag, check, [("qc", "outliers_file")]),
         (fit, check, [("v1", "v1_file")]),
         (inputnode, collect, [("denoise_qc", "denoise_qc"), ("combine_qc", "combine_qc")]),
         (flag, collect, [("qc", "outliers_qc")]),
@@ -266,13 +318,10 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
             ("outputnode.denoise_qc", "inputnode.denoise_qc")]),
             (denoise_wfs[0], outputnode, [("outputnode.mask", "mask")])])
     else:
-        join = _function_node(nodes.combine_runs, ["dwi_files", "bval_files", "bvec_files",
-                                                   "mask_files", "denoise_qc_files",
-                                                   "b0_threshold"],
-                              ["dwi", "bval", "bvec", "mask", "denoise_qc", "qc"], "combine_runs")
-        join.inputs.trait_set(bval_files=[str(r.bval) for r in runs],
-                              bvec_files=[str(r.bvec) for r in runs],
-                              b0_threshold=pre["b0_threshold"])
+        join = stage_node(steps.combine_runs, "combine_runs",
+                          inputs={"bval_files": [str(r.bval) for r in runs],
+                                  "bvec_files": [str(r.bvec) for r in runs],
+                                  "b0_threshold": pre["b0_threshold"]})
         for field in ("dwi", "mask", "denoise_qc"):
             merge = pe.Node(niu.Merge(len(runs)), name=f"merge_{field}")
             for index, denoise_wf in enumerate(denoise_wfs):
@@ -338,49 +387,33 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
                 "tracking_qc", "fodf_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
     # One process slot: its second thread runs only SyN's field inversions, a fifth of its
     # time, so the other core stays with the gradient check, which runs beside it.
-    register = _function_node(nodes.register_atlas, ["fa_file", "mask_file", "n_jobs"],
-                              ["rois", "mni_z", "template_mask", "qc"],
-                              "register_atlas")
-    register.inputs.n_jobs = n_jobs
-    fodf = _function_node(
-        nodes.fit_fodf, ["dwi_file", "bval_file", "bvec_file", "mask_file", "fa_file",
-                         "rois_file", "outliers_qc", "model", "fa_stop", "b0_threshold",
-                         "n_jobs"], ["sh", "qc"], "fit_fodf", n_procs=n_jobs)
-    fodf.inputs.trait_set(model=tracking.get("model", "dti"),
-                          fa_stop=tracking.get("fa_stop", 0.2), b0_threshold=b0_threshold,
-                          n_jobs=n_jobs)
-    track = _function_node(
-        nodes.track_cst, ["fa_file", "v1_file", "mask_file", "rois_file", "registration_qc",
-                          "mni_z_file", "sh_file", "fodf_qc", "tracking", "n_jobs", "seed",
-                          "dask_scheduler"],
-        ["left", "right", "qc"],
-        "track_cst", n_procs=1 if dask_scheduler else n_jobs)  # Dask workers do the tracking
-    track.inputs.tracking = {k: v for k, v in tracking.items() if k != "model"}
-    track.inputs.n_jobs = n_jobs
-    track.inputs.seed = seed
-    track.inputs.dask_scheduler = dask_scheduler
-    profiles = _function_node(
-        nodes.tract_profiles, ["left_trk", "right_trk", "fa_file", "md_file", "rd_file",
-                               "ad_file", "mni_z_file", "rois_file", "dwi_file", "bval_file",
-                               "bvec_file", "outliers_qc", "subject", "b0_threshold",
-                               "max_bvalue", "seed"],
-        ["tsv", "json"], "tract_profiles")
-    profiles.inputs.trait_set(subject=subject, b0_threshold=b0_threshold,
-                              max_bvalue=dti_max_bvalue, seed=seed)
+    register = stage_node(steps.register_atlas, "register_atlas", inputs={"n_jobs": n_jobs})
+    fodf = stage_node(steps.fit_fodf, "fit_fodf", n_procs=n_jobs,
+                      inputs={"model": tracking.get("model", "dti"),
+                              "fa_stop": tracking.get("fa_stop", 0.2),
+                              "b0_threshold": b0_threshold, "n_jobs": n_jobs})
+    track = stage_node(steps.track_cst, "track_cst",
+                       n_procs=1 if dask_scheduler else n_jobs,  # Dask workers do the tracking
+                       inputs={**{k: v for k, v in tracking.items() if k != "model"},
+                               "n_jobs": n_jobs, "seed": seed,
+                               "dask_scheduler": dask_scheduler})
+    profiles = stage_node(steps.tract_profiles, "tract_profiles",
+                          inputs={"subject": subject, "b0_threshold": b0_threshold,
+                                  "max_bvalue": dti_max_bvalue, "seed": seed})
     wf.connect([
         (inputnode, register, [("fa", "fa_file"), ("mask", "mask_file")]),
         (inputnode, track, [("fa", "fa_file"), ("v1", "v1_file"), ("mask", "mask_file")]),
-        (register, track, [("rois", "rois_file"), ("qc", "registration_qc"),
+        (register, track, [("rois", "rois_file"), ("qc", "registration_qc_file"),
                            ("mni_z", "mni_z_file")]),
         (inputnode, fodf, [("dwi", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
                            ("mask", "mask_file"), ("fa", "fa_file"),
-                           ("outliers_qc", "outliers_qc")]),
+                           ("outliers_qc", "outliers_file")]),
         (register, fodf, [("rois", "rois_file")]),
-        (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc")]),
+        (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc_file")]),
         (fodf, outputnode, [("qc", "fodf_qc")]),
         (inputnode, profiles, [("fa", "fa_file"), ("md", "md_file"), ("rd", "rd_file"),
                                ("ad", "ad_file"), ("dwi", "dwi_file"), ("bval", "bval_file"),
-                               ("bvec", "bvec_file"), ("outliers_qc", "outliers_qc")]),
+                               ("bvec", "bvec_file"), ("outliers_qc", "outliers_file")]),
         (register, profiles, [("mni_z", "mni_z_file"), ("rois", "rois_file")]),
         (track, profiles, [("left", "left_trk"), ("right", "right_trk")]),
         (register, outputnode, [("rois", "rois"), ("mni_z", "mni_z"),
@@ -425,37 +458,21 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
                          b0_threshold=parameters["preprocessing"]["b0_threshold"],
                          dti_max_bvalue=parameters["preprocessing"]["dti_max_bvalue"])
 
-    assess = _function_node(
-        nodes.assess, ["profiles_json", "registration_qc", "tracking_qc", "preprocess_qc",
-                       "subject", "entities", "input_files", "parameters", "execution",
-                       "clinical"],
-        ["metrics"], "assess")
     source_files = [str(path) for path in run.source_files]
-    assess.inputs.subject = run.subject
-    assess.inputs.entities = dict(run.entities)
-    assess.inputs.input_files = source_files
     # Only the settings that decide the results may invalidate the cached assessment.
-    assess.inputs.parameters, assess.inputs.execution = split_parameters(parameters)
-    assess.inputs.clinical = clinical
-
-    report = _function_node(
-        nodes.report, ["metrics_json", "profiles_tsv", "fa_file", "v1_file", "left_trk",
-                       "right_trk", "mask_file", "rois_file", "template_mask_file", "n_jobs"],
-        ["html"], "report", n_procs=parameters["n_jobs"])
-    report.inputs.n_jobs = parameters["n_jobs"]
-
-    to_dict = _function_node(nodes.collect_outputs, ["fa", "md", "rd", "ad", "mask", "rois", "left",
-                                           "right", "profiles_tsv", "metrics", "report"],
-                             ["files"], "files_dict")
-    write = _function_node(
-        nodes.write_derivatives, ["out_dir", "stem", "derivatives_dir", "source_files",
-                                  "parameters", "files"], ["written"], "write_derivatives",
-        overwrite=True)
-    write.inputs.out_dir = str(out_dir)
-    write.inputs.stem = run.stem
-    write.inputs.derivatives_dir = str(run.derivatives_dir(out_dir))
-    write.inputs.source_files = source_files
-    write.inputs.parameters = parameters
+    results, execution = split_parameters(parameters)
+    prognosis = dict(results["prognosis"])
+    assess = stage_node(steps.assess, "assess", inputs={
+        "subject": run.subject, "entities": dict(run.entities), "input_files": source_files,
+        "parameters": results, "execution": execution, "clinical": clinical,
+        "thresholds": results["localization"], "qc_limits": results["qc"],
+        "prep_plic_ai": prognosis.pop("prep_plic_ai"), "prep2_thresholds": prognosis})
+    report = stage_node(steps.make_report, "report", n_procs=parameters["n_jobs"],
+                        inputs={"n_jobs": parameters["n_jobs"]})
+    write = stage_node(steps.write_derivatives, "write_derivatives", overwrite=True, inputs={
+        "report_dir": str(out_dir), "stem": run.stem,
+        "derivatives_dir": str(run.derivatives_dir(out_dir)), "source_files": source_files,
+        "parameters": parameters})
 
     wf.connect([
         (preproc_wf, cst_wf, [("outputnode.fa", "inputnode.fa"), ("outputnode.md", "inputnode.md"),
@@ -467,9 +484,9 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
                               ("outputnode.bvec", "inputnode.bvec"),
                               ("outputnode.outliers_qc", "inputnode.outliers_qc")]),
         (cst_wf, assess, [("outputnode.profiles_json", "profiles_json"),
-                          ("outputnode.registration_qc", "registration_qc"),
-                          ("outputnode.tracking_qc", "tracking_qc")]),
-        (preproc_wf, assess, [("outputnode.qc", "preprocess_qc")]),
+                          ("outputnode.registration_qc", "registration_qc_file"),
+                          ("outputnode.tracking_qc", "tracking_qc_file")]),
+        (preproc_wf, assess, [("outputnode.qc", "preprocess_qc_file")]),
         (assess, report, [("metrics", "metrics_json")]),
         (cst_wf, report, [("outputnode.profiles_tsv", "profiles_tsv"),
                           ("outputnode.left", "left_trk"), ("outputnode.right", "right_trk"),
@@ -477,15 +494,14 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
                           ("outputnode.template_mask", "template_mask_file")]),
         (preproc_wf, report, [("outputnode.fa", "fa_file"), ("outputnode.v1", "v1_file"),
                               ("outputnode.mask", "mask_file")]),
-        (preproc_wf, to_dict, [("outputnode.fa", "fa"), ("outputnode.md", "md"),
-                               ("outputnode.rd", "rd"), ("outputnode.ad", "ad"),
-                               ("outputnode.mask", "mask")]),
-        (cst_wf, to_dict, [("outputnode.rois", "rois"), ("outputnode.left", "left"),
-                           ("outputnode.right", "right"),
-                           ("outputnode.profiles_tsv", "profiles_tsv")]),
-        (assess, to_dict, [("metrics", "metrics")]),
-        (report, to_dict, [("html", "report")]),
-        (to_dict, write, [("files", "files")]),
+        (preproc_wf, write, [("outputnode.fa", "fa"), ("outputnode.md", "md"),
+                             ("outputnode.rd", "rd"), ("outputnode.ad", "ad"),
+                             ("outputnode.mask", "mask")]),
+        (cst_wf, write, [("outputnode.rois", "rois"), ("outputnode.left", "left"),
+                         ("outputnode.right", "right"),
+                         ("outputnode.profiles_tsv", "profiles_tsv")]),
+        (assess, write, [("metrics", "metrics")]),
+        (report, write, [("html", "report")]),
     ])
     return wf
 
