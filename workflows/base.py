@@ -344,7 +344,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     register.inputs.n_jobs = n_jobs
     fodf = _function_node(
         nodes.fit_fodf, ["dwi_file", "bval_file", "bvec_file", "mask_file", "fa_file",
-                         "rois_file", "outliers_qc", "model", "fa_stop", "b0_threshold",
+                         "md_file", "rois_file", "outliers_qc", "model", "fa_stop", "b0_threshold",
                          "n_jobs"], ["sh", "qc"], "fit_fodf", n_procs=n_jobs)
     fodf.inputs.trait_set(model=tracking.get("model", "dti"),
                           fa_stop=tracking.get("fa_stop", 0.2), b0_threshold=b0_threshold,
@@ -373,7 +373,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         (register, track, [("rois", "rois_file"), ("qc", "registration_qc"),
                            ("mni_z", "mni_z_file")]),
         (inputnode, fodf, [("dwi", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
-                           ("mask", "mask_file"), ("fa", "fa_file"),
+                           ("mask", "mask_file"), ("fa", "fa_file"), ("md", "md_file"),
                            ("outliers_qc", "outliers_qc")]),
         (register, fodf, [("rois", "rois_file")]),
         (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc")]),

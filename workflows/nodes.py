@@ -111,15 +111,15 @@ def register_atlas(fa_file, mask_file, n_jobs):
     return out["rois"], out["mni_z"], out["template_mask"], out["qc"]
 
 
-def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_qc, model,
-             fa_stop, b0_threshold, n_jobs):
+def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, md_file, rois_file, outliers_qc,
+             model, fa_stop, b0_threshold, n_jobs):
     import os
 
     from pipeline.steps import fit_fodf as fit
 
     out = fit(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_qc,
               out_dir=os.getcwd(), model=model, fa_stop=fa_stop, b0_threshold=b0_threshold,
-              n_jobs=n_jobs)
+              n_jobs=n_jobs, md_file=md_file)
     return out["sh"], out["qc"]
 
 
