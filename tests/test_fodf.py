@@ -360,3 +360,26 @@ def test_fit_fodf_keeps_single_shell_csd_for_single_shell_data(tmp_path, monkeyp
                                shell=1000.0, sh_order=8, fit_mask=mask & (fa >= 0.2))
     assert np.array_equal(np.asarray(nib.load(out["sh"]).dataobj), expected)
 
+
+def test_methods_say_multi_shell_multi_tissue_csd():
+    from pipeline import report
+
+    bvals, bvecs = _shells_table({1000: 32, 2000: 32, 3000: 32}, n_b0=6)
+    choice = {**fodf.choose_model(bvals, bvecs, 50.0, requested="csd"),
+              "n_response_voxels": 310, "n_response_voxels_gm": 1200,
+              "n_response_voxels_csf": 450}
+    metrics = {"qc": {"tracking": {"model_choice": choice}},
+               "provenance": {"software": {"dipy": "1.12.1", "cvxpy": "1.9.3"},
+                              "parameters": {"tracking": {"direction": "prob"}}}}
+    text = report.methods_text(metrics)
+    assert ("multi-shell multi-tissue constrained spherical deconvolution" in text
+            and "of order 6 on the b = 1000, 2000, 3000 s/mm² shells (32, 32, 32 directions) "
+                "and 6 b0 volumes" in text)
+    assert "white-matter, grey-matter and CSF responses from the data (from 310, 1200 and 450" \
+        in text
+    assert "Probabilistic CSD tractography on the white-matter fODF" in text
+    assert "cvxpy 1.9.3" in text
+    choice = fodf.choose_model(*_table(45), 50.0, requested="csd")
+    metrics["qc"]["tracking"]["model_choice"] = choice
+    text = report.methods_text(metrics)
+    assert "multi-tissue" not in text and "on the b = 1000 s/mm² shell (45 directions)" in text
