@@ -21,6 +21,7 @@ from dipy.core.gradients import gradient_table
 from dipy.reconst import mcsd
 from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel, response_from_mask_ssst
 from dipy.reconst.shm import convert_sh_from_legacy
+from scipy import ndimage
 
 from .dwi import count_unique_directions, fsl_bvecs_to_voxel_frame
 from .errors import InputError
@@ -49,6 +50,15 @@ ISOTROPIC_MAX_FA = 0.2
 GM_MAX_MD = 1.1e-3
 #: ... and CSF fast (free water at body temperature: 3.0e-3).
 CSF_MIN_MD = 2.5e-3
+#: The tissue voxels are taken this many voxels inside the brain mask's surface and the
+#: image's edges: partial volume with the background, and edge slices, make FA high and S0
+#: low there (the multi-shell phantom's FA ≥ 0.7 voxels: mean b0 757 in the whole mask,
+#: 997 inside; the tissue's is 1000).
+RESPONSE_EROSION_VOXELS = 2
+#: At most this many voxels per tissue, spread evenly over those that qualify: a response
+#: is a mean, and DIPY fits a tensor to every voxel it is given (a brain's grey matter and
+#: CSF: some 250 000 voxels, 19 s).
+MAX_RESPONSE_VOXELS = 10000
 #: Voxels per multi-shell fitting chunk: DIPY solves one quadratic programme per voxel
 #: (cvxpy), some 40 ms each, so smaller chunks than :data:`FIT_CHUNK_VOXELS` keep both
 #: workers busy to the end.
@@ -231,19 +241,40 @@ def _most(values, candidates, n):
     return chosen
 
 
-def tissue_response_masks(fa, md, mask, min_voxels=MIN_RESPONSE_VOXELS):
+def _spread(chosen, n):
+    """At most ``n`` of the ``chosen`` voxels, evenly spaced in index order."""
+    index = np.flatnonzero(chosen)
+    if len(index) <= n:
+        return chosen
+    spread = np.zeros(chosen.shape, dtype=bool)
+    spread.flat[index[np.linspace(0, len(index) - 1, n).round().astype(int)]] = True
+    return spread
+
+
+def tissue_response_masks(fa, md, mask, min_voxels=MIN_RESPONSE_VOXELS,
+                          max_voxels=MAX_RESPONSE_VOXELS, erosion=RESPONSE_EROSION_VOXELS):
     """White-matter, grey-matter and CSF voxels for the multi-tissue responses.
 
-    White matter: :func:`response_mask` (single-fibre voxels, as for single-shell CSD).
-    Grey matter: brain voxels with FA < :data:`ISOTROPIC_MAX_FA` and MD ≤
-    :data:`GM_MAX_MD`; CSF: FA < :data:`ISOTROPIC_MAX_FA` and MD ≥ :data:`CSF_MIN_MD`.
-    When fewer than ``min_voxels`` qualify, grey matter is the ``min_voxels`` least
-    anisotropic voxels with MD below :data:`CSF_MIN_MD`, and CSF the ``min_voxels``
-    of highest MD. The three sets do not overlap.
+    Inside ``mask`` eroded by ``erosion`` voxels, the image's edges included (the whole
+    mask if that leaves none):
+    white matter: :func:`response_mask` (single-fibre voxels, as for single-shell CSD);
+    grey matter: FA < :data:`ISOTROPIC_MAX_FA` and MD ≤ :data:`GM_MAX_MD`; CSF:
+    FA < :data:`ISOTROPIC_MAX_FA` and MD ≥ :data:`CSF_MIN_MD`. When fewer than
+    ``min_voxels`` qualify, grey matter is the ``min_voxels`` least anisotropic voxels
+    with MD below :data:`CSF_MIN_MD`, and CSF the ``min_voxels`` of highest MD. The
+    three sets do not overlap; each keeps at most ``max_voxels``, evenly spread.
 
     Returns (wm, gm, csf), bool arrays of ``mask``'s shape.
+
+    Raises
+    ------
+    InputError
+        A tissue has no voxel (a mask too small for multi-tissue responses).
     """
     mask = np.asarray(mask, dtype=bool)
+    if erosion:
+        inner = ndimage.binary_erosion(mask, iterations=erosion)
+        mask = inner if inner.any() else mask
     fa = np.nan_to_num(np.asarray(fa, dtype=float))
     md = np.nan_to_num(np.asarray(md, dtype=float))
     wm = response_mask(fa, mask)
@@ -255,7 +286,13 @@ def tissue_response_masks(fa, md, mask, min_voxels=MIN_RESPONSE_VOXELS):
     gm = rest & (fa < ISOTROPIC_MAX_FA) & (md <= GM_MAX_MD)
     if gm.sum() < min_voxels:
         gm = _most(-fa, rest & (md < CSF_MIN_MD), min_voxels)
-    return wm, gm, csf
+    tissues = tuple(_spread(t, max_voxels) for t in (wm, gm, csf))
+    for name, voxels in zip(("white-matter", "grey-matter", "CSF"), tissues):
+        if not voxels.any():
+            raise InputError(f"No {name} voxels for the multi-shell CSD responses in the brain "
+                             f"mask ({int(mask.sum())} voxels).",
+                             fix="Check the brain mask, or track with --model dti.")
+    return tissues
 
 
 def _fit_msmt_chunk(signals, gtab, response, sh_order):
@@ -348,7 +385,8 @@ def fit_csd_msmt(data, bvals, bvecs_fsl, affine, mask, fa, md, *, b0_threshold, 
     sh[fit_mask] = convert_sh_from_legacy(coeff[:, n_iso:], SH_BASIS)
     # DIPY's volume fractions (CSF, GM, WM: 1 in a voxel of that tissue alone)
     fractions = coeff[~unsolved][:, :n_iso + 1] / mcsd.SH_CONST
-    mean_fractions = fractions.mean(axis=0) if len(fractions) else np.full(n_iso + 1, np.nan)
+    mean_fractions = (fractions.mean(axis=0).tolist() if len(fractions) else
+                      [None] * (n_iso + 1))
 
     def per_shell(rf):
         return [{"bvalue": float(b), "evals": [float(v) for v in row[:3]],
@@ -359,8 +397,7 @@ def fit_csd_msmt(data, bvals, bvecs_fsl, affine, mask, fa, md, *, b0_threshold, 
             "n_response_voxels": int(tissues[0].sum()),
             "n_response_voxels_gm": int(tissues[1].sum()),
             "n_response_voxels_csf": int(tissues[2].sum()),
-            "mean_volume_fractions": {"wm": float(mean_fractions[2]),
-                                      "gm": float(mean_fractions[1]),
-                                      "csf": float(mean_fractions[0])},
+            "mean_volume_fractions": {"wm": mean_fractions[2], "gm": mean_fractions[1],
+                                      "csf": mean_fractions[0]},
             "n_unsolved_voxels": int(unsolved.sum())}
     return sh, info

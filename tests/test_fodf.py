@@ -120,13 +120,41 @@ def test_single_shell_choice_is_as_before():
     assert choice["reason"] == "64 directions on the b=1000 shell allow CSD of order 8"
 
 
+
+def test_tissue_voxels_are_inside_the_mask_capped_and_fall_back():
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    mask[2:18, 2:18, 2:18] = True
+    fa = np.full(mask.shape, 0.1)
+    md = np.full(mask.shape, 0.8e-3)          # grey matter everywhere ...
+    fa[2:18, 2:18, 2:6] = 0.8                 # ... but white matter below,
+    md[2:18, 2:18, 14:18] = 3.0e-3            # CSF above
+    fa[2:18, 2:18, 2] = 0.99                  # the mask's surface: partial volume
+    wm, gm, csf = fodf.tissue_response_masks(fa, md, mask, max_voxels=100)
+    inner = np.zeros(mask.shape, dtype=bool)
+    inner[4:16, 4:16, 4:16] = True            # 2 voxels inside the surface
+    assert not ((wm | gm | csf) & ~inner).any() and not (wm & gm).any()
+    # WM z 4-5: 288 voxels of FA ≥ 0.7; GM z 6-13 (1152); CSF z 14-15 (288): 100 of each,
+    # spread over all of them
+    assert wm.sum() == gm.sum() == csf.sum() == 100
+    assert np.ptp(np.argwhere(gm)[:, 2]) == 7 and not (csf & (md < 3e-3)).any()
+    md[2:18, 2:18, 14:18] = 0.8e-3            # no CSF: the 100 voxels of highest MD
+    md[10, 10, 10] = 1.5e-3
+    _, _, csf = fodf.tissue_response_masks(fa, md, mask, max_voxels=100)
+    assert csf.sum() == 100 and csf[10, 10, 10]
+    with pytest.raises(InputError, match="No white-matter voxels"):
+        fodf.tissue_response_masks(fa, md, np.zeros(mask.shape, dtype=bool))
+
 # --- multi-shell multi-tissue CSD on a phantom ----------------------------------------------
 
 MS_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])  # positive determinant: FSL b-vectors flip x
-MS_SHAPE = (10, 10, 8)
+MS_SHAPE = (12, 12, 16)
 #: (z slices, what): single fibre along A; A crossed at 90° by B; A crossed at 70° by C;
-#: grey-matter-like and CSF-like isotropic voxels.
-MS_LAYOUT = {"single": (0, 2), "cross90": (2, 3), "cross70": (3, 4), "gm": (4, 6), "csf": (6, 8)}
+#: grey-matter-like and CSF-like isotropic voxels. The responses come from 2 voxels inside
+#: the mask's surface (the whole image): z 2-3 for WM, 8-10 GM, 11-13 CSF; x, y 2-9.
+MS_LAYOUT = {"single": (0, 4), "cross90": (4, 6), "cross70": (6, 8), "gm": (8, 11),
+             "csf": (11, 16)}
+#: Fitted: a 4 × 4 column in z 2 (single), 4-5, 6-7 (crossings), 9 (GM), 13 (CSF).
+MS_FIT_Z = [2, 4, 5, 6, 7, 9, 13]
 WM_EVALS = np.array([1.7e-3, 0.3e-3, 0.3e-3])
 
 
@@ -197,7 +225,7 @@ def msmt_phantom(tmp_path_factory):
     for name in ("fa", "md"):
         nib.save(nib.Nifti1Image(maps[name].astype(np.float32), MS_AFFINE), paths[name])
     rois = np.zeros(MS_SHAPE, dtype=np.int16)
-    rois[0, 0, 1] = 1  # the fit box (10 mm margin): x, y < 6
+    rois[0, 0, 0] = 1  # the fit box (10 mm margin): x, y, z < 6
     nib.save(nib.Nifti1Image(rois, MS_AFFINE), paths["rois"])
     return {"data": data, "bvals": bvals, "bvecs_fsl": bvecs_fsl, "mask": mask,
             "fa": np.asarray(nib.load(paths["fa"]).dataobj, dtype=np.float32),
@@ -207,13 +235,13 @@ def msmt_phantom(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def msmt_fit(msmt_phantom):
-    """The fit of a 4 × 4 column through every layer, serial and on 2 workers (3 chunks)."""
+    """The fit of :data:`MS_FIT_Z`, serial and on 2 workers (3 chunks)."""
     from pipeline import parallel
 
     p = msmt_phantom
     choice = fodf.choose_model(p["bvals"], p["bvecs_fsl"], 50.0, requested="csd")
     fit_mask = np.zeros(MS_SHAPE, dtype=bool)
-    fit_mask[:4, :4] = True
+    fit_mask[:4, :4, MS_FIT_Z] = True
     fits = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fodf, "MSMT_CHUNK_VOXELS", 48)
@@ -264,7 +292,7 @@ def test_msmt_wm_fodf_peaks_are_the_fibres_in_single_and_crossing_voxels(msmt_fi
             assert len(peaks) == len(truth), (kind, index)  # one peak, or both fibres
             errors += [min(_angle_deg(t, p) for p in peaks) for t in truth]
         worst[kind] = max(errors)
-    # measured (worst voxel): 1.2°, 6.7°, 8.2°
+    # measured (worst voxel): 1.2°, 8.1°, 8.2°
     assert max(worst.values()) < 12.0, worst
 
 
@@ -272,7 +300,7 @@ def test_msmt_gives_grey_matter_and_csf_to_the_isotropic_tissues(msmt_fit):
     sh, info = msmt_fit["fits"][1]
     mean_l0 = {kind: float(sh[..., z0:z1, 0][msmt_fit["fit_mask"][..., z0:z1]].mean())
                for kind, (z0, z1) in MS_LAYOUT.items()}
-    # measured: WM 0.29, GM 0.079, CSF 0.027 (single-shell CSD has no isotropic compartment)
+    # measured: WM 0.30, GM 0.086, CSF 0.027 (single-shell CSD has no isotropic compartment)
     assert mean_l0["gm"] < 0.4 * mean_l0["single"] and mean_l0["csf"] < 0.2 * mean_l0["single"]
     # responses from the data: one per tissue and shell, near the simulated diffusivities
     assert [r["bvalue"] for r in info["responses"]["wm"]] == [1000.0, 2000.0, 3000.0]
@@ -280,9 +308,10 @@ def test_msmt_gives_grey_matter_and_csf_to_the_isotropic_tissues(msmt_fit):
     assert wm[0] == pytest.approx(1.7e-3, rel=0.1) and wm[1] == pytest.approx(0.3e-3, rel=0.2)
     assert np.mean(info["responses"]["gm"][0]["evals"]) == pytest.approx(0.8e-3, rel=0.1)
     assert np.mean(info["responses"]["csf"][0]["evals"]) == pytest.approx(3.0e-3, rel=0.1)
-    # all 200 of each layer but noisy CSF voxels of FA ≥ 0.2 or MD < 2.5e-3 (measured: 184)
-    assert (info["n_response_voxels"], info["n_response_voxels_gm"]) == (200, 200)
-    assert 150 <= info["n_response_voxels_csf"] <= 200
+    # the layers' voxels inside the mask's surface (8 × 8 × 2, 3, 3), but noisy CSF voxels
+    # of FA ≥ 0.2 or MD < 2.5e-3 (measured: 181)
+    assert (info["n_response_voxels"], info["n_response_voxels_gm"]) == (128, 192)
+    assert 150 <= info["n_response_voxels_csf"] <= 192
     assert info["n_unsolved_voxels"] == 0
 
 
@@ -297,20 +326,21 @@ def test_fit_fodf_runs_msmt_on_multi_shell_data(msmt_phantom, msmt_fit, tmp_path
     folder = msmt_phantom["folder"]
     out = steps.fit_fodf(p["dwi"], folder / "dwi.bval", folder / "dwi.bvec", p["mask"], p["fa"],
                          p["rois"], folder / "outliers.json", out_dir=tmp_path, model="csd",
-                         md_file=p["md"])
+                         fa_stop=0.7, md_file=p["md"])
     qc = json.loads(open(out["qc"]).read())
     assert (qc["model"], qc["csd_kind"], qc["requested"]) == ("csd", "msmt", "csd")
     assert qc["shells"] == [1000.0, 2000.0, 3000.0] and qc["sh_basis"] == fodf.SH_BASIS
     assert set(qc["responses"]) == {"wm", "gm", "csf"}
-    # fitted: FA ≥ 0.2 (all the white-matter layers) in the box around the ROI
-    box = np.zeros(MS_SHAPE, dtype=bool)
-    box[:6, :6, :7] = True
-    fitted = box & (msmt_phantom["fa"] >= 0.2)
-    assert fitted[:6, :6, :4].all() and qc["n_fitted_voxels"] == fitted.sum()
+    # fitted: FA ≥ 0.7 (the single-fibre layer, z < 4) in the box around the ROI
+    fitted = np.zeros(MS_SHAPE, dtype=bool)
+    fitted[:6, :6, :4] = True
+    assert np.array_equal(fitted, (msmt_phantom["fa"] >= 0.7) & (np.indices(MS_SHAPE) < 6).all(0))
+    assert qc["n_fitted_voxels"] == fitted.sum() == 144
     sh = np.asarray(nib.load(out["sh"]).dataobj)
     assert not sh[~fitted].any()
     # voxel by voxel the same fit as pipeline.fodf.fit_csd_msmt's
     both = fitted & msmt_fit["fit_mask"]
+    assert both.sum() == 16
     np.testing.assert_allclose(sh[both], msmt_fit["fits"][1][0][both], rtol=0, atol=1e-6)
 
 
