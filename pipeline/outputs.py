@@ -19,7 +19,7 @@ from . import __version__
 
 PIPELINE_NAME = "cst-integrity"
 _VERSIONED_PACKAGES = ("dipy", "nibabel", "nipype", "numpy", "scipy", "joblib", "matplotlib",
-                       "trx-python")
+                       "trx-python", "cvxpy")
 #: NIfTI xform code of scanner-based anatomical coordinates.
 _SCANNER_CODE = 1
 #: ``DatasetLinks`` name of the BIDS dataset the derivatives are computed from.

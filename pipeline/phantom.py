@@ -135,8 +135,12 @@ def _curve(points: np.ndarray, step_mm: float = 0.5):
 # ---------------------------------------------------------------- main API
 def make_phantom_dataset(bids_dir, subject: str = "subject01",
                          lesion: dict | None = None, seed: int = 0,
-                         n_directions: int = 30, snr: float = 30.0) -> dict:
+                         n_directions: int = 30, snr: float = 30.0,
+                         bvalues: tuple = (B_VALUE,)) -> dict:
     """Write a BIDS dataset with one synthetic DWI and return the ground truth.
+
+    ``bvalues``: the shells (s/mm²), each with the same ``n_directions`` directions
+    (several: a multi-shell scan; the signal stays the tensor's, mono-exponential).
 
     ``lesion``: ``{"side": "left"|"right", "level": <atlas level name>,
     "radius_mm": 6.0, "fa_drop": 0.5}`` or None.  Levels are those of
@@ -263,8 +267,9 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
     for c in chunks:
         g_world.append(np.zeros((1, 3)))
         bvals.append([0.0])
-        g_world.append(c)
-        bvals.append([B_VALUE] * len(c))
+        for bvalue in bvalues:
+            g_world.append(c)
+            bvals.append([float(bvalue)] * len(c))
     g_world = np.vstack(g_world)
     bvals = np.concatenate(bvals)
 

@@ -105,6 +105,10 @@ REFERENCES = {
     "jeurissen2014": ("Jeurissen B, Leemans A, Sijbers J. Automated correction of improperly "
                       "rotated diffusion gradient orientations in diffusion weighted MRI. Med "
                       "Image Anal 2014;18:953–962. doi:10.1016/j.media.2014.05.012"),
+    "jeurissen2014msmt": ("Jeurissen B, Tournier JD, Dhollander T, Connelly A, Sijbers J. "
+                          "Multi-tissue constrained spherical deconvolution for improved "
+                          "analysis of multi-shell diffusion MRI data. NeuroImage "
+                          "2014;103:411–426. doi:10.1016/j.neuroimage.2014.07.061"),
     "leemans2009": ("Leemans A, Jones DK. The B-matrix must be rotated when correcting for "
                     "subject motion in DTI data. Magn Reson Med 2009;61:1336–1349. "
                     "doi:10.1002/mrm.21890"),
@@ -2110,14 +2114,19 @@ def methods_text(metrics) -> str:
     if isinstance(choice, dict) and choice.get("model") == "csd":
         getter = ("Probabilistic" if _get(metrics, "provenance", "parameters", "tracking",
                                           "direction") == "prob" else "Deterministic")
-        sentences.append(
-            f"Fibre orientation distributions were estimated by constrained spherical "
-            f"deconvolution (Tournier et al. 2007; DIPY) of order "
-            f"{_esc(_fmt_value(choice.get('sh_order')))} on the b = "
-            f"{_esc(_fmt_value(choice.get('shell_bvalue')))} s/mm² shell "
-            f"({_esc(_fmt_value(choice.get('n_directions')))} directions), with a single-fibre "
-            f"response from {_esc(_fmt_value(choice.get('n_response_voxels')))} voxels of high FA.")
-        model_words = f"{getter} CSD tractography"
+        if choice.get("csd_kind") == "msmt":
+            sentences.append(_msmt_words(choice, software))
+            model_words = f"{getter} CSD tractography on the white-matter fODF"
+        else:
+            sentences.append(
+                f"Fibre orientation distributions were estimated by constrained spherical "
+                f"deconvolution (Tournier et al. 2007; DIPY) of order "
+                f"{_esc(_fmt_value(choice.get('sh_order')))} on the b = "
+                f"{_esc(_fmt_value(choice.get('shell_bvalue')))} s/mm² shell "
+                f"({_esc(_fmt_value(choice.get('n_directions')))} directions), with a "
+                f"single-fibre response from "
+                f"{_esc(_fmt_value(choice.get('n_response_voxels')))} voxels of high FA.")
+            model_words = f"{getter} CSD tractography"
     else:
         model_words = "Deterministic tensor tractography"
     gap_fa = _num(_get(params, "tracking", "gap_fa"))
@@ -2219,6 +2228,8 @@ def methods_text(metrics) -> str:
         ("cst-integrity", "cst-integrity"), ("dipy", "DIPY"), ("nibabel", "NiBabel"),
         ("numpy", "NumPy"), ("scipy", "SciPy"), ("nipype", "Nipype"), ("python", "Python"))
         if software.get(k)]
+    if _get(choice, "csd_kind") == "msmt" and software.get("cvxpy"):
+        versions.insert(-1, f"cvxpy {_esc(software['cvxpy'])}")
     if not software.get("cst-integrity"):
         versions.insert(0, f"cst-integrity {_esc(__version__)}")
     sentences.append("Software: " + ", ".join(versions) + ".")
@@ -2226,6 +2237,28 @@ def methods_text(metrics) -> str:
         sentences.append("<i>No run parameters are recorded in the metrics: the values above "
                          "marked “not recorded” are unknown.</i>")
     return " ".join(sentences)
+
+
+def _msmt_words(choice, software) -> str:
+    """The Methods sentence of multi-shell multi-tissue CSD (``qc.tracking.model_choice``)."""
+    def listed(key):
+        values = choice.get(key)
+        return (", ".join(_esc(_fmt_value(v)) for v in values)
+                if isinstance(values, list) and values else "(not recorded)")
+
+    solver = f"cvxpy {_esc(software['cvxpy'])}" if software.get("cvxpy") else "cvxpy"
+    return (
+        f"Fibre orientation distributions were estimated by multi-shell multi-tissue "
+        f"constrained spherical deconvolution (Jeurissen et al., NeuroImage 2014; DIPY, quadratic "
+        f"programmes solved with {solver}) of order "
+        f"{_esc(_fmt_value(choice.get('sh_order')))} on the b = {listed('shells')} s/mm² "
+        f"shells ({listed('directions_per_shell')} directions) and "
+        f"{_esc(_fmt_value(choice.get('n_b0')))} b0 volumes, with white-matter, grey-matter "
+        f"and CSF responses from the data (from "
+        f"{_esc(_fmt_value(choice.get('n_response_voxels')))}, "
+        f"{_esc(_fmt_value(choice.get('n_response_voxels_gm')))} and "
+        f"{_esc(_fmt_value(choice.get('n_response_voxels_csf')))} voxels chosen by the "
+        f"tensor's FA and MD).")
 
 
 def _tracking_model_used(metrics):

@@ -428,17 +428,23 @@ def cst_search_box(rois, affine, margin_mm=CSD_BOX_MARGIN_MM):
 
 @stage(outputs=("sh", "qc"))
 def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outliers_file, *,
-             out_dir, model="dti", fa_stop=0.2, b0_threshold=B0_THRESHOLD, n_jobs=1):
+             out_dir, model="dti", fa_stop=0.2, b0_threshold=B0_THRESHOLD, n_jobs=1,
+             md_file=None):
     """Choose the tracking model for the acquisition and, for CSD, fit the fibre ODFs.
 
     Parameters
     ----------
     model : {"dti", "csd", "auto"}
         See :func:`pipeline.fodf.choose_model`; "csd" on too few directions is an
-        input error.
+        input error. On multi-shell data CSD is multi-shell multi-tissue
+        (:func:`pipeline.fodf.fit_csd_msmt`), on single-shell data single-shell
+        (:func:`pipeline.fodf.fit_csd`).
+    md_file : path, optional
+        The tensor's MD: needed for multi-shell CSD (its grey-matter and CSF responses).
 
-    Returns dict of paths: ``sh`` (spherical-harmonic coefficients, or None for
-    the tensor) and ``qc`` (JSON: the choice, its reason, the response function).
+    Returns dict of paths: ``sh`` (spherical-harmonic coefficients of the (white-matter)
+    fibre ODF, or None for the tensor) and ``qc`` (JSON: the choice, its reason, the
+    response functions).
     CSD is fitted in brain voxels with FA ≥ ``fa_stop`` (tracking stops elsewhere)
     inside :func:`cst_search_box`; outlier volumes are left out as for the tensor.
     """
@@ -463,9 +469,19 @@ def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outl
         rois, _ = _load(rois_file, dtype=np.int16)
         fit_mask = mask & (fa >= fa_stop) & cst_search_box(rois, scan.affine)
         data = scan.img.get_fdata(dtype=np.float32)[..., keep]
-        sh, info = fodf.fit_csd(data, bvals, bvecs, scan.affine, mask, fa,
-                                b0_threshold=b0_threshold, shell=choice["shell_bvalue"],
-                                sh_order=choice["sh_order"], fit_mask=fit_mask, n_jobs=n_jobs)
+        if choice["csd_kind"] == "msmt":
+            if md_file is None:
+                raise ValueError("multi-shell CSD needs the tensor's MD (md_file)")
+            md, _ = _load(md_file)
+            sh, info = fodf.fit_csd_msmt(data, bvals, bvecs, scan.affine, mask, fa, md,
+                                         b0_threshold=b0_threshold, shells=choice["shells"],
+                                         sh_order=choice["sh_order"], fit_mask=fit_mask,
+                                         n_jobs=n_jobs)
+        else:
+            sh, info = fodf.fit_csd(data, bvals, bvecs, scan.affine, mask, fa,
+                                    b0_threshold=b0_threshold, shell=choice["shell_bvalue"],
+                                    sh_order=choice["sh_order"], fit_mask=fit_mask,
+                                    n_jobs=n_jobs)
         sh_path = str(outputs.save_nifti(out_dir / "fodf_sh.nii", sh, scan.affine))
         qc.update(info, n_fitted_voxels=int(fit_mask.sum()), sh_basis=fodf.SH_BASIS)
     return {"sh": sh_path, "qc": str(outputs.write_json(out_dir / "fodf_qc.json", qc))}
@@ -604,11 +620,14 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_
                                       gap_fa=gap_fa)
     common = dict(fa_stop=fa_stop, max_angle_deg=max_angle_deg, step_mm=step_mm, n_jobs=n_jobs,
                   random_seed=seed, dask_scheduler=dask_scheduler)
+    choice = json.loads(Path(fodf_qc_file).read_text()) if fodf_qc_file else None
     if sh_file:
         sh, _ = _load(sh_file)
         streamlines = tracking.track_csd(seeds, sh, stop_map, affine, direction=direction,
                                          **common)
-        method = f"CSD, {'probabilistic' if direction == 'prob' else 'deterministic'}"
+        kind = ("multi-shell multi-tissue CSD (white-matter fODF)"
+                if choice and choice.get("csd_kind") == "msmt" else "CSD")
+        method = f"{kind}, {'probabilistic' if direction == 'prob' else 'deterministic'}"
     else:
         streamlines = tracking.track_dti_deterministic(seeds, v1, stop_map, mask, affine,
                                                        **common)
@@ -618,8 +637,8 @@ def track_cst(fa_file, v1_file, mask_file, rois_file, registration_qc_file, mni_
           "corridor_voxels": int(corridor.sum()),
           "bridged_voxels": int(np.count_nonzero(stop_map != brain_fa)),
           "sides": {}}
-    if fodf_qc_file:
-        qc["model_choice"] = json.loads(Path(fodf_qc_file).read_text())
+    if choice is not None:
+        qc["model_choice"] = choice
     waypoints, chosen, qc["landmark_streamlines"] = _lowest_kept_landmark(
         streamlines, rois, affine, chains)
     qc["inferior_landmark"], qc["waypoints"] = waypoints[0], list(waypoints)

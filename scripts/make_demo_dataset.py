@@ -3,7 +3,7 @@
 
 Usage: python scripts/make_demo_dataset.py BIDS_DIR [--no-lesion] [--subject X] [--seed N]
        [--lesion-side left|right] [--lesion-level internal_capsule] [--radius-mm 6]
-       [--fa-drop 0.5] [--snr 30] [--n-directions 30]
+       [--fa-drop 0.5] [--snr 30] [--n-directions 30] [--bvalues 1000 [2000 ...]]
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ def main(argv=None) -> int:
     p.add_argument("--fa-drop", type=float, default=0.5)
     p.add_argument("--snr", type=float, default=30.0)
     p.add_argument("--n-directions", type=int, default=30)
+    p.add_argument("--bvalues", type=float, nargs="+", default=[1000.0],
+                   help="shells (s/mm²), each with the --n-directions directions "
+                        "(default 1000; several make a multi-shell scan)")
     a = p.parse_args(argv)
     lesion = None if a.no_lesion else {
         "side": a.lesion_side, "level": a.lesion_level, "radius_mm": a.radius_mm,
         "fa_drop": a.fa_drop}
     truth = make_phantom_dataset(a.bids_dir, subject=a.subject, lesion=lesion, seed=a.seed,
-                                 n_directions=a.n_directions, snr=a.snr)
+                                 n_directions=a.n_directions, snr=a.snr,
+                                 bvalues=tuple(a.bvalues))
     print(json.dumps({"subject": truth["subject"], "lesion": truth["lesion"],
                       "groundtruth": str(Path(a.bids_dir) / "sourcedata" / "phantom"
                                          / f"{truth['subject']}_groundtruth.json")}, indent=1))

@@ -158,3 +158,21 @@ def test_healthy_symmetric(healthy_ds):
     fa_r = fa[cst == 2].mean()
     assert abs(fa_l - fa_r) < 0.02, (fa_l, fa_r)
     assert 0.6 < fa_l < 0.8
+
+
+def test_multi_shell_phantom_has_each_shell_with_the_directions(tmp_path):
+    from pipeline import fodf
+
+    truth = make_phantom_dataset(tmp_path, subject="phant03", lesion=None, seed=2,
+                                 n_directions=30, bvalues=(1000.0, 2500.0))
+    img, bvals, bvecs, cst, _ = _load(tmp_path, "phant03")
+    assert truth["bvalues"] == [0.0, 1000.0, 2500.0] and img.shape[3] == 3 + 2 * 30
+    assert np.array_equal(bvecs[:, bvals == 1000.0], bvecs[:, bvals == 2500.0])
+    choice = fodf.choose_model(bvals, bvecs.T, 50.0, requested="csd")
+    assert (choice["csd_kind"], choice["shells"], choice["directions_per_shell"]) == (
+        "msmt", [1000.0, 2500.0], [30, 30])
+    # the tube's signal falls with b as the tensor's: across the fibre, exp(-b λ⊥)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    inside = data[cst > 0]
+    low, high = inside[:, bvals == 1000.0].mean(), inside[:, bvals == 2500.0].mean()
+    assert high < 0.75 * low

@@ -406,7 +406,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         (register, track, [("rois", "rois_file"), ("qc", "registration_qc_file"),
                            ("mni_z", "mni_z_file")]),
         (inputnode, fodf, [("dwi", "dwi_file"), ("bval", "bval_file"), ("bvec", "bvec_file"),
-                           ("mask", "mask_file"), ("fa", "fa_file"),
+                           ("mask", "mask_file"), ("fa", "fa_file"), ("md", "md_file"),
                            ("outliers_qc", "outliers_file")]),
         (register, fodf, [("rois", "rois_file")]),
         (fodf, track, [("sh", "sh_file"), ("qc", "fodf_qc_file")]),

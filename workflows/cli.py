@@ -135,8 +135,11 @@ def _add_common_options(parser):
     g = parser.add_argument_group("tracking")
     g.add_argument("--model", choices=("dti", "csd", "auto"), default="dti",
                    help="fibre model: the tensor (deterministic), CSD fibre ODFs (DIPY; response "
-                        "from the data), or auto: CSD when the shell's directions allow "
-                        "order 4 (16 or more), else the tensor (default dti)")
+                        "from the data; with two or more shells of 16 or more directions and "
+                        "b0 volumes, multi-shell multi-tissue CSD with WM/GM/CSF responses, "
+                        "else single-shell CSD on the shell with the most directions), or "
+                        "auto: CSD when the shell's directions allow order 4 (16 or more), "
+                        "else the tensor (default dti)")
     g.add_argument("--direction", choices=("prob", "det"), default="prob",
                    help="with CSD: probabilistic or deterministic direction getter "
                         "(default prob)")
