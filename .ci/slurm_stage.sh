@@ -175,7 +175,7 @@ for id in "${job_ids[@]}"; do  # started by the main or the backfill scheduler
   grep -q "_job_complete: JobId=$id WEXITSTATUS 0" "$SCRATCH"/slurmctld.log
 done
 grep -E "(Allocate|Started) JobId=" "$SCRATCH"/slurmctld.log | tail -n 3
-"$PYTHON" .ci/compare_outputs.py "$SCRATCH"/local "$SCRATCH"/slurm
+"$PYTHON" scripts/compare_outputs.py --results-only "$SCRATCH"/local "$SCRATCH"/slurm
 
 # The array script against the same scheduler: one task per participant. It reuses the
 # local run's work directory (a copy would not do: Nipype's cache keys hold absolute
@@ -196,7 +196,7 @@ array_run() {
   done
 }
 timed "array submission with one resubmission" array_run
-"$PYTHON" .ci/compare_outputs.py "$SCRATCH"/local "$SCRATCH"/array
+"$PYTHON" scripts/compare_outputs.py --results-only "$SCRATCH"/local "$SCRATCH"/array
 
 slurm_tests() {  # they skip without a cluster: here they must run
   "$PYTHON" -m pytest -q -rs -m slurm -p no:cacheprovider tests/test_slurm_dask.py \

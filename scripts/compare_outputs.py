@@ -15,7 +15,9 @@ Every file of either folder is compared with its namesake in the other, by what 
 - TSV, CSV and anything else (``.bidsignore``): byte for byte.
 
 The run logs (``sub-*/log/``) are listed and skipped: they hold times and paths only.
-.ci/compare_outputs.py, which CI runs, checks only the metrics, profiles and tractograms.
+``--results-only`` compares only the results every run must reproduce whatever executed
+it (the metrics JSON, the profiles TSV and the CST tractograms): CI compares a local run
+with its SLURM runs so.
 """
 
 import argparse
@@ -110,13 +112,20 @@ def compare_file(a, b, kind, roots):
     return Path(a).read_bytes() == Path(b).read_bytes()
 
 
-def compare(a_dir, b_dir):
+#: The files of ``--results-only``, by the end of their names.
+RESULT_SUFFIXES = ("_desc-cst_metrics.json", "_desc-profiles_tractometry.tsv",
+                   "_desc-CST_tractography.trk")
+
+
+def compare(a_dir, b_dir, *, results_only=False):
     """Rows ``(relative path, kind, outcome)``, outcome one of "identical", "DIFFERENT",
-    "ONLY IN A", "ONLY IN B", "skipped"."""
+    "ONLY IN A", "ONLY IN B", "skipped"; only the files of :data:`RESULT_SUFFIXES` with
+    ``results_only``."""
     a_dir, b_dir = Path(a_dir).resolve(), Path(b_dir).resolve()
     # The work folder is not an output (a run removes it unless --keep-work).
     files = {p.relative_to(root) for root in (a_dir, b_dir) for p in root.rglob("*")
-             if p.is_file() and ".cst-work" not in p.relative_to(root).parts}
+             if p.is_file() and ".cst-work" not in p.relative_to(root).parts
+             and (not results_only or p.name.endswith(RESULT_SUFFIXES))}
     roots = sorted((str(a_dir), str(b_dir)), key=len, reverse=True)
     rows = []
     for relative in sorted(files):
@@ -138,11 +147,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a_dir", type=Path)
     parser.add_argument("b_dir", type=Path)
+    parser.add_argument("--results-only", action="store_true",
+                        help="only the metrics JSON, profiles TSV and CST tractograms")
     args = parser.parse_args(argv)
     for folder in (args.a_dir, args.b_dir):
         if not folder.is_dir():
             parser.error(f"{folder} is not a folder")
-    rows = compare(args.a_dir, args.b_dir)
+    rows = compare(args.a_dir, args.b_dir, results_only=args.results_only)
     width = max((len(path) for path, _, _ in rows), default=4)
     print(f"{'file':<{width}}  {'compared as':<11}  result")
     for path, kind, outcome in rows:

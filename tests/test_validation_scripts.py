@@ -75,3 +75,38 @@ def test_healthy_model_fit_reproduces_the_variance_of_every_tested_statistic(tmp
         fitted_var = np.sum((operator @ fitted) * operator, axis=1).mean()
         assert fitted_var == pytest.approx(true_var, rel=0.25), (name, model)
     assert model["sd_by_level"]["internal_capsule"] == pytest.approx(0.06, rel=0.25)
+
+
+def test_compare_outputs_tells_a_changed_result_from_a_changed_time(tmp_path):
+    """scripts/compare_outputs.py (the byte-identity check of refactors, and CI's local
+    versus SLURM check): equal folders pass, a new creation time is ignored, one changed
+    voxel, streamline point or profile value fails, and --results-only ignores the rest."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    compare = _script("compare_outputs")
+    stem = "sub-01/dwi/sub-01"
+
+    def make(root, created="2026-01-01T00:00:00", fa_value=0.5, point=0.0, fa_row="0.5"):
+        (root / "sub-01" / "dwi").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.full((2, 2, 2), fa_value, np.float32), np.eye(4)),
+                 str(root / f"{stem}_model-tensor_param-fa_dwimap.nii.gz"))
+        (root / f"{stem}_desc-cst_metrics.json").write_text(json.dumps(
+            {"cst": {"fa": 0.5}, "provenance": {"created": created, "path": str(root)}}))
+        (root / f"{stem}_desc-profiles_tractometry.tsv").write_text(f"node\tfa\n0\t{fa_row}\n")
+        tractogram = nib.streamlines.Tractogram(
+            [np.array([[point, 0, 0], [1, 1, 1]], np.float32)], affine_to_rasmm=np.eye(4))
+        nib.streamlines.save(tractogram, str(root / f"{stem}_hemi-L_desc-CST_tractography.trk"),
+                             header={"dimensions": (2, 2, 2), "voxel_sizes": (1, 1, 1),
+                                     "voxel_to_rasmm": np.eye(4)})
+        return root
+
+    reference = make(tmp_path / "a")
+    assert compare.main([str(reference), str(make(tmp_path / "b", created="2027"))]) == 0
+    for name, change in (("voxel", {"fa_value": 0.6}), ("point", {"point": 0.001}),
+                         ("profile", {"fa_row": "0.51"})):
+        assert compare.main([str(reference), str(make(tmp_path / name, **change))]) == 1, name
+    assert compare.main(["--results-only", str(reference), str(tmp_path / "voxel")]) == 0
+    assert compare.main(["--results-only", str(reference), str(tmp_path / "point")]) == 1
