@@ -7,14 +7,10 @@ Two detection rules, one verdict each:
     (:mod:`pipeline.uncertainty`) gives the scan's own uncertainty of the
     asymmetry index AI at every node; a model of healthy asymmetry (the
     left-right differences healthy CSTs show beyond that noise, per level,
-    learned from healthy real runs: :data:`HEALTHY_ASYMMETRY_FILE`) adds what
-    anatomy and registration contribute, as a smooth component (a difference that
-    holds over a level) and a local one (node to node). Over every window of a few
-    consecutive nodes, two statistics are divided by their standard errors from
-    both sources: the mean AI (damage along a stretch of the tract) and the mean
-    AI minus that of the flanking windows (a focal lesion: the smooth healthy
-    difference cancels in it, the lesion does not). A finding needs the largest
-    such |t| to exceed the threshold that healthy
+    learned from healthy real runs: :data:`HEALTHY_ASYMMETRY`) adds what anatomy
+    and registration contribute. The mean AI over every window of a few
+    consecutive nodes is divided by its standard error from both sources, and a
+    finding needs the largest such |t| to exceed the threshold that healthy
     profiles of this very scan (bootstrap noise plus healthy asymmetry, drawn
     ``null_draws`` times) exceed with probability ``false_positive_rate``: the
     rate of false findings per scan is calibrated, not assumed.
@@ -35,18 +31,12 @@ import numpy as np
 
 import atlases
 
-#: The kinds of window statistic (:func:`window_operator`).
-WINDOW_KINDS = ("mean", "contrast")
-
 #: Defaults, all overridable from the command line.
 DEFAULT_THRESHOLDS = {
     "method": "calibrated",
     # calibrated: per-scan false-finding rate, window widths (nodes), draws of the null
     "false_positive_rate": 0.01,
     "window_nodes": [6, 12],
-    # window statistics (see window_operator): means find damage along a stretch of the
-    # tract, contrasts with the flanks find a focal lesion above the healthy asymmetry
-    "window_kinds": list(WINDOW_KINDS),
     "null_draws": 2000,
     # fixed-ai:
     "node_ai": 0.10,   # |AI| at a node to count as asymmetric
@@ -78,6 +68,14 @@ def load_healthy_asymmetry(path=HEALTHY_ASYMMETRY_FILE):
 DEFAULT_THRESHOLDS["healthy_model"] = load_healthy_asymmetry()
 
 
+def window_means(profiles, width):
+    """Mean over every window of ``width`` consecutive nodes: (..., n_nodes - width + 1)."""
+    profiles = np.asarray(profiles, dtype=float)
+    cumulative = np.cumsum(np.concatenate([np.zeros(profiles.shape[:-1] + (1,)), profiles],
+                                          axis=-1), axis=-1)
+    return (cumulative[..., width:] - cumulative[..., :-width]) / width
+
+
 def healthy_covariance(sd, correlation):
     """Covariance of healthy AI over the nodes: SDs ``sd`` (n_nodes,), and neighbouring
     nodes correlated as an AR(1) process with lag-one correlation ``correlation``."""
@@ -85,87 +83,50 @@ def healthy_covariance(sd, correlation):
     return np.outer(sd, sd) * float(correlation) ** lags
 
 
-def window_operator(n_nodes, width, kind="mean"):
-    """Rows of weights that turn a profile into one window statistic per window start.
-
-    ``mean``: the mean over the ``width`` nodes of the window.
-    ``contrast``: that mean minus the mean of the ``width`` nodes on either side of
-    the window (the two flanks weighted equally; a flank cut by the end of the tract
-    is shortened, and left out where empty). A focal lesion changes the window but
-    not its flanks, so the contrast keeps its whole effect, whereas the healthy
-    asymmetry, which varies slowly along the tract, largely cancels.
-
-    Returns
-    -------
-    ndarray (n_nodes - width + 1, n_nodes); row k belongs to the window of nodes
-    k .. k + width - 1.
-    """
-    if kind not in WINDOW_KINDS:
-        raise ValueError(f"unknown window kind {kind!r}; expected one of {WINDOW_KINDS}")
-    starts = np.arange(n_nodes - width + 1)
-    operator = np.zeros((len(starts), n_nodes))
+def _window_operator(n_nodes, width):
+    """Rows average the windows of ``width`` nodes: (n_nodes - width + 1, n_nodes)."""
+    rows = np.arange(n_nodes - width + 1)
+    operator = np.zeros((len(rows), n_nodes))
     for k in range(width):
-        operator[starts, starts + k] = 1.0 / width
-    if kind == "contrast":
-        for row, start in enumerate(starts):
-            flanks = [np.arange(max(start - width, 0), start),
-                      np.arange(start + width, min(start + 2 * width, n_nodes))]
-            flanks = [flank for flank in flanks if len(flank)]
-            for flank in flanks:
-                operator[row, flank] -= 1.0 / (len(flanks) * len(flank))
+        operator[rows, rows + k] = 1.0 / width
     return operator
 
 
-def apply_window_operator(operator, profiles):
-    """``profiles`` (..., n_nodes) through ``operator``: NaN for a window whose weights
-    touch a NaN node (matrix products would spread one NaN to every window)."""
-    profiles = np.asarray(profiles, dtype=float)
-    missing = np.isnan(profiles).astype(float)
-    values = np.nan_to_num(profiles) @ operator.T
-    return np.where(missing @ (operator != 0).T > 0, np.nan, values)
-
-
-def window_statistics(n_nodes, widths, kinds=WINDOW_KINDS):
-    """``{(kind, width): operator}`` for every kind and width, as :func:`window_operator`."""
-    return {(kind, int(w)): window_operator(n_nodes, int(w), kind)
-            for kind in kinds for w in widths}
-
-
-def window_t(ai, noise_replicates, healthy_cov, operators):
+def window_t(ai, noise_replicates, healthy_cov, widths):
     """Window t statistics of an AI profile, and a function giving those of other profiles.
 
     Parameters
     ----------
     ai : (n_nodes,) observed asymmetry index
     noise_replicates : (B, n_nodes) bootstrap replicates of ``ai``
-    healthy_cov : (n_nodes, n_nodes) :func:`healthy_model_covariance`
-    operators : dict key -> (n_windows, n_nodes), as :func:`window_statistics`
+    healthy_cov : (n_nodes, n_nodes) :func:`healthy_covariance`
+    widths : sequence of int
 
     Returns
     -------
-    t : dict key -> (n_windows,) window statistic / its SE (bootstrap variance of
-        the statistic plus its healthy variance)
-    se : dict key -> (n_windows,) those standard errors
+    t : dict width -> (n_windows,) mean AI over the window / its SE (bootstrap
+        variance of the window mean plus the healthy variance)
+    se : dict width -> (n_windows,) those standard errors
     statistic : callable mapping profiles (K, n_nodes) to the same t, (K, windows)
-        per key, with this scan's standard errors
+        per width, with this scan's standard errors
     """
+    n_nodes = len(ai)
+    operators = {w: _window_operator(n_nodes, w) for w in widths}
     se = {}
-    for key, operator in operators.items():
-        boot_var = np.nanvar(apply_window_operator(operator, noise_replicates), axis=0)
+    for w, operator in operators.items():
+        boot_var = np.nanvar(window_means(noise_replicates, w), axis=0)
         healthy_var = np.sum((operator @ healthy_cov) * operator, axis=1)
-        se[key] = np.sqrt(boot_var + healthy_var)
+        se[w] = np.sqrt(boot_var + healthy_var)
 
     def statistic(profiles):
-        return {key: apply_window_operator(operator, profiles) / se[key]
-                for key, operator in operators.items()}
+        return {w: window_means(profiles, w) / se[w] for w in widths}
 
     return statistic(np.asarray(ai, dtype=float)), se, statistic
 
 
-def max_abs_t(t_by_window):
-    """The largest |t| over every window of every statistic, per profile (NaN windows
-    ignored)."""
-    return np.nanmax(np.concatenate([np.abs(t) for t in t_by_window.values()], axis=-1),
+def max_abs_t(t_by_width):
+    """The largest |t| over every window of every width, per profile (NaN windows ignored)."""
+    return np.nanmax(np.concatenate([np.abs(t) for t in t_by_width.values()], axis=-1),
                      axis=-1)
 
 
@@ -185,28 +146,17 @@ def null_max_t(noise_replicates, healthy_cov, statistic, *, n_draws, random_seed
     return max_abs_t(statistic(np.nan_to_num(picks) + healthy))
 
 
-def calibrated_segments(ai, t_by_window, threshold, node_levels, node_xyz):
+def calibrated_segments(ai, t_by_width, threshold, node_levels, node_xyz):
     """Segments where window |t| reaches ``threshold``: overlapping windows of one sign
     merged; keys as :func:`deviation_segments` plus ``peak_t``.
-
-    A contrast window counts for its own nodes, not its flanks. Windows are taken
-    strongest first, and a contrast window whose flanks reach a stronger window of the
-    other sign is left out: a focal drop on one side also lifts the contrast of the
-    windows beside it (their flank holds the drop), which says nothing of the other
-    side.
     """
     n_nodes = len(ai)
-    candidates = [(abs(t[start]), float(t[start]), int(start), w, kind)
-                  for (kind, w), t in t_by_window.items()
-                  for start in np.flatnonzero(np.abs(np.nan_to_num(t)) >= threshold)]
     best_t = np.zeros(n_nodes)  # the |t| of the strongest window covering each node, signed
-    for _, t, start, w, kind in sorted(candidates, reverse=True):
-        reach = slice(max(start - w, 0), start + 2 * w) if kind == "contrast" else \
-            slice(start, start + w)
-        if np.any(np.sign(best_t[reach]) == -np.sign(t)):
-            continue
-        span = slice(start, start + w)
-        best_t[span] = np.where(np.abs(t) > np.abs(best_t[span]), t, best_t[span])
+    for w, t in t_by_width.items():
+        for start in np.flatnonzero(np.abs(np.nan_to_num(t)) >= threshold):
+            span = slice(start, start + w)
+            stronger = np.abs(t[start]) > np.abs(best_t[span])
+            best_t[span] = np.where(stronger, t[start], best_t[span])
     sign = np.sign(best_t).astype(int)
     segments = []
     for start, end, seg_sign in asymmetric_segments(sign, node_ai=1, min_nodes=1):
@@ -225,18 +175,16 @@ def calibrated_segments(ai, t_by_window, threshold, node_levels, node_xyz):
     return segments
 
 
-def detectable_fa_drop(se_by_window, node_levels, threshold, *, side="left"):
+def detectable_fa_drop(se_by_width, node_levels, threshold, *, side="left"):
     """Per level, the smallest drop of one side's FA profile (fraction) this scan could detect.
 
     A relative drop d of one side's FA over a window gives a window AI of
-    about d / (2 - d) (from no asymmetry), and a window contrast of as much when
-    the flanks are spared; it is found when that reaches ``threshold`` standard
-    errors. The best window of the narrowest width lying wholly in the level
-    counts, of either kind; a level too short for one window is left out.
+    about d / (2 - d) (from no asymmetry); it is found when that reaches
+    ``threshold`` standard errors. The best window of the narrowest width lying
+    wholly in the level counts; a level too short for one window is left out.
     """
-    width = min(w for _, w in se_by_window)
-    se = np.nanmin([np.where(np.isfinite(v), v, np.inf)
-                    for (_, w), v in se_by_window.items() if w == width], axis=0)
+    width = min(se_by_width)
+    se = se_by_width[width]
     levels = node_levels[side]
     drops = {}
     for level in dict.fromkeys(lv for lv in levels if lv):
@@ -396,7 +344,6 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
                                      healthy_model=thresholds["healthy_model"],
                                      false_positive_rate=thresholds["false_positive_rate"],
                                      window_nodes=thresholds["window_nodes"],
-                                     window_kinds=thresholds["window_kinds"],
                                      null_draws=thresholds["null_draws"]))
     return _with_boundary_levels(result, node_mni_z)
 
@@ -422,51 +369,37 @@ def _with_boundary_levels(result, node_mni_z):
     return result
 
 
-def node_healthy_sd(node_levels, model, key="sd_by_level", default_key="sd_default"):
+def node_healthy_sd(node_levels, model):
     """Healthy AI SD at each node: the model's SD for the node's level (larger of the
     two sides' levels where they differ), its default where the level is unknown."""
-    by_level, default = model.get(key, {}), model.get(default_key, 0.0)
-    return np.array([max(by_level.get(left, default), by_level.get(right, default))
+    by_level = model["sd_by_level"]
+    return np.array([max(by_level.get(left, model["sd_default"]),
+                         by_level.get(right, model["sd_default"]))
                      for left, right in zip(node_levels["left"], node_levels["right"])])
 
 
-def healthy_model_covariance(node_levels, model):
-    """Covariance of healthy AI over the nodes under the model: a smooth component
-    (``sd_by_level``, lag-one correlation ``node_correlation``: the left-right
-    difference that holds over a level) plus a local one (``local_sd_by_level``,
-    ``local_correlation``: the node-to-node wiggle, from crossing fibres and the
-    streamlines' exact course). A model without the local keys has only the first."""
-    smooth = healthy_covariance(node_healthy_sd(node_levels, model),
-                                model["node_correlation"])
-    local_sd = node_healthy_sd(node_levels, model, "local_sd_by_level", "local_sd_default")
-    return smooth + healthy_covariance(local_sd, model.get("local_correlation", 0.0))
-
-
 def calibrated_finding(ai_profile, ai_bootstrap, node_levels, node_xyz, *, healthy_model,
-                       false_positive_rate, window_nodes, null_draws,
-                       window_kinds=WINDOW_KINDS, random_seed=0):
+                       false_positive_rate, window_nodes, null_draws, random_seed=0):
     """The calibrated rule (module docstring): statistic, threshold, segments, finding."""
     ai = np.asarray(ai_profile, dtype=float)
     replicates = np.asarray(ai_bootstrap, dtype=float)
-    healthy_cov = healthy_model_covariance(node_levels, healthy_model)
-    operators = window_statistics(len(ai), window_nodes, window_kinds)
-    t_by_window, se_by_window, statistic = window_t(ai, replicates, healthy_cov, operators)
+    healthy_cov = healthy_covariance(node_healthy_sd(node_levels, healthy_model),
+                                     healthy_model["node_correlation"])
+    widths = [int(w) for w in window_nodes]
+    t_by_width, se_by_width, statistic = window_t(ai, replicates, healthy_cov, widths)
     null = null_max_t(replicates, healthy_cov, statistic, n_draws=int(null_draws),
                       random_seed=random_seed)
     threshold = float(np.quantile(null, 1.0 - false_positive_rate))
-    observed = float(max_abs_t(t_by_window))
-    strongest = max(t_by_window, key=lambda key: np.nanmax(np.abs(t_by_window[key])))
+    observed = float(max_abs_t(t_by_width))
     p_value = float((1 + np.count_nonzero(null >= observed)) / (len(null) + 1))
-    out = {"statistic": {"name": "largest |window statistic of AI / SE|",
-                         "value": round(observed, 3), "threshold": round(threshold, 3),
-                         "p_value": round(p_value, 5),
+    out = {"statistic": {"name": "largest |window mean AI / SE|", "value": round(observed, 3),
+                         "threshold": round(threshold, 3), "p_value": round(p_value, 5),
                          "false_positive_rate": false_positive_rate,
-                         "window_kind": strongest[0], "window_nodes": strongest[1],
                          "healthy_model": healthy_model.get("source")},
-           "detectable_fa_drop": detectable_fa_drop(se_by_window, node_levels, threshold)}
+           "detectable_fa_drop": detectable_fa_drop(se_by_width, node_levels, threshold)}
     if observed < threshold:
         return out
-    segments = calibrated_segments(ai, t_by_window, threshold, node_levels, node_xyz)
+    segments = calibrated_segments(ai, t_by_width, threshold, node_levels, node_xyz)
     primary = max(segments, key=lambda seg: abs(seg["peak_t"]))
     out.update(umn_damage=True, affected_side=primary["side"], level=primary["peak_level"],
                peak_ras_mm=primary["peak_ras_mm"], peak_node=primary["peak_node"],

@@ -1691,8 +1691,7 @@ def _detectable_drop_html(metrics) -> str:
         '<h3 id="sensitivity">What a negative result excludes</h3>'
         '<p class="tablecap">The smallest drop of one side\'s FA, as a percentage of the '
         f"other side's, that this scan could have detected at each level{_esc(at)}. It is a "
-        f"drop of the tract's mean FA over a window of {_esc(window)} (against the windows "
-        "either side of it, or against the other side): a focal lesion that "
+        f"drop of the tract's mean FA over a window of {_esc(window)}: a focal lesion that "
         "affects only part of the tract's cross-section must lower FA by more where it lies, "
         "and smaller or more focal changes may go unseen. A dash: no window lies wholly in "
         "that level (not reached by the profile, or too short), so a negative result "
@@ -2175,13 +2174,9 @@ def methods_text(metrics) -> str:
             f"of AI at every node, and a model of the left-right asymmetry of healthy CSTs (an "
             f"SD per level"
             + (f"; {_esc(model)}" if model else "")
-            + ") added what anatomy and registration contribute: a smooth left-right "
-            f"difference that holds over a level, and a local node-to-node one. Over every "
+            + ") added what anatomy and registration contribute. The mean AI over every "
             f"window of {_esc(' and '.join(windows)) or '(not recorded)'} consecutive nodes, "
-            f"the mean AI (damage along a stretch of the tract) and the mean AI minus that of "
-            f"the windows on either side (a focal lesion, against which the smooth healthy "
-            f"difference cancels), each divided by its standard error, gave t statistics, "
-            f"and a finding needed the "
+            f"divided by its standard error, gave a t statistic, and a finding needed the "
             f"largest |t| to exceed the threshold that {val('localization', 'null_draws')} "
             f"simulated healthy profiles of this scan (bootstrap noise plus healthy asymmetry) "
             f"exceed with probability {val('localization', 'false_positive_rate')}: whatever "
@@ -2347,9 +2342,8 @@ def _asymmetry_caption(loc, *, band) -> str:
         test = _calibrated_test_words(loc.get("statistic"))
         return (text + "No fixed |AI| limit applies: the mean AI over every window of "
                 + (f"{_esc(widths)} " if widths else "")
-                + "consecutive nodes, and its contrast with the windows on either side, are "
-                "divided by their standard errors (bootstrap plus healthy asymmetry; see "
-                "Methods)" + (f", and {_esc(test)}" if test else "")
+                + "consecutive nodes is divided by its standard error (bootstrap plus healthy "
+                "asymmetry; see Methods)" + (f", and {_esc(test)}" if test else "")
                 + ". Hatched red spans: detected segments.")
     thr, min_nodes = thresholds.get("node_ai"), thresholds.get("min_nodes")
     segment_mean = thresholds.get("segment_mean_ai")

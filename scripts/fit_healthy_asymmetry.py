@@ -5,21 +5,12 @@ Reads the healthy runs that ``scripts/validate_lesions.py`` left under ``--valid
 (``runs/<run>/healthy/<condition>/``: the metrics JSON and the profiles TSV) for the
 subjects of one half of its split, and writes ``pipeline/healthy_asymmetry.json``:
 
-Healthy asymmetry is modelled as two Gaussian components over the 100 nodes (see
-``pipeline.localization.healthy_model_covariance``), both beyond the scan's own
-bootstrap noise:
-
-- ``sd_by_level``, ``node_correlation``: the *smooth* component, a left-right
-  difference that holds over a level (a healthy mean asymmetry counts in it too); its
-  lag-one correlation is that of the AI profiles;
-- ``local_sd_by_level``, ``local_correlation``: the *local* component, the
-  node-to-node wiggle left after a running mean over ±12 nodes is taken off; the
-  window contrasts of the detection are tested against it;
-- per level, the variance of AI (mean AI² − mean SE²) and that of its high-passed
-  profile (likewise net of the bootstrap) give the two SDs, each component passing a
-  known fraction of its variance through the high-pass; ``sd_default`` and
-  ``local_sd_default``, the largest, serve nodes of unknown level;
-- ``scale``: all SDs above are multiplied by the smallest factor (1.0, 1.1, ... 3.0)
+- ``sd_by_level``: per atlas level, the SD of the asymmetry index that healthy CSTs
+  show beyond the scan's own bootstrap noise, sqrt(mean(AI²) − mean(SE²)) over the
+  nodes of that level in every run (a healthy mean asymmetry counts in it too);
+- ``sd_default``: the largest of them, for nodes of unknown level;
+- ``node_correlation``: the lag-one correlation of AI between neighbouring nodes;
+- ``scale``: the SDs above are multiplied by the smallest factor (1.0, 1.1, ... 3.0)
   for which at most ``--target-rate`` of the runs get a finding from the calibrated
   rule (the pooled SDs assume Gaussian healthy asymmetry; real subjects have heavier
   tails). By default each volunteer's runs are judged by a model fitted without that
@@ -42,11 +33,9 @@ import json
 import re
 import sys
 from datetime import date
-from functools import cache
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,18 +47,11 @@ from pipeline.localization import (  # noqa: E402
     DEFAULT_THRESHOLDS,
     HEALTHY_ASYMMETRY_FILE,
     LEVELS,
-    apply_window_operator,
     calibrated_finding,
-    healthy_covariance,
-    window_statistics,
 )
-from pipeline.tractometry import N_NODES  # noqa: E402
 
 #: A level needs this many nodes over all runs for its own SD; else it takes the largest.
 MIN_LEVEL_NODES = 30
-#: The grids of lag-one correlations searched for the smooth and the local component.
-SMOOTH_CORRELATIONS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
-LOCAL_CORRELATIONS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: No level's healthy SD is taken below this (AI units): a level where the bootstrap
 #: happens to explain all the spread of a few runs still has some anatomical asymmetry.
 MIN_SD = 0.01
@@ -120,106 +102,27 @@ def _finite(values):
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
-def moment_operators(n_nodes):
-    """The linear statistics whose healthy variances the model must reproduce: each node
-    (``node``) and every window statistic the calibrated rule tests, as
-    ``{name: (operator (rows, n_nodes), centre node of each row)}``."""
-    operators = {"node": (np.eye(n_nodes), np.arange(n_nodes))}
-    windows = window_statistics(n_nodes, DEFAULT_THRESHOLDS["window_nodes"],
-                                DEFAULT_THRESHOLDS["window_kinds"])
-    for (kind, width), operator in windows.items():
-        operators[f"{kind}{width}"] = (operator, np.arange(len(operator)) + width // 2)
-    return operators
-
-
-@cache
-def passed_variance(name, correlation, n_nodes=N_NODES):
-    """Mean variance of the rows of statistic ``name`` (:func:`moment_operators`) applied
-    to a unit-SD AR(1) profile with lag-one ``correlation``."""
-    operator = moment_operators(n_nodes)[name][0]
-    unit = healthy_covariance(np.ones(n_nodes), correlation)
-    return float(np.mean(np.sum((operator @ unit) * operator, axis=1)))
-
-
-@cache
-def run_moments(path, levels):
-    """One run's sums for :func:`healthy_moments`: ``{(level, statistic): (sum, count)}``
-    of (statistic of AI)² − its bootstrap variance over the rows centred in each level."""
-    kept = json.loads(Path(path).read_text())
-    ai = _finite(kept["fa_ai_profile"])
-    replicates = np.asarray(kept["fa_ai_bootstrap"], float)
-    sums = {}
-    for name, (operator, centres) in moment_operators(len(ai)).items():
-        values = apply_window_operator(operator, ai)
-        noise = np.nanvar(apply_window_operator(operator, replicates), axis=0)
-        for value, variance, centre in zip(values, noise, centres):
-            if levels[centre] in LEVELS and np.isfinite(value) and np.isfinite(variance):
-                total, count = sums.get((levels[centre], name), (0.0, 0))
-                sums[(levels[centre], name)] = (total + value ** 2 - variance, count + 1)
-    return sums
-
-
-def healthy_moments(runs):
-    """Per level and statistic, the healthy variance beyond the bootstrap noise over all
-    ``runs``: ``{level: {statistic: (variance, count)}}``."""
-    pooled = {}
-    for *_, levels, path in runs:
-        for key, (total, count) in run_moments(str(path), tuple(levels)).items():
-            old_total, old_count = pooled.get(key, (0.0, 0))
-            pooled[key] = (old_total + total, old_count + count)
-    moments = {}
-    for (level, name), (total, count) in pooled.items():
-        moments.setdefault(level, {})[name] = (total / count, count)
-    return moments
-
-
 def fit(runs):
-    """The model's numbers from the runs of :func:`healthy_runs`.
-
-    For a pair of correlations (smooth, local) on a grid, each level's two variances
-    follow by non-negative least squares from the healthy variances of the statistics
-    of :func:`moment_operators` (each statistic's variance is a known multiple of each
-    component's, :func:`passed_variance`; relative errors are minimised); the pair
-    with the smallest error over all levels is kept. The split between the components
-    is not sharply determined, but the variance of every tested statistic is.
-    """
-    moments = healthy_moments(runs)
-    counted = {level: by_name for level, by_name in moments.items()
-               if by_name.get("node", (0, 0))[1] >= MIN_LEVEL_NODES}
-    if not counted:
-        raise SystemExit("too few healthy profile nodes to fit the model")
-    best = None
-    for smooth_rho in SMOOTH_CORRELATIONS:
-        for local_rho in LOCAL_CORRELATIONS:
-            error, variances = 0.0, {}
-            for level, by_name in counted.items():
-                names = list(by_name)
-                target = np.array([max(by_name[name][0], MIN_SD ** 2) for name in names])
-                design = np.array([[passed_variance(name, smooth_rho),
-                                    passed_variance(name, local_rho)]
-                                   for name in names]) / target[:, None]
-                solution, residual = nnls(design, np.ones(len(names)))
-                variances[level] = solution
-                error += residual ** 2
-            if best is None or error < best[0]:
-                best = (error, smooth_rho, local_rho, variances)
-    _, smooth_rho, local_rho, variances = best
-    smooth_sd = {level: float(np.sqrt(max(v[0], MIN_SD ** 2))) for level, v in variances.items()}
-    local_sd = {level: float(np.sqrt(max(v[1], MIN_SD ** 2))) for level, v in variances.items()}
-    return {"sd_by_level": _every_level(smooth_sd),
-            "sd_default": round(max(smooth_sd.values()), 4),
-            "node_correlation": float(smooth_rho),
-            "local_sd_by_level": _every_level(local_sd),
-            "local_sd_default": round(max(local_sd.values()), 4),
-            "local_correlation": float(local_rho),
-            "nodes_per_level": {level: moments.get(level, {}).get("node", (0, 0))[1]
-                                for level in LEVELS}}
-
-
-def _every_level(sd):
-    """SD per level, the largest for a level with too few nodes of its own."""
+    """The model's numbers from the runs of :func:`healthy_runs`."""
+    squares = {level: [] for level in LEVELS}
+    noise = {level: [] for level in LEVELS}
+    lag_products, squares_all = 0.0, 0.0
+    for _, _, ai, se, levels, _ in runs:
+        for value, error, level in zip(ai, se, levels):
+            if level in squares and np.isfinite(value) and np.isfinite(error):
+                squares[level].append(value ** 2)
+                noise[level].append(error ** 2)
+        finite = np.nan_to_num(ai)
+        lag_products += float(np.sum(finite[1:] * finite[:-1]))
+        squares_all += float(np.sum(finite ** 2))
+    sd = {level: float(np.sqrt(max(np.mean(squares[level]) - np.mean(noise[level]),
+                                   MIN_SD ** 2)))
+          for level in LEVELS if len(squares[level]) >= MIN_LEVEL_NODES}
     largest = max(sd.values())
-    return {level: round(sd.get(level, largest), 4) for level in LEVELS}
+    return {"sd_by_level": {level: round(sd.get(level, largest), 4) for level in LEVELS},
+            "sd_default": round(largest, 4),
+            "node_correlation": round(lag_products / squares_all, 3),
+            "nodes_per_level": {level: len(squares[level]) for level in LEVELS}}
 
 
 def findings(runs, model, rate=DEFAULT_THRESHOLDS["false_positive_rate"]):
@@ -232,7 +135,6 @@ def findings(runs, model, rate=DEFAULT_THRESHOLDS["false_positive_rate"]):
             _finite(profiles["fa_ai_profile"]), np.asarray(profiles["fa_ai_bootstrap"], float),
             profiles["node_levels"], xyz, healthy_model=model, false_positive_rate=rate,
             window_nodes=DEFAULT_THRESHOLDS["window_nodes"],
-            window_kinds=DEFAULT_THRESHOLDS["window_kinds"],
             null_draws=DEFAULT_THRESHOLDS["null_draws"])
         if result.get("umn_damage"):
             found.append(f"{run}/{condition}")
@@ -255,13 +157,10 @@ def held_out_findings(runs, model_factor, volunteer_of):
 
 
 def scaled(model, factor):
-    """``model`` with every SD (smooth and local) multiplied by ``factor``."""
-    out = {**model, "scale": factor}
-    for key in ("sd_by_level", "local_sd_by_level"):
-        out[key] = {k: round(v * factor, 4) for k, v in model[key].items()}
-    for key in ("sd_default", "local_sd_default"):
-        out[key] = round(model[key] * factor, 4)
-    return out
+    """``model`` with every SD multiplied by ``factor``."""
+    return {**model, "scale": factor,
+            "sd_by_level": {k: round(v * factor, 4) for k, v in model["sd_by_level"].items()},
+            "sd_default": round(model["sd_default"] * factor, 4)}
 
 
 def main(argv=None):

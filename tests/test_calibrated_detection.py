@@ -10,10 +10,9 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.localization import (
     DEFAULT_THRESHOLDS,
-    apply_window_operator,
     healthy_covariance,
     localize_damage,
-    window_operator,
+    window_means,
 )
 from pipeline.uncertainty import bootstrap_profiles, wild_bootstrap_fa
 
@@ -24,10 +23,7 @@ LEVELS = [name for a, b, name in LEVEL_SPANS for _ in range(b - a)]
 NODE_LEVELS = {"left": LEVELS, "right": LEVELS}
 NODE_XYZ = {"left": np.stack([np.full(N, -20.0), np.zeros(N), np.linspace(-35, 60, N)], 1),
             "right": np.stack([np.full(N, 20.0), np.zeros(N), np.linspace(-35, 60, N)], 1)}
-#: Healthy asymmetry: a smooth component and a local (node-to-node) one, as fitted by
-#: scripts/fit_healthy_asymmetry.py.
-MODEL = {"source": "test", "sd_by_level": {}, "sd_default": 0.02, "node_correlation": 0.9,
-         "local_sd_by_level": {}, "local_sd_default": 0.01, "local_correlation": 0.5}
+MODEL = {"source": "test", "sd_by_level": {}, "sd_default": 0.02, "node_correlation": 0.9}
 NOISE_SD, NOISE_RHO, N_BOOT = 0.02, 0.8, 200
 
 
@@ -37,12 +33,10 @@ def _correlated(rng, size, sd, rho):
                                    size=size, method="cholesky")
 
 
-def _scan(rng, signal=None, model=MODEL):
-    """One synthetic scan: observed AI = signal + healthy asymmetry (both components of
-    ``model``) + measurement noise, and its bootstrap replicates (the noise redrawn
-    around the observation)."""
-    healthy = (_correlated(rng, 1, model["sd_default"], model["node_correlation"])[0]
-               + _correlated(rng, 1, model["local_sd_default"], model["local_correlation"])[0])
+def _scan(rng, signal=None):
+    """One synthetic scan: observed AI = signal + healthy asymmetry + measurement noise,
+    and its bootstrap replicates (the noise redrawn around the observation)."""
+    healthy = _correlated(rng, 1, MODEL["sd_default"], MODEL["node_correlation"])[0]
     observed = healthy + _correlated(rng, 1, NOISE_SD, NOISE_RHO)[0]
     if signal is not None:
         observed = observed + signal
@@ -70,7 +64,7 @@ def test_ignoring_the_healthy_asymmetry_would_break_the_bound():
     """The healthy-asymmetry term is what holds the rate: without it, the same null scans
     give many more findings (the test above is not passing by a lenient construction)."""
     rng = np.random.default_rng(1)
-    no_model = {**MODEL, "sd_default": 0.0, "local_sd_default": 0.0}
+    no_model = {**MODEL, "sd_default": 0.0}
     findings = 0
     for _ in range(200):
         ai, replicates = _scan(rng)
@@ -102,53 +96,6 @@ def test_focal_drop_found_with_side_and_level(start, side, level):
     assert all(seg["side"] == side for seg in result["segments"])
 
 
-#: Healthy people whose CSTs differ a lot but smoothly along the tract (large smooth SD,
-#: strongly correlated), with little node-to-node wiggle.
-SMOOTH_MODEL = {**MODEL, "sd_default": 0.08, "node_correlation": 0.97, "local_sd_default": 0.01}
-
-
-@threadpool_limits.wrap(limits=1)
-def test_contrast_windows_find_a_focal_drop_that_healthy_asymmetry_hides_from_means():
-    """A 6-node drop of AI 0.18 is within what healthy asymmetry does to a window mean
-    (SD 0.08) but far beyond the local wiggle: the contrast with its flanks finds it,
-    with side and level, where means alone mostly do not."""
-    rng = np.random.default_rng(8)
-    found = {"mean": 0, "both": 0}
-    for _ in range(20):
-        ai, replicates = _scan(rng, _lesion(48, 6, 0.18), model=SMOOTH_MODEL)
-        for name, kinds in (("mean", ["mean"]), ("both", ["mean", "contrast"])):
-            result = localize_damage(ai, NODE_LEVELS, NODE_XYZ, ai_bootstrap=replicates,
-                                     thresholds={"healthy_model": SMOOTH_MODEL,
-                                                 "window_kinds": kinds, "null_draws": 500})
-            hit = (result["umn_damage"] and result["affected_side"] == "right"
-                   and result["level"] == "internal_capsule")
-            found[name] += bool(hit)
-    assert found["both"] >= 18 and found["mean"] <= 8, found
-
-
-def test_window_operators():
-    mean = window_operator(30, 6, "mean")
-    contrast = window_operator(30, 6, "contrast")
-    assert mean.shape == contrast.shape == (25, 30)
-    x = np.random.default_rng(4).normal(size=(3, 30))
-    np.testing.assert_allclose(apply_window_operator(mean, x)[:, 7], x[:, 7:13].mean(axis=1))
-    np.testing.assert_allclose(contrast.sum(axis=1), 0.0, atol=1e-12)
-    # inside: the window's mean minus the mean of the 6 nodes on either side, halves each
-    np.testing.assert_allclose(contrast[10, 4:10], -1 / 12)
-    np.testing.assert_allclose(contrast[10, 10:16], 1 / 6)
-    np.testing.assert_allclose(contrast[10, 16:22], -1 / 12)
-    # at the ends: the one flank there is
-    np.testing.assert_allclose(contrast[0, 6:12], -1 / 6)
-    np.testing.assert_allclose(contrast[24, 18:24], -1 / 6)
-    # a NaN node blanks only the windows whose weights touch it
-    profile = np.arange(30.0)
-    profile[0] = np.nan
-    values = apply_window_operator(contrast, profile)
-    assert np.isnan(values[:7]).all() and np.isfinite(values[7:]).all()
-    np.testing.assert_allclose(values[10], profile[10:16].mean()
-                               - (profile[4:10].mean() + profile[16:22].mean()) / 2)
-
-
 def test_detectable_drop_grows_with_the_noise():
     rng = np.random.default_rng(3)
     ai, replicates = _scan(rng)
@@ -173,6 +120,13 @@ def test_fixed_rule_still_selectable():
     assert result["statistic"] is None
     with pytest.raises(ValueError, match="bootstrap"):
         localize_damage(ai, NODE_LEVELS, NODE_XYZ)
+
+
+def test_window_means_match_a_loop():
+    x = np.random.default_rng(4).normal(size=(3, 20))
+    means = window_means(x, 6)
+    assert means.shape == (3, 15)
+    np.testing.assert_allclose(means[:, 7], x[:, 7:13].mean(axis=1))
 
 
 # --------------------------------------------------------------------------- uncertainty
