@@ -348,6 +348,18 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
     return _with_boundary_levels(result, node_mni_z)
 
 
+def localize_profiles(profiles, *, thresholds=None, assessable=True):
+    """:func:`localize_damage` on a run's profiles as ``steps.tract_profiles`` keeps them
+    (its ``profiles.json``: the AI profile with None where undefined, node levels,
+    positions and MNI heights per side, and the bootstrap replicates)."""
+    ai = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]], dtype=float)
+    return localize_damage(ai, profiles["node_levels"],
+                           {side: np.asarray(xyz) for side, xyz in profiles["node_xyz"].items()},
+                           thresholds=thresholds, assessable=assessable,
+                           ai_bootstrap=profiles.get("fa_ai_bootstrap"),
+                           node_mni_z=profiles.get("node_mni_z"))
+
+
 #: A peak this close (mm, MNI z) to a level boundary names the levels on both sides of it:
 #: the registration and the subject's anatomy do not place a boundary more exactly.
 BOUNDARY_MARGIN_MM = 3.0

@@ -900,12 +900,7 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
     noise = pre_qc["denoise"]
     limits = {**DEFAULT_QC_LIMITS, **(qc_limits or {})}
     assessable, reasons = quality_control(reg_qc, trk_qc, profiles["cst"], limits)
-    ai_profile = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]])
-    loc = localization.localize_damage(
-        ai_profile, profiles["node_levels"],
-        {s: np.asarray(profiles["node_xyz"][s]) for s in SIDES},
-        thresholds=thresholds, assessable=assessable,
-        ai_bootstrap=profiles.get("fa_ai_bootstrap"), node_mni_z=profiles.get("node_mni_z"))
+    loc = localization.localize_profiles(profiles, thresholds=thresholds, assessable=assessable)
     fa_ai_plic = profiles["fa_ai_plic"]
     prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
                                        prep_plic_ai=prep_plic_ai, qc_reasons=reasons,

@@ -253,11 +253,7 @@ def reassessed(metrics, run_dir):
     if not kept:
         raise SystemExit(f"--reassess: no profiles.json in the work folder of {run_dir} "
                          f"(run without --no-keep-work)")
-    profiles = json.loads(kept[0].read_text())
-    ai = np.array([np.nan if v is None else v for v in profiles["fa_ai_profile"]])
-    found = localization.localize_damage(
-        ai, profiles["node_levels"], {s: np.asarray(profiles["node_xyz"][s]) for s in SIDES},
-        ai_bootstrap=profiles["fa_ai_bootstrap"], node_mni_z=profiles.get("node_mni_z"))
+    found = localization.localize_profiles(json.loads(kept[0].read_text()))
     return {**metrics, "localization": found}
 
 
