@@ -727,3 +727,31 @@ def test_figures_drawn_by_two_processes_give_the_same_page(inputs, tmp_path, mon
     drawers = {p.name.split("-")[0] for p in drawn.iterdir()}
     assert len(list(drawn.iterdir())) == len(_images(parallel)) >= 8
     assert str(os.getpid()) not in drawers and len(drawers) == 2
+
+
+def test_every_figure_slot_gets_an_image_or_a_placeholder(inputs, monkeypatch):
+    from pipeline.report import context
+
+    def broken(**kwargs):
+        raise RuntimeError("no diffusivities")
+
+    # A figure that fails to draw is replaced by a placeholder that says why.
+    monkeypatch.setattr(context, "plot_diffusivity_profiles", broken)
+    slots = context.subject_context(metrics=_metrics(), **inputs)["figures"]
+    text = report.build_report_html(metrics=_metrics(), **inputs)
+    assert "\x00" not in text
+    images = re.findall(r"<figure><img ", text)
+    placeholders = re.findall(r'<div class="placeholder">([^<]*)</div>', text)
+    assert placeholders == ["Diffusivity profiles: figure could not be drawn "
+                            "(RuntimeError: no diffusivities)."]
+    assert len(images) + len(placeholders) == len(slots) == 11
+    # Without inputs every slot says why it is empty, and nothing else is left unfilled.
+    bare = context.subject_context(metrics=_metrics(), profiles_tsv=None, fa_file=None,
+                                   tract_files={})["figures"]
+    text = report.build_report_html(metrics=_metrics(), profiles_tsv=None, fa_file=None,
+                                    tract_files={})
+    drawn = [key for key, slot in bare.items() if slot["spec"] is not None]
+    placeholders = re.findall(r'<div class="placeholder">([^<]*)</div>', text)
+    assert len(re.findall(r"<figure><img ", text)) == len(drawn)
+    assert len(placeholders) == len(bare) - len(drawn) and all(placeholders)
+    assert "\x00" not in text
