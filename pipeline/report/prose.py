@@ -26,6 +26,7 @@ from .values import (
     rate_words,
 )
 
+#: The works the Methods paragraph cites, listed under References.
 REFERENCES = {
     "garyfallidis2014": ("Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the "
                          "analysis of diffusion MRI data. Front Neuroinform 2014;8:8. "
@@ -63,8 +64,7 @@ REFERENCES = {
     "stinear2007": prognosis.REFERENCES["stinear2007"],
     "stinear2012": prognosis.REFERENCES["stinear2012"],
 }
-
-
+#: Readable names of the CST ROIs' regions (the QC tables, the inferior landmark).
 ROI_NAMES = {"motor": "Motor cortex", "plic": "Posterior limb of the internal capsule",
               "peduncle": "Cerebral peduncle", "pons": "Pons", "medulla": "Medulla"}
 

@@ -18,11 +18,8 @@ from .values import fmt_mm
 #: Horizontal axes increase to the right, so the subject's left (-x) is on the image
 #: left (neurological convention) and anterior (+y) is on the right of sagittal views.
 PLANES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
-
-
+#: Name of each world axis, and its negative and positive direction letters.
 AXIS_NAME = "xyz"
-
-
 _ORIENT = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
 
 
