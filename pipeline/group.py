@@ -2,7 +2,6 @@
 every other run compared with them (tables, per-run files, one HTML page)."""
 
 import csv
-import html
 import io
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from . import normative
 from .outputs import file_sha256, provenance, write_json, write_sidecar, write_text
-from .report import _CSS, _new_figure, figure_to_data_uri
+from .report import figure_slot, new_figure, render_page
 from .tractometry import TRACT_NAMES
 
 GROUP_COLUMNS = ("participant_id", "run", "assessable", "umn_damage", "affected_side", "level",
@@ -185,7 +184,7 @@ def run_group_level(out_dir, bids_dir, thresholds=None):
 
 def plot_against_norms(norms, profiles, comparison):
     """FA asymmetry of one run over the controls' mean ± 2 SD band, findings shaded."""
-    fig = _new_figure(7.5, 2.6)
+    fig = new_figure(7.5, 2.6)
     ax = fig.add_subplot(1, 1, 1)
     norm = norms[("asymmetry", "fa_ai")]
     nodes = np.arange(len(norm["mean"]))
@@ -205,34 +204,25 @@ def plot_against_norms(norms, profiles, comparison):
 
 def group_html(rows, norms, profiles_of, comparisons, *, n_controls):
     """The group page: the table, and each compared run's asymmetry against the norms."""
-    esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in GROUP_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{esc('n/a' if r[c] is None else str(r[c]))}</td>"
-                                    for c in GROUP_COLUMNS) + "</tr>" for r in rows)
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>CST integrity: group</title><style>{_CSS}</style></head><body><main>",
-             "<h1>CST integrity: group</h1>",
-             "<p><b>Research use only — not a medical device.</b></p>",
-             f"<p>{len(rows)} run(s); {n_controls} assessable control run(s). "]
-    if norms is None:
-        parts.append(f"Normative comparison needs at least {normative.MIN_CONTROLS} "
-                     "assessable control runs (participants.tsv, column <code>group</code> = "
-                     "<code>control</code>); none was made.</p>")
-    else:
-        thresholds = normative.DEFAULT_NORMATIVE_THRESHOLDS
-        parts.append("Every other run is compared with the controls node by node "
-                     f"(Crawford–Howell single-case t); a finding needs |t| ≥ "
-                     f"{thresholds['node_t']:g} over ≥ {thresholds['min_nodes']} nodes "
-                     f"(mean |t| ≥ {thresholds['segment_mean_t']:g}). "
-                     f"{esc(normative.REFERENCE)}</p>")
-    parts.append('<div style="overflow-x:auto"><table class="qc"><thead><tr>' + head
-                 + "</tr></thead><tbody>" + body + "</tbody></table></div>")
+    thresholds = normative.DEFAULT_NORMATIVE_THRESHOLDS
+    runs, figures = [], {}
     for stem, comparison in comparisons.items():
         loc = comparison["localization"]
-        verdict = (f"finding on the {loc['affected_side']} CST at the {loc['level']}, peak node "
-                   f"{loc['peak_node']}" if loc["umn_damage"] else "no finding against the norms")
-        uri = figure_to_data_uri(plot_against_norms(norms, profiles_of[stem], comparison))
-        parts.append(f"<h2>{esc(stem)}</h2><p>{esc(verdict)}</p>"
-                     f'<img alt="FA asymmetry of {esc(stem)} against the controls" src="{uri}">')
-    parts.append("</main></body></html>")
-    return "".join(parts)
+        finding = (f"finding on the {loc['affected_side']} CST at the {loc['level']}, peak "
+                   f"node {loc['peak_node']}" if loc["umn_damage"]
+                   else "no finding against the norms")
+        figures[stem] = figure_slot(
+            plot_against_norms, kwargs={"norms": norms, "profiles": profiles_of[stem],
+                                        "comparison": comparison},
+            words="against_norms", run=stem)
+        runs.append({"stem": stem, "finding": finding, "figure": stem})
+    return render_page("group.html.j2", {
+        "columns": GROUP_COLUMNS,
+        "rows": [["n/a" if row[c] is None else str(row[c]) for c in GROUP_COLUMNS]
+                 for row in rows],
+        "n_runs": len(rows), "n_controls": n_controls,
+        "min_controls": normative.MIN_CONTROLS, "reference": normative.REFERENCE,
+        "thresholds": None if norms is None else {
+            "node_t": f"{thresholds['node_t']:g}", "min_nodes": thresholds["min_nodes"],
+            "segment_mean_t": f"{thresholds['segment_mean_t']:g}"},
+        "comparisons": runs, "figures": figures})

@@ -20,8 +20,7 @@ import numpy as np
 
 from .clinical import participant_rows
 from .localization import DEFAULT_THRESHOLDS, deviation_segments, primary_finding
-from .report import read_profiles_tsv
-from .tractometry import PROFILE_METRICS, TRACT_NAMES, asymmetry_index
+from .tractometry import PROFILE_METRICS, TRACT_NAMES, asymmetry_index, read_profiles_tsv
 
 CONTROL_GROUPS = {"control", "controls", "hc", "healthy", "healthy_control"}
 #: Fewest controls for norms: an SD from fewer is meaningless.
@@ -50,7 +49,7 @@ def read_profiles(tsv_path):
     Returns
     -------
     dict
-        side -> :func:`pipeline.report.read_profiles_tsv`'s arrays plus ``xyz``
+        side -> :func:`pipeline.tractometry.read_profiles_tsv`'s arrays plus ``xyz``
         ((n_nodes, 3) RAS mm); ``fa_ai``: (n_nodes,) (FA_L - FA_R) / (FA_L + FA_R).
     """
     profiles = read_profiles_tsv(tsv_path)

@@ -13,6 +13,9 @@ import pytest
 from matplotlib.image import imread
 
 from pipeline import report
+from pipeline.report import drawing, prose, values
+from pipeline.report.figures_anatomy import color_fa_slice
+from pipeline.tractometry import read_profiles_tsv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -487,7 +490,7 @@ def test_no_damage_verdict_and_minimal_metrics(tmp_path):
 
 
 def test_figure_helpers_return_figures(inputs):
-    profiles = report.read_profiles_tsv(inputs["profiles_tsv"])
+    profiles = read_profiles_tsv(inputs["profiles_tsv"])
     assert set(profiles) == {"left", "right"}
     assert profiles["left"]["level"][0] == "medulla" and len(profiles["left"]["fa"]) == 100
     fig = report.plot_profiles(profiles, metric="fa",
@@ -512,7 +515,7 @@ def test_color_fa_uses_world_directions(inputs):
                                atol=1e-6)
     fa = np.asarray(fa_img.dataobj)
     extent = (-38.0, 38.0, -46.0, 46.0)
-    rgb = report._color_fa_slice(fa_img, fa, v1_img, world, "axial", 0.0, extent, 2.0)
+    rgb = color_fa_slice(fa_img, fa, v1_img, world, "axial", 0.0, extent, 2.0)
     column = rgb[23, 9]  # world x = -20, y = 0: the bright column, principal direction z
     background = rgb[23, 28]  # world x = +18: FA 0.25, principal direction x
     np.testing.assert_allclose(column, [0, 0, 0.9], atol=0.05)
@@ -574,9 +577,9 @@ def test_methods_name_the_shells_fitted_and_csd_keeps_its_direction():
     assert "b = 1000, 1500 s/mm² shells" in report.methods_text(metrics)
     params = metrics["provenance"]["parameters"]
     metrics["qc"]["tracking"]["model_choice"] = {"model": "csd", "sh_order": 6}
-    assert report._displayed_parameters(metrics, params) is params  # CSD: as recorded
+    assert prose.displayed_parameters(metrics, params) is params  # CSD: as recorded
     metrics["qc"]["tracking"]["model_choice"] = {"model": "dti"}
-    shown = report._displayed_parameters(metrics, params)
+    shown = prose.displayed_parameters(metrics, params)
     assert shown["tracking"]["direction"].startswith("deterministic (tensor")
     assert params["tracking"]["direction"] == "prob"  # the metrics are not changed
 
@@ -597,6 +600,16 @@ def test_qc_notices_are_shown_and_not_called_no_warnings(inputs, tmp_path):
     assert "No QC warnings or notices." in text and "<h3>QC notices</h3>" not in text
 
 
+#: The heading of the table "What a negative result excludes" (the verdict may name it too).
+DROP_TABLE = '<h3 id="sensitivity">What a negative result excludes</h3>'
+
+
+def _page(metrics):
+    """The report of ``metrics`` alone (no image, tract or profile file)."""
+    return report.build_report_html(metrics=metrics, profiles_tsv=None, fa_file=None,
+                                    tract_files={})
+
+
 def test_asymmetry_plot_greys_the_end_nodes_detection_ignores():
     ai = np.zeros(100)
     fig = report.plot_asymmetry_profile(ai, threshold=0.1, end_nodes=10)
@@ -609,9 +622,9 @@ def test_asymmetry_plot_greys_the_end_nodes_detection_ignores():
     bare = report.plot_asymmetry_profile(ai, threshold=0.1)  # not recorded: nothing greyed
     assert not [p for p in bare.axes[0].patches if p.get_hatch() == ".."]
     # What is greyed comes from the run's recorded detection settings.
-    assert report._ignored_end_nodes({"end_nodes": 10}) == 10  # runs from before "method"
-    assert report._ignored_end_nodes({"method": "fixed-ai", "end_nodes": 8}) == 8
-    assert report._ignored_end_nodes({"method": "calibrated", "end_nodes": 10}) is None
+    assert values.ignored_end_nodes({"end_nodes": 10}) == 10  # runs from before "method"
+    assert values.ignored_end_nodes({"method": "fixed-ai", "end_nodes": 8}) == 8
+    assert values.ignored_end_nodes({"method": "calibrated", "end_nodes": 10}) is None
 
 
 def test_fixed_ai_rule_keeps_its_texts():
@@ -624,13 +637,14 @@ def test_fixed_ai_rule_keeps_its_texts():
                    "last 10 nodes", "whole-tract |AI| ≥ 0.05"):
         assert phrase in methods, phrase
     assert "bootstrap" not in methods and "calibrated" not in methods
-    caption = report._asymmetry_caption(metrics["localization"], band=False)
+    page = _page(metrics)
+    (caption,) = re.findall(r'alt="FA asymmetry profile"><figcaption>(.*?)</figcaption>', page)
     assert "± detection threshold |AI| = 0.1 (dashed red); a finding needs ≥ 6" in caption
     assert "the 10 nodes at each end that detection leaves out" in caption
-    assert report._detectable_drop_html(metrics) == ""
+    assert DROP_TABLE not in page
     # Runs recorded before there was a choice of rule used the fixed one.
     del metrics["localization"]["thresholds"]["method"]
-    assert report._detection_method(metrics["localization"]["thresholds"]) == "fixed-ai"
+    assert values.detection_method(metrics["localization"]["thresholds"]) == "fixed-ai"
     metrics["localization"].update(umn_damage=False, affected_side="none", segments=[])
     assert "no segment of the FA asymmetry profile reached |AI| ≥ 0.1" in (
         report.verdict(metrics)["sentence"])
@@ -643,8 +657,8 @@ def test_calibrated_verdicts_name_the_test_and_a_boundary():
     sentence = report.verdict(metrics)["sentence"]
     assert sentence.startswith("Reduced FA along the left CST at the cerebral peduncle / "
                                "internal capsule boundary (peak at x=-20, y=0, z=8 mm RAS): ")
-    html = report._verdict_html(metrics)
-    assert "<b>Level:</b> cerebral peduncle / internal capsule boundary" in html
+    assert "<li><b>Level:</b> cerebral peduncle / internal capsule boundary</li>" in (
+        _page(metrics))
     loc["levels_near_boundary"] = ["internal_capsule"]  # near no boundary: the level alone
     assert "at the internal capsule (peak" in report.verdict(metrics)["sentence"]
     # No finding: the statistic against its threshold, and where to read what it excludes.
@@ -662,9 +676,9 @@ def test_calibrated_verdicts_name_the_test_and_a_boundary():
             "finding on a healthy scan of this quality; p = 0.006)") in (
         report.verdict(metrics)["sentence"])
     # The drop table shows whether or not there is a finding, as long as it is recorded.
-    assert "What a negative result excludes" in report._detectable_drop_html(metrics)
+    assert DROP_TABLE in _page(metrics)
     loc["detectable_fa_drop"] = None
-    assert report._detectable_drop_html(metrics) == ""
+    assert DROP_TABLE not in _page(metrics)
     assert "What a negative result" not in report.verdict(metrics)["sentence"]
 
 
@@ -701,16 +715,43 @@ def test_figures_drawn_by_two_processes_give_the_same_page(inputs, tmp_path, mon
     serial = report.build_report_html(metrics=_metrics(), **inputs)
     drawn = tmp_path / "drawn"
     drawn.mkdir()
-    draw = report._draw_figure
+    draw = drawing.draw_figure
 
-    def recording(make, caption, alt):
+    def recording(spec):
         os.close(tempfile.mkstemp(dir=drawn, prefix=f"{os.getpid()}-")[0])
-        return draw(make, caption, alt)
+        return draw(spec)
 
-    monkeypatch.setattr(report, "_draw_figure", recording)
+    monkeypatch.setattr(drawing, "draw_figure", recording)
     parallel = report.build_report_html(metrics=_metrics(), **inputs, n_jobs=2)
     assert parallel == serial
-    assert "\x00" not in parallel  # every figure slot was filled
     drawers = {p.name.split("-")[0] for p in drawn.iterdir()}
     assert len(list(drawn.iterdir())) == len(_images(parallel)) >= 8
     assert str(os.getpid()) not in drawers and len(drawers) == 2
+
+
+def test_every_figure_slot_gets_an_image_or_a_placeholder(inputs, monkeypatch):
+    from pipeline.report import context
+
+    def broken(**kwargs):
+        raise RuntimeError("no diffusivities")
+
+    # A figure that fails to draw is replaced by a placeholder that says why.
+    monkeypatch.setattr(context, "plot_diffusivity_profiles", broken)
+    slots = context.subject_context(metrics=_metrics(), **inputs)["figures"]
+    text = report.build_report_html(metrics=_metrics(), **inputs)
+    assert "\x00" not in text
+    images = re.findall(r"<figure><img ", text)
+    placeholders = re.findall(r'<div class="placeholder">([^<]*)</div>', text)
+    assert placeholders == ["Diffusivity profiles: figure could not be drawn "
+                            "(RuntimeError: no diffusivities)."]
+    assert len(images) + len(placeholders) == len(slots) == 11
+    # Without inputs every slot says why it is empty, and nothing else is left unfilled.
+    bare = context.subject_context(metrics=_metrics(), profiles_tsv=None, fa_file=None,
+                                   tract_files={})["figures"]
+    text = report.build_report_html(metrics=_metrics(), profiles_tsv=None, fa_file=None,
+                                    tract_files={})
+    drawn = [key for key, slot in bare.items() if slot["spec"] is not None]
+    placeholders = re.findall(r'<div class="placeholder">([^<]*)</div>', text)
+    assert len(re.findall(r"<figure><img ", text)) == len(drawn)
+    assert len(placeholders) == len(bare) - len(drawn) and all(placeholders)
+    assert "\x00" not in text
