@@ -20,7 +20,7 @@ from pipeline.parallel import dask_backend, parallel_map, require_dask
 from pipeline.tracking import seeds_in_mask, track_dti_deterministic
 from workflows.base import init_cst_wf
 from workflows.cli import cst_report_parser, parse_args
-from workflows.config import format_config
+from workflows.config import RunConfig
 from workflows.execution import SLURM_POLL_SECONDS, run_workflow
 
 from .conftest import run_cst_report
@@ -120,16 +120,16 @@ def test_execution_settings_round_trip_through_the_config_file(tmp_path):
     argv = ["--plugin", "SLURM", "--plugin-args",
             '{"sbatch_args": "--mem=8G -p \\"short\\"", "max_jobs": 20}',
             "--dask-scheduler", "slurm", "--n-jobs", "4"]
-    printed = format_config(parse_args(cst_report_parser(), argv))
+    printed = RunConfig.from_args(parse_args(cst_report_parser(), argv)).to_toml()
     assert 'plugin = "SLURM"' in printed and 'dask_scheduler = "slurm"' in printed
     config = tmp_path / "cst.toml"
     config.write_text(printed)
     args = parse_args(cst_report_parser(), ["--config", str(config)])
     assert args.plugin == "SLURM" and args.dask_scheduler == "slurm"
     assert args.plugin_args == {"sbatch_args": '--mem=8G -p "short"', "max_jobs": 20}
-    assert format_config(args) == printed
+    assert RunConfig.from_args(args).to_toml() == printed
     # the defaults print as a valid file too
-    default = format_config(parse_args(cst_report_parser(), []))
+    default = RunConfig.from_args(parse_args(cst_report_parser(), [])).to_toml()
     assert 'plugin = "MultiProc"' in default and "plugin_args = {}" in default
 
 

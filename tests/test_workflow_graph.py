@@ -13,7 +13,8 @@ from pipeline import steps
 from pipeline.bids import combine_by_session, find_dwi_runs
 from pipeline.stage import stage
 from workflows.base import StageInterface, init_single_subject_wf, stage_node
-from workflows.cli import build_parameters, cst_report_parser
+from workflows.cli import cst_report_parser
+from workflows.config import RunConfig
 
 #: The inputs that must not change a step's cache key (workflows.execution).
 UNHASHED = {"n_jobs", "mem_gb", "dask_scheduler", "execution"}
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
 
 def _graph(runs, tmp_path, argv):
     args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y", *argv])
-    parameters = build_parameters(args)
+    parameters = RunConfig.from_args(args).parameters()
     if parameters["preprocessing"]["combine_runs"]:
         runs = combine_by_session(runs)
     wf = init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",

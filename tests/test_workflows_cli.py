@@ -18,12 +18,11 @@ from workflows.base import init_single_subject_wf, stage_node
 from workflows.cli import (
     _Progress,
     bids_app_parser,
-    build_parameters,
     cst_report_parser,
     parse_args,
     subject_lock,
 )
-from workflows.config import format_config
+from workflows.config import RunConfig
 from workflows.execution import (
     remove_subject_work,
     resolve_mem_gb,
@@ -60,7 +59,7 @@ def test_each_run_gets_its_own_workflow_and_outputs(two_run_bids, tmp_path):
     runs = find_dwi_runs(two_run_bids, "sub-01")
     args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y"])
     wf = init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
-                                parameters=build_parameters(args))
+                                parameters=RunConfig.from_args(args).parameters())
     names = wf.list_node_names()
     for stem in ("sub_01_dir_AP_wf", "sub_01_dir_PA_wf"):
         assert f"{stem}.write_derivatives" in names
@@ -110,7 +109,7 @@ def test_relative_paths_reach_the_workflow_as_absolute(two_run_bids, monkeypatch
 
 def _subject_wf(runs, tmp_path, *argv):
     args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y", *argv])
-    parameters = build_parameters(args)
+    parameters = RunConfig.from_args(args).parameters()
     return init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
                                   parameters=parameters, mem_gb=parameters["mem_gb"])
 
@@ -167,10 +166,10 @@ def test_n_jobs_minus_one_is_every_core_this_process_may_use(monkeypatch, tmp_pa
     config.write_text("[execution]\nn_jobs = -1\n")
     args = parse_args(cst_report_parser(), ["--config", str(config)])
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert build_parameters(args)["n_jobs"] == len(os.sched_getaffinity(0))
+    assert RunConfig.from_args(args).parameters()["n_jobs"] == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")  # inside a SLURM job: its allocation
-    assert build_parameters(args)["n_jobs"] == 6
-    assert "n_jobs = -1" in format_config(args)  # the file keeps the setting, not the count
+    assert RunConfig.from_args(args).parameters()["n_jobs"] == 6
+    assert "n_jobs = -1" in RunConfig.from_args(args).to_toml()  # the setting, not the count
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "lots", "inf"])
@@ -184,7 +183,7 @@ def test_bad_mem_gb_is_a_usage_error(value, capsys):
 def test_mem_gb_defaults_to_the_slurm_allocation_or_the_machine(monkeypatch, tmp_path):
     """Recorded as given (None: the default), resolved when the run starts."""
     args = parse_args(cst_report_parser(), [])
-    assert build_parameters(args)["mem_gb"] is None
+    assert RunConfig.from_args(args).parameters()["mem_gb"] is None
     for name in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_PER_TASK"):
         monkeypatch.delenv(name, raising=False)
     machine = resolve_mem_gb(None)
@@ -197,8 +196,8 @@ def test_mem_gb_defaults_to_the_slurm_allocation_or_the_machine(monkeypatch, tmp
     assert resolve_mem_gb(None) == 12
     config = tmp_path / "cst.toml"
     config.write_text("[execution]\nmem_gb = 2.5\n")
-    assert build_parameters(parse_args(cst_report_parser(), ["--config", str(config)]))[
-        "mem_gb"] == 2.5
+    args = parse_args(cst_report_parser(), ["--config", str(config)])
+    assert RunConfig.from_args(args).parameters()["mem_gb"] == 2.5
     config.write_text("[execution]\nmem_gb = 0\n")
     with pytest.raises(InputError, match="execution.mem_gb"):
         parse_args(cst_report_parser(), ["--config", str(config)])

@@ -433,7 +433,7 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
     out_dir : path
         Root of the BIDS-Derivatives output.
     parameters : dict
-        The run configuration (see :func:`workflows.cli.build_parameters`); it
+        The run configuration (see :meth:`workflows.config.RunConfig.parameters`); it
         is recorded in every output's provenance.
     clinical : dict, optional
         The participant's bedside scores for PREP2

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.clinical import read_clinical_scores
-from pipeline.dwi import B0_THRESHOLD
 from pipeline.errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_NOT_ASSESSABLE,
@@ -34,20 +33,12 @@ from pipeline.errors import (
     CSTError,
     InputError,
 )
-from pipeline.localization import DEFAULT_THRESHOLDS
-from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 
-from .config import format_config, read_config
+from .config import RunConfig, add_setting_options, read_config
 from .execution import (
-    PLUGINS,
-    argparse_type,
-    check_mem_gb,
-    check_n_jobs,
     outputs_up_to_date,
-    parse_plugin_args,
     remove_subject_work,
     resolve_mem_gb,
-    resolve_n_jobs,
     subject_work_dir,
 )
 
@@ -70,163 +61,14 @@ Research use only, not a medical device.
 """
 
 
-def _false_positive_rate(text):
-    """A per-scan false-finding rate: a probability between 0 and 0.5 (exclusive)."""
-    rate = float(text)
-    if not 0 < rate < 0.5:
-        raise argparse.ArgumentTypeError(f"must lie between 0 and 0.5, got {text}")
-    return rate
-
-
 def _add_common_options(parser):
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file with settings (flags given here override it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective settings as TOML and exit")
-    parser.add_argument("--work-dir", type=Path, help="Nipype working directory (cache; a "
-                        "rerun of a failed or interrupted run resumes from it). "
-                        "Default: OUT_DIR/.cst-work")
-    parser.add_argument("--keep-work", action="store_true", default=False,
-                        help="keep the subject's work folder after a successful run (by "
-                             "default it is removed; a failed run always keeps it)")
-    parser.add_argument("--n-jobs", type=argparse_type(check_n_jobs), default=1, metavar="N",
-                        help="parallel workers for denoising and tracking (default 1); -1: "
-                             "every core this process may use (under SLURM, the job's "
-                             "--cpus-per-task); results do not depend on it")
-    parser.add_argument("--mem-gb", type=argparse_type(check_mem_gb), default=None, metavar="GB",
-                        help="memory budget in GiB (default: what the machine, or the SLURM "
-                             "allocation, has available); denoising works in chunks sized "
-                             "from it and a series that needs more is refused up front; "
-                             "results do not depend on it")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="random seed for seed placement (default 0)")
-    g = parser.add_argument_group("execution on a cluster (results do not depend on it)")
-    g.add_argument("--plugin", choices=PLUGINS, default="MultiProc",
-                   help="Nipype plugin that runs the steps: Linear (one by one), MultiProc "
-                        "(--n-jobs processes here; default) or SLURM (one sbatch job per step)")
-    g.add_argument("--plugin-args", type=parse_plugin_args, default={}, metavar="JSON",
-                   help="arguments of the plugin as a JSON object, e.g. "
-                        """'{"sbatch_args": "--mem=8G --time=1:00:00", "max_jobs": 20}'""")
-    g.add_argument("--dask-scheduler", metavar="ADDRESS",
-                   help="track on a Dask cluster: a scheduler address (tcp://host:8786), or "
-                        "'slurm' to start a dask-jobqueue SLURMCluster of --n-jobs workers "
-                        "(needs the [dask] extra)")
-    g = parser.add_argument_group("preprocessing")
-    g.add_argument("--b0-threshold", type=float, default=B0_THRESHOLD, metavar="B",
-                   help="b-values <= B s/mm² are b0 (default 50)")
-    g.add_argument("--denoise", choices=("mppca", "patch2self", "none"), default="mppca",
-                   help="denoising method (default mppca)")
-    g.add_argument("--no-gibbs", dest="gibbs", action="store_false", default=True,
-                   help="skip Gibbs-ringing removal (on by default)")
-    g.add_argument("--motion", choices=("affine", "rigid", "none"), default="affine",
-                   help="volume-to-b0 motion correction; affine also absorbs eddy-current "
-                        "distortion (default affine)")
-    g.add_argument("--outliers", choices=("exclude", "report"), default="exclude",
-                   help="leave volumes with signal dropout or extreme motion out of the fit, "
-                        "or only report them (default exclude)")
-    g.add_argument("--gradient-check", choices=("fix", "error", "off"), default="fix",
-                   help="on a flipped or permuted gradient table: fix it and say so in the "
-                        "report, stop with an error, or do not check (default fix)")
-    g.add_argument("--dti-max-bvalue", type=float, default=1500.0, metavar="B",
-                   help="the tensor fit uses b0 and shells up to B s/mm² (default 1500)")
-    g.add_argument("--combine-runs", action="store_true",
-                   help="combine the runs of a session (e.g. dir-AP and dir-PA) into one series "
-                        "after aligning them; default: each run processed and reported alone")
-    g = parser.add_argument_group("tracking")
-    g.add_argument("--model", choices=("dti", "csd", "auto"), default="dti",
-                   help="fibre model: the tensor (deterministic), CSD fibre ODFs (DIPY; response "
-                        "from the data; with two or more shells of 16 or more directions and "
-                        "b0 volumes, multi-shell multi-tissue CSD with WM/GM/CSF responses, "
-                        "else single-shell CSD on the shell with the most directions), or "
-                        "auto: CSD when the shell's directions allow order 4 (16 or more), "
-                        "else the tensor (default dti)")
-    g.add_argument("--direction", choices=("prob", "det"), default="prob",
-                   help="with CSD: probabilistic or deterministic direction getter "
-                        "(default prob)")
-    g.add_argument("--fa-stop", type=float, default=0.2, help="stop tracking below this FA "
-                   "(default 0.2)")
-    g.add_argument("--gap-fa", type=float, default=0.1,
-                   help="inside the CST corridor, tracking crosses FA down to this (a lesion "
-                        "must not erase its tract; default 0.1; set it to --fa-stop to turn "
-                        "this off)")
-    g.add_argument("--corridor-radius", type=float, default=8.0, metavar="MM",
-                   help="radius of the CST corridor around the line through the CST ROIs "
-                        "(default 8 mm)")
-    g.add_argument("--max-angle", type=float, default=45.0, help="max turn per step, degrees "
-                   "(default 45)")
-    g.add_argument("--step-mm", type=float, default=0.5, help="step size, mm (default 0.5)")
-    g.add_argument("--seeds-per-voxel", type=int, default=10,
-                   help="seeds per voxel of the CST ROIs (default 10)")
-    g = parser.add_argument_group("detection and prognosis")
-    g.add_argument("--detection", choices=("calibrated", "fixed-ai"),
-                   default=DEFAULT_THRESHOLDS["method"],
-                   help="calibrated: asymmetry tested against this scan's bootstrap noise and "
-                        "the healthy-asymmetry model at a stated false-finding rate (default); "
-                        "fixed-ai: the fixed |AI| thresholds below")
-    g.add_argument("--false-positive-rate", type=_false_positive_rate,
-                   default=DEFAULT_THRESHOLDS["false_positive_rate"], metavar="RATE",
-                   help="calibrated detection: chance of a finding on a healthy scan "
-                        "(default %(default)g)")
-    g.add_argument("--node-ai", type=float, default=DEFAULT_THRESHOLDS["node_ai"],
-                   help="fixed-ai: |AI| at a profile node counted as asymmetric "
-                        "(default %(default)g)")
-    g.add_argument("--min-nodes", type=int, default=DEFAULT_THRESHOLDS["min_nodes"],
-                   help="fixed-ai: consecutive asymmetric nodes for a finding "
-                        "(default %(default)d)")
-    g.add_argument("--segment-mean-ai", type=float, default=DEFAULT_THRESHOLDS["segment_mean_ai"],
-                   help="fixed-ai: mean |AI| over those nodes for a finding "
-                        "(default %(default)g)")
-    g.add_argument("--prep-plic-ai", type=float, default=DEFAULT_PREP_PLIC_AI,
-                   help="PREP cut-off on PLIC FA asymmetry (Stinear 2012; default %(default)g)")
-    # PREP2 (Stinear 2017) reads the participant's safe_score, age, mep_status and nihss
-    # from participants.tsv; these are its cut-offs.
-    g.add_argument("--prep2-safe", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_safe"],
-                   help="PREP2: SAFE score from which no TMS is needed (default 5)")
-    g.add_argument("--prep2-safe-any-age", type=float,
-                   default=DEFAULT_PREP2_THRESHOLDS["prep2_safe_any_age"],
-                   help="PREP2: SAFE score predicting Excellent at any age (default 8)")
-    g.add_argument("--prep2-age", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_age"],
-                   help="PREP2: age (years) from which a lower SAFE score gives Good "
-                        "(default 80)")
-    g.add_argument("--prep2-nihss", type=float, default=DEFAULT_PREP2_THRESHOLDS["prep2_nihss"],
-                   help="PREP2: NIHSS from which an MEP- patient is predicted Poor (default 7)")
+    add_setting_options(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Nipype logs")
     parser.add_argument("--version", action="version", version=f"cst-integrity {__version__}")
-
-
-def build_parameters(args):
-    """The run configuration recorded in every output's provenance."""
-    from pipeline.steps import DEFAULT_QC_LIMITS
-
-    return {
-        "n_jobs": resolve_n_jobs(args.n_jobs),
-        # as given (None: the machine's, resolved when the run starts), so that the
-        # recorded settings do not change with the memory free at the time
-        "mem_gb": args.mem_gb,
-        "dask_scheduler": args.dask_scheduler or None,
-        "seed": int(args.seed),
-        "preprocessing": {"b0_threshold": args.b0_threshold, "denoise": args.denoise,
-                          "gibbs": bool(args.gibbs), "motion": args.motion,
-                          "outliers": args.outliers, "gradient_check": args.gradient_check,
-                          "dti_max_bvalue": args.dti_max_bvalue,
-                          "combine_runs": bool(args.combine_runs),
-                          "brain_mask": "median_otsu(median_radius=2, numpass=1), mean b0 "
-                                        "| mean DWI, holes filled",
-                          "tensor_fit": "WLS"},
-        "tracking": {"model": args.model, "direction": args.direction,
-                     "fa_stop": args.fa_stop, "gap_fa": args.gap_fa,
-                     "corridor_radius_mm": args.corridor_radius, "max_angle_deg": args.max_angle,
-                     "step_mm": args.step_mm, "seeds_per_voxel": args.seeds_per_voxel,
-                     "min_coverage": DEFAULT_QC_LIMITS["min_roi_coverage"]},
-        "localization": {**DEFAULT_THRESHOLDS, "method": args.detection,
-                         "false_positive_rate": args.false_positive_rate,
-                         "node_ai": args.node_ai, "min_nodes": args.min_nodes,
-                         "segment_mean_ai": args.segment_mean_ai},
-        "prognosis": {"prep_plic_ai": args.prep_plic_ai, "prep2_safe": args.prep2_safe,
-                      "prep2_safe_any_age": args.prep2_safe_any_age, "prep2_age": args.prep2_age,
-                      "prep2_nihss": args.prep2_nihss},
-        "qc": dict(DEFAULT_QC_LIMITS),
-    }
 
 
 def _configure_nipype(debug):
@@ -590,15 +432,22 @@ def parse_args(parser, argv):
 
 def _cst_report(parser, argv):
     args = parse_args(parser, argv)
+    config = RunConfig.from_args(args)
     if args.print_config:
-        print(format_config(args), end="")
+        print(config.to_toml(), end="")
         return EXIT_OK
     if args.subject is None or args.bids_dir is None or args.out_dir is None:
         parser.error("SUBJECT, --bids-dir and --out-dir are required")
-    return run_subject(args.subject, args.bids_dir, args.out_dir, work_dir=args.work_dir,
-                       parameters=build_parameters(args), debug=args.debug,
-                       config_text=format_config(args), plugin=args.plugin,
-                       plugin_args=args.plugin_args, keep_work=args.keep_work)
+    return _run_configured(args.subject, args.bids_dir, args.out_dir, config, args.debug)
+
+
+def _run_configured(subject, bids_dir, out_dir, config, debug):
+    """:func:`run_subject` with the settings of ``config`` (a :class:`RunConfig`)."""
+    execution = config.execution
+    return run_subject(subject, bids_dir, out_dir, work_dir=execution.work_dir,
+                       parameters=config.parameters(), debug=debug,
+                       config_text=config.to_toml(), plugin=execution.plugin,
+                       plugin_args=execution.plugin_args, keep_work=execution.keep_work)
 
 
 def cst_report_main(argv=None):
@@ -632,8 +481,9 @@ def run_bids_app(parser, argv):
     from pipeline.bids import normalize_subject_label
 
     args = parse_args(parser, argv)
+    config = RunConfig.from_args(args)
     if args.print_config:
-        print(format_config(args), end="")
+        print(config.to_toml(), end="")
         return EXIT_OK
     if args.analysis_level is None:
         parser.error("BIDS_DIR, OUTPUT_DIR and ANALYSIS_LEVEL (participant|group) are required")
@@ -659,15 +509,11 @@ def run_bids_app(parser, argv):
     if not labels:
         raise InputError("No participants (sub-*) in the BIDS directory.", path=args.bids_dir,
                          fix="Point at a BIDS dataset root.")
-    parameters = build_parameters(args)
     codes = []
     for label in labels:
         try:
-            codes.append(run_subject(label, args.bids_dir, args.output_dir,
-                                     work_dir=args.work_dir, parameters=parameters,
-                                     debug=args.debug, config_text=format_config(args),
-                                     plugin=args.plugin, plugin_args=args.plugin_args,
-                                     keep_work=args.keep_work))
+            codes.append(_run_configured(label, args.bids_dir, args.output_dir, config,
+                                         args.debug))
         except CSTError as exc:  # one bad participant does not stop the batch
             print(f"cst-integrity: sub-{label}: {exc}", file=sys.stderr)
             codes.append(exc.exit_code)

@@ -195,7 +195,7 @@ def split_parameters(parameters):
     Parameters
     ----------
     parameters : dict
-        The run configuration (``workflows.cli.build_parameters``).
+        The run configuration (:meth:`workflows.config.RunConfig.parameters`).
 
     Returns
     -------
