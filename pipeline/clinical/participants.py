@@ -17,7 +17,7 @@ cell: not known):
 ``diagnosis``
     free text, e.g. ``stroke`` or ``ALS``. PREP and PREP2 were made for stroke: a
     motor neuron disease (ALS, PLS, MND) gets published CST FA cut-offs as context
-    instead (:func:`pipeline.prognosis.motor_neuron_disease_context`).
+    instead (:func:`pipeline.clinical.prognosis.motor_neuron_disease_context`).
 
 A value that cannot be one of these is an input error (naming the file, the
 participant and the column), not a silent "unknown": a typo in a SAFE score
@@ -27,7 +27,7 @@ would change the prediction.
 import csv
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Column -> (lowest, highest) for the numeric scores.
 NUMERIC_COLUMNS = {"age": (0.0, 120.0), "safe_score": (0.0, 10.0), "nihss": (0.0, 42.0)}

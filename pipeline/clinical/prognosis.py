@@ -7,7 +7,7 @@ alone cannot tell, so the summary says what the asymmetry would mean in that
 case and what else is needed.
 
 When the participant's SAFE score, age, MEP status and NIHSS are known
-(:mod:`pipeline.clinical`), the PREP2 decision tree (Stinear et al. 2017) gives
+(:mod:`pipeline.clinical.participants`), the PREP2 decision tree (Stinear et al. 2017) gives
 its prediction of upper-limb function 3 months after the stroke; PREP2 uses no
 imaging, so it stands beside the imaging tier, not instead of it.
 
@@ -18,6 +18,8 @@ context only.
 """
 
 import re
+
+from ..cst import SIDES
 
 DISCLAIMER = ("Research use only — not a medical device. Not for diagnosis or treatment "
               "decisions.")
@@ -76,7 +78,7 @@ def prep2_prediction(clinical, thresholds=None):
     clinical : dict or None
         ``safe_score``, ``age``, ``mep_status`` ("positive"/"negative"),
         ``nihss``; a missing key or None means not known
-        (:func:`pipeline.clinical.read_clinical_scores`).
+        (:func:`pipeline.clinical.participants.read_clinical_scores`).
     thresholds : dict, optional
         Overrides of :data:`DEFAULT_PREP2_THRESHOLDS`.
 
@@ -153,7 +155,7 @@ def motor_neuron_disease_context(fa_by_level, diagnosis):
         reach the level), ``statements``, ``source``.
     """
     values, below, statements = {}, {}, []
-    for side in ("left", "right"):
+    for side in SIDES:
         values[side], below[side] = {}, {}
         for level, cutoff in MND_FA_CUTOFFS.items():
             fa = (fa_by_level.get(side) or {}).get(level)
@@ -185,7 +187,7 @@ def prognosis_summary(localization, fa_ai_plic, *, prep_plic_ai=DEFAULT_PREP_PLI
 
     Parameters
     ----------
-    localization : dict from :func:`pipeline.localization.localize_damage`
+    localization : dict from :func:`pipeline.tractometry.localization.localize_damage`
     fa_ai_plic : float
         AI = (FA_L − FA_R)/(FA_L + FA_R) over the PLIC ROIs. Its magnitude equals
         Stinear's (FA_contra − FA_ipsi)/(FA_contra + FA_ipsi) when the lesion

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 # BIDS entity order for file names (subset that occurs in DWI file names).

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from dipy.core.gradients import gradient_table
 
-from .errors import InputError
+from ..errors import InputError
 
 #: b-values (s/mm²) at or below this count as b0 by default: some vendors store the b0 as
 #: b=1.25 or b=5 (the command line's ``--b0-threshold``).

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from trx import trx_file_memmap
 
-from . import __version__
+from .. import __version__
 
 PIPELINE_NAME = "cst-integrity"
 _VERSIONED_PACKAGES = ("dipy", "nibabel", "nipype", "numpy", "scipy", "joblib", "matplotlib",

@@ -10,7 +10,7 @@ import numpy as np
 from dipy.align import affine_registration
 from dipy.align.imaffine import AffineMap
 
-from .dwi import (
+from ..io.dwi import (
     fsl_bvecs_to_voxel_frame,
     voxel_directions_to_world,
     voxel_frame_to_fsl_bvecs,

@@ -12,7 +12,7 @@ costs a sixth as much for practically the same result.
 
 import numpy as np
 
-from .parallel import parallel_imap_threads
+from ..parallel import parallel_imap_threads
 
 DENOISE_METHODS = ("mppca", "patch2self", "none")
 

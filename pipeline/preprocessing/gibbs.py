@@ -15,7 +15,7 @@ from dipy.denoise.gibbs import _weights
 from numba import njit
 from scipy.ndimage import binary_dilation
 
-from .parallel import parallel_map
+from ..parallel import parallel_map
 
 #: DIPY samples sub-voxel shifts 0.02–0.9 (in voxels) in each direction.
 SHIFT_RANGE = (0.02, 0.9)

@@ -18,7 +18,7 @@ Corrections are stated on the rows of the ``.bvec`` FILE (FSL/BIDS
 convention), which is what a user edits: ``corrected = bvecs_fsl @ M.T``.
 The same correction acts in the voxel frame DIPY fits in as ``S M S``, with
 ``S = diag(-1, 1, 1)`` when the affine determinant is positive (see
-:func:`pipeline.dwi.fsl_bvecs_to_voxel_frame`) and the identity otherwise.
+:func:`pipeline.io.dwi.fsl_bvecs_to_voxel_frame`) and the identity otherwise.
 Candidate labels list a permutation of the rows first, then the sign flip of
 one row of the result: "swap x-y, flip z" exchanges rows x and y, then negates
 the new row z.  "permute x-y-z -> y-z-x" writes the old rows y, z, x as the new
@@ -33,9 +33,9 @@ from itertools import product
 import numpy as np
 from dipy.tracking.streamline import length
 
-from .dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
-from .preprocess import DTI_MAX_BVALUE, dti_volumes, fit_dti
-from .tracking import seeds_in_mask, track_dti_deterministic
+from ..io.dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
+from ..reconstruction.tensor import DTI_MAX_BVALUE, dti_volumes, fit_dti
+from ..tracking.propagation import seeds_in_mask, track_dti_deterministic
 
 #: Label of the table as given (the identity candidate).
 AS_GIVEN = "as given"
@@ -133,7 +133,7 @@ def coherence_seeds(fa, mask, affine, *, min_fa, n_seeds, random_seed):
 
     Seeding where the principal direction is well defined makes most seeds
     informative, so a few thousand suffice.  The subset is drawn from the seeds of
-    :func:`pipeline.tracking.seeds_in_mask`, which are in world order.
+    :func:`pipeline.tracking.propagation.seeds_in_mask`, which are in world order.
     """
     seeds = seeds_in_mask(mask & (fa >= min_fa), affine, seeds_per_voxel=1,
                           random_seed=random_seed)

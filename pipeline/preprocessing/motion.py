@@ -18,7 +18,7 @@ gradient descent (as ITK's registration uses for mutual information): within
 volume.
 
 Conventions: transforms are in world (RAS+, mm) coordinates; ``.bvec`` arrays
-follow FSL/BIDS (see :mod:`pipeline.dwi`).
+follow FSL/BIDS (see :mod:`pipeline.io.dwi`).
 """
 
 from dataclasses import dataclass
@@ -32,14 +32,14 @@ from scipy.linalg import polar
 from scipy.ndimage import binary_dilation, gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from .dwi import (
+from ..io.dwi import (
     B0_THRESHOLD,
     fsl_bvecs_to_voxel_frame,
     voxel_directions_to_world,
     voxel_frame_to_fsl_bvecs,
     world_directions_to_voxel,
 )
-from .parallel import parallel_map
+from ..parallel import parallel_map
 
 MODELS = ("rigid", "affine")
 _TRANSFORMS = {"rigid": RigidTransform3D, "affine": AffineTransform3D}

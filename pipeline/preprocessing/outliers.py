@@ -16,7 +16,7 @@ correction: slice 59 of volumes 25-31 would count as dropped).
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .dwi import B0_THRESHOLD
+from ..io.dwi import B0_THRESHOLD
 from .motion import framewise_displacement
 
 #: A slice is a dropout when its in-mask mean signal is below this fraction of
@@ -68,7 +68,7 @@ def detect_outlier_volumes(data, bvals, mask, *, b0_threshold=B0_THRESHOLD, moti
         b-values at or below this (s/mm²) are b0s.
     motion_parameters : ndarray (N, 6), optional
         Translations (mm) and rotations (degrees, extrinsic x, y, z), as
-        :attr:`pipeline.motion.MotionCorrection.parameters`; without them only
+        :attr:`pipeline.preprocessing.motion.MotionCorrection.parameters`; without them only
         dropout is checked.
     dropout_ratio, dropout_robust_z : float
         Dropout thresholds (see :data:`DROPOUT_RATIO`, :data:`DROPOUT_ROBUST_Z`).

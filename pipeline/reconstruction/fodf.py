@@ -23,9 +23,9 @@ from dipy.reconst.csdeconv import ConstrainedSphericalDeconvModel, response_from
 from dipy.reconst.shm import convert_sh_from_legacy
 from scipy import ndimage
 
-from .dwi import count_unique_directions, fsl_bvecs_to_voxel_frame
-from .errors import InputError
-from .parallel import parallel_map
+from ..errors import InputError
+from ..io.dwi import count_unique_directions, fsl_bvecs_to_voxel_frame
+from ..parallel import parallel_map
 
 #: (distinct directions on the shell, spherical-harmonic order): the highest order whose
 #: coefficients the directions outnumber. Fewer than the last entry: tensor only.

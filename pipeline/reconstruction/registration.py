@@ -81,7 +81,7 @@ def template_mask_in_subject(fa, fa_affine, template_fa, template_affine, templa
     (bool array).
 
     Where the template says "brain" is known before the subject's brain mask is:
-    :func:`pipeline.preprocess.brain_mask` uses it to keep brainstem that the
+    :func:`pipeline.preprocessing.mask.brain_mask` uses it to keep brainstem that the
     scan's own contrast would lose.
     """
     matrix = affine_to_template(fa, fa_affine, template_fa, template_affine)

@@ -17,7 +17,7 @@ The array functions never modify their inputs. World geometry is kept
 throughout: the affine is updated with every change of the voxel grid, so a
 point keeps its world (RAS+ mm) position, and the voxel axes keep their
 directions and signs, so FSL/BIDS b-vectors (relative to the voxel axes, see
-:mod:`pipeline.dwi`) stay valid unchanged: resampling only rescales the affine's
+:mod:`pipeline.io.dwi`) stay valid unchanged: resampling only rescales the affine's
 columns (its determinant keeps its sign); the x storage flip reverses the first
 voxel axis *and* the determinant's sign, and FSL's convention (x flipped when
 the determinant is positive) absorbs exactly that, so the ``.bvec`` file is
@@ -37,8 +37,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .dwi import B0_THRESHOLD, count_unique_directions, read_fsl_gradients
-from .preprocess import SHELL_TOLERANCE, axial_axis
+from ..io.dwi import B0_THRESHOLD, count_unique_directions, read_fsl_gradients
+from ..preprocessing.mask import axial_axis
+from ..reconstruction.tensor import SHELL_TOLERANCE
 
 #: The degradations :func:`degrade_series` knows, in the order the validation runs them.
 DEGRADATIONS = ("3mm", "12dir", "5mm", "lowsnr", "xflip")
@@ -123,7 +124,7 @@ def thick_slices(data, affine, thickness_mm=SLICE_MM, *, axis=None, prefilter=Tr
         New slice thickness (and spacing), mm.
     axis : int, optional
         The through-plane voxel axis; default: the one closest to world z
-        (:func:`pipeline.preprocess.axial_axis`), as in axial clinical protocols.
+        (:func:`pipeline.preprocessing.mask.axial_axis`), as in axial clinical protocols.
     prefilter, order : see :func:`reslice_isotropic`. The prefilter makes each new
         slice average over its 5 mm (partial volume through the slice).
 
@@ -271,12 +272,12 @@ def flip_storage_x(data, affine):
 def estimate_noise_sigma(data, bvals, affine, *, b0_threshold=B0_THRESHOLD):
     """The scan's noise σ (signal units) as the pipeline estimates it.
 
-    Median over the brain mask (:func:`pipeline.preprocess.brain_mask`) of the
-    MP-PCA noise map (:func:`pipeline.denoise.denoise_dwi`), the value the
+    Median over the brain mask (:func:`pipeline.preprocessing.mask.brain_mask`) of the
+    MP-PCA noise map (:func:`pipeline.preprocessing.denoise.denoise_dwi`), the value the
     pipeline reports as ``qc.noise.noise_sigma_median``.
     """
-    from .denoise import denoise_dwi
-    from .preprocess import brain_mask, mean_b0, mean_dwi
+    from ..preprocessing.denoise import denoise_dwi
+    from ..preprocessing.mask import brain_mask, mean_b0, mean_dwi
 
     data = np.asarray(data, dtype=np.float32)
     b0 = np.asarray(bvals, float) <= b0_threshold

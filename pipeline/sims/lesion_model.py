@@ -19,7 +19,7 @@ import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel, fractional_anisotropy
 
-from .dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
+from ..io.dwi import B0_THRESHOLD, fsl_bvecs_to_voxel_frame
 
 
 def radial_increase_for_fa_drop(evals, fa_drop, *, iterations=60):

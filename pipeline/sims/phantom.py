@@ -42,7 +42,7 @@ from scipy.spatial import cKDTree
 
 import atlases
 
-from .dwi import (
+from ..io.dwi import (
     fsl_bvecs_to_voxel_frame,
     voxel_directions_to_world,
     voxel_frame_to_fsl_bvecs,
@@ -310,7 +310,7 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
         "\n".join(" ".join(f"{v:.6f}" for v in row) for row in bvecs) + "\n")
     Path(str(stem) + ".json").write_text(json.dumps({
         "Synthetic": True,
-        "Description": ("Synthetic DWI phantom (cst-integrity pipeline/phantom.py); "
+        "Description": ("Synthetic DWI phantom (cst-integrity pipeline/sims/phantom.py); "
                         "not a scan of a person."),
         "Manufacturer": "synthetic",
         "MagneticFieldStrength": 3,
@@ -324,7 +324,7 @@ def make_phantom_dataset(bids_dir, subject: str = "subject01",
     (bids_dir / "dataset_description.json").write_text(json.dumps({
         "Name": "CST phantom (synthetic)", "BIDSVersion": "1.9.0", "DatasetType": "raw",
         "License": "CC0",
-        "GeneratedBy": [{"Name": "cst-integrity pipeline.phantom",
+        "GeneratedBy": [{"Name": "cst-integrity pipeline.sims.phantom",
                          "Description": "synthetic diffusion phantom with known CST and lesion"}],
     }, indent=2) + "\n")
     parts = bids_dir / "participants.tsv"

@@ -11,7 +11,7 @@ when the voting weight falls below ``min_total_weight`` (DIPY: 0.5), else the
 next direction is the normalised weighted sum. Stepping, stopping and length
 rules are DIPY's generic tracker's: ``point += direction / voxel size * step``
 in voxel coordinates; tracking goes on while the stopping map, interpolated by
-DIPY's clamped trilinear scheme (:func:`pipeline.cone_tracking.trilinear_corners`),
+DIPY's clamped trilinear scheme (:func:`pipeline.tracking.cone.trilinear_corners`),
 exceeds its threshold (the point that fails is not kept); at most ``max_points``
 steps each way; the backward half starts along the reverse of the first step
 taken; a streamline is kept when it has ``min_points`` to ``max_points`` points.
@@ -27,7 +27,7 @@ this 0.16 s, the same 5503 streamlines).
 import numpy as np
 from numba import njit
 
-from .cone_tracking import append_streamline, interpolate_scalar, trilinear_corners
+from .cone import append_streamline, interpolate_scalar, trilinear_corners
 
 #: Trilinear weight of the voting voxels below which tracking ends (DIPY's
 #: ``eudx_tracking``: 0.5, i.e. at least half the neighbourhood agrees).

@@ -1,31 +1,27 @@
-"""CST tractography: tensor peaks, seeding, parallel tracking (tensor or CSD),
-anatomical selection, orientation, clipping and outlier cleaning.
+"""CST tractography: tensor peaks, seeding, the tracking corridor and parallel tracking
+(tensor or CSD); the anatomical selection of the tracts is :mod:`pipeline.tracking.selection`.
 
 All streamlines are in world RAS+ millimetres.
 """
 
 import numpy as np
 from dipy.data import default_sphere
-from dipy.tracking.streamline import Streamlines
-from dipy.tracking.utils import length
 from nibabel.affines import apply_affine, voxel_sizes
 
-from . import cone_tracking, eudx, fodf
-from .parallel import dask_backend, parallel_map
-from .tractometry import core_mahalanobis, resample_bundle
+from ..parallel import dask_backend, parallel_map
+from ..reconstruction import fodf
+from . import cone, eudx
 
 #: Seeds per tracking chunk. The chunk layout (hence the output) never depends on n_jobs.
 SEED_CHUNK_SIZE = 4000
 #: How far above ``fa_stop`` a bridged voxel is set in the stopping map.
 BRIDGE_MARGIN = 0.01
-#: Fraction of a side's streamlines that must reach down to the height where profiles start.
-START_REACH_FRACTION = 0.8
 #: Directions the CSD direction getters sample the fibre ODF on (362 vertices, ~9.5° apart).
 TRACKING_SPHERE = default_sphere
 
 
 def tensor_peaks(v1, fa, mask):
-    """The tensor's principal direction as one peak per voxel, for :mod:`pipeline.eudx`.
+    """The tensor's principal direction as one peak per voxel, for :mod:`pipeline.tracking.eudx`.
 
     Each brain voxel's exact eigenvector is its peak, so no direction is rounded to
     a sphere (and no ODF has to be sampled); outside ``mask`` the peak's value is 0,
@@ -107,10 +103,10 @@ def bridge_low_fa(fa, corridor, *, fa_stop, gap_fa):
 
 
 def _track_chunk_in_cone(seeds, fields, affine, params, random_seed, *, deterministic):
-    """One seed chunk through :func:`pipeline.cone_tracking.track_seeds` (CSD)."""
+    """One seed chunk through :func:`pipeline.tracking.cone.track_seeds` (CSD)."""
     shape = np.array(fields["stop_map"].shape, dtype=np.int64)
     sh = np.asarray(fields["sh"])
-    return cone_tracking.track_seeds(
+    return cone.track_seeds(
         np.ascontiguousarray(seeds, dtype=np.float64), np.asarray(affine, dtype=np.float64),
         sh.reshape(-1, sh.shape[-1]), np.asarray(fields["odf_max"]).reshape(-1),
         np.asarray(fields["stop_map"]).reshape(-1), shape, params["stop_threshold"],
@@ -162,7 +158,7 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
     ``n_jobs`` workers or a Dask cluster; the streamlines in seed order."""
     chunks = [seeds[i:i + SEED_CHUNK_SIZE] for i in range(0, len(seeds), SEED_CHUNK_SIZE)]
     with dask_backend(dask_scheduler, n_workers=n_jobs):
-        # Both kernels (pipeline.eudx, pipeline.cone_tracking) release the GIL while
+        # Both kernels (pipeline.tracking.eudx, pipeline.tracking.cone) release the GIL while
         # they track: threads share the arrays and cost nothing to start (measured on
         # 100k seeds, tensor: 2 threads 1.7-1.9x one; 2 processes no faster than one).
         results = parallel_map(_track_chunk, [
@@ -175,8 +171,8 @@ def _track_chunks(seeds, method, fields, affine, params, *, n_jobs, random_seed,
 def track_dti_deterministic(seeds, v1, fa, mask, affine, *, fa_stop=0.2, max_angle_deg=45.0,
                             step_mm=0.5, min_length_mm=20.0, max_length_mm=250.0,
                             n_jobs=1, random_seed=0, dask_scheduler=None):
-    """Deterministic tensor tracking (EuDX on the principal eigenvector, :mod:`pipeline.eudx`),
-    parallel over seed chunks.
+    """Deterministic tensor tracking (EuDX on the principal eigenvector,
+    :mod:`pipeline.tracking.eudx`), parallel over seed chunks.
 
     Parameters
     ----------
@@ -221,7 +217,8 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
     Parameters
     ----------
     seeds : ndarray (N, 3), world mm
-    sh : ndarray (X, Y, Z, n_coefficients), fibre ODFs from :func:`pipeline.fodf.fit_csd`
+    sh : ndarray (X, Y, Z, n_coefficients)
+        Fibre ODFs from :func:`pipeline.reconstruction.fodf.fit_csd`.
     fa : ndarray (X, Y, Z)
         Tracking stops where FA falls below ``fa_stop`` (as for the tensor, so the two
         models reach the same white matter).
@@ -229,7 +226,7 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
         ``prob``: each step drawn from the ODF within ``max_angle_deg`` of the last;
         ``det``: the ODF maximum within that cone. DIPY's probabilistic and
         deterministic models, evaluated only inside the cone
-        (:mod:`pipeline.cone_tracking`).
+        (:mod:`pipeline.tracking.cone`).
     pmf_threshold : float
         ODF values below this fraction are not followed.
     n_jobs, random_seed, dask_scheduler
@@ -244,11 +241,11 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
         raise ValueError(f"direction must be 'prob' or 'det', not {direction!r}")
     # Prepared once, here; the tracking threads share them.
     sh = np.ascontiguousarray(sh, dtype=np.float32)
-    basis = cone_tracking.odf_basis(TRACKING_SPHERE, sh.shape[-1], fodf.SH_BASIS)
-    neighbours, counts = cone_tracking.cone_neighbours(TRACKING_SPHERE.vertices, max_angle_deg)
+    basis = cone.odf_basis(TRACKING_SPHERE, sh.shape[-1], fodf.SH_BASIS)
+    neighbours, counts = cone.cone_neighbours(TRACKING_SPHERE.vertices, max_angle_deg)
     fields = {"stop_map": np.ascontiguousarray(fa, dtype=np.float64), "sh": sh, "basis": basis,
-              "odf_max": cone_tracking.odf_maxima(sh, basis),
-              "cone_basis": cone_tracking.cone_basis(basis, neighbours, counts),
+              "odf_max": cone.odf_maxima(sh, basis),
+              "cone_basis": cone.cone_basis(basis, neighbours, counts),
               "vertices": np.ascontiguousarray(TRACKING_SPHERE.vertices, np.float64),
               "neighbours": neighbours, "counts": counts}
     params = dict(stop_threshold=fa_stop, pmf_threshold=pmf_threshold, step_mm=step_mm,
@@ -256,121 +253,3 @@ def track_csd(seeds, sh, fa, affine, *, direction="prob", fa_stop=0.2, pmf_thres
                   max_length_mm=max_length_mm)
     return _track_chunks(seeds, f"csd_{direction}", fields, affine, params, n_jobs=n_jobs,
                          random_seed=random_seed, dask_scheduler=dask_scheduler)
-
-
-def labels_along(points, labels, affine, *, fill=0):
-    """Value of an image (labels, or any map) at each world-mm point (nearest voxel;
-    ``fill`` outside the grid)."""
-    ijk = np.rint(apply_affine(np.linalg.inv(affine), points)).astype(int)
-    inside = np.all((ijk >= 0) & (ijk < np.array(labels.shape)), axis=1)
-    values = np.full(len(points), fill, dtype=np.result_type(labels.dtype, fill))
-    values[inside] = labels[tuple(ijk[inside].T)]
-    return values
-
-
-def _labels_per_streamline(streamlines, labels, affine, *, fill=0):
-    """Labels along all streamlines at once: (values of all points, start offsets)."""
-    lengths = np.array([len(s) for s in streamlines])
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return labels_along(np.concatenate(streamlines), labels, affine, fill=fill), offsets
-
-
-def select_tract(streamlines, labels, affine, *, required, forbidden):
-    """Streamlines that pass every label in ``required`` and touch none in ``forbidden``."""
-    if len(streamlines) == 0:
-        return []
-    values, offsets = _labels_per_streamline(streamlines, labels, affine)
-    keep = np.ones(len(streamlines), dtype=bool)
-    for value in required:
-        keep &= np.logical_or.reduceat(values == value, offsets)
-    for value in forbidden:
-        keep &= ~np.logical_or.reduceat(values == value, offsets)
-    return [s for s, k in zip(streamlines, keep) if k]
-
-
-def heights_along(streamlines, height_map, affine):
-    """The height map (e.g. MNI z, mm) at every point of every streamline (nearest voxel;
-    NaN outside the grid): one array per streamline."""
-    if len(streamlines) == 0:
-        return []
-    values, offsets = _labels_per_streamline(streamlines, height_map, affine, fill=np.nan)
-    return np.split(values, offsets[1:])
-
-
-def orient_inferior_first(streamlines, heights):
-    """Flip streamlines (and their heights) so that each starts at its anatomically
-    inferior end: the end with the lower height (MNI z), not world z, which a tilted
-    or side-lying head turns. Returns (streamlines, heights)."""
-    oriented, oriented_heights = [], []
-    for s, h in zip(streamlines, heights):
-        flip = np.nan_to_num(h[0], nan=np.inf) > np.nan_to_num(h[-1], nan=np.inf)
-        oriented.append(s[::-1].copy() if flip else s)
-        oriented_heights.append(h[::-1] if flip else h)
-    return oriented, oriented_heights
-
-
-def common_start_height(heights_by_side, *, floor, reach_fraction=START_REACH_FRACTION):
-    """The lowest height (mm) that both sides' bundles reach: where both profiles start.
-
-    It is the highest of ``floor`` (the landmark's lowest anatomical height) and,
-    for each side, the height that ``reach_fraction`` of its streamlines reach
-    down to, so that node 0 lies at one anatomical height on both sides, and the
-    same one on every scan that covers the landmark, instead of wherever each
-    streamline happened to stop. NaN when a side has no streamline.
-    """
-    start = float(floor)
-    for heights in heights_by_side:
-        lowest = [np.nanmin(h) for h in heights if np.isfinite(h).any()]
-        if not lowest:
-            return float("nan")
-        start = max(start, float(np.quantile(lowest, reach_fraction)))
-    return start
-
-
-def clip_from_height(streamlines, heights, labels, affine, *, start_height, upper):
-    """Keep the part of each (inferior-first) streamline from the point where it
-    crosses ``start_height`` upwards to its first point in the ``upper`` ROI after that.
-
-    Streamlines that do not reach down to ``start_height`` or do not enter
-    ``upper`` above it are dropped. Clipping both sides at one height and one
-    target ROI makes their profiles comparable node by node.
-    """
-    if len(streamlines) == 0 or not np.isfinite(start_height):
-        return []
-    all_values, offsets = _labels_per_streamline(streamlines, labels, affine)
-    clipped = []
-    for s, h, values in zip(streamlines, heights, np.split(all_values, offsets[1:])):
-        below = np.flatnonzero(h <= start_height)
-        if len(below) == 0:
-            continue
-        start = below[-1] + 1 if below[-1] + 1 < len(s) else below[-1]
-        in_upper = np.flatnonzero(values[start:] == upper)
-        if len(in_upper) == 0:
-            continue
-        stop = start + in_upper[0]
-        if stop - start >= 3:
-            clipped.append(np.ascontiguousarray(s[start:stop + 1]))
-    return clipped
-
-
-def clean_bundle(streamlines, *, n_points=100, distance_threshold=3.0, length_threshold=4.0,
-                 max_rounds=5, min_streamlines=20):
-    """Remove outlier streamlines (pyAFQ-style): far from the bundle core or of odd length.
-
-    A streamline goes when, at any of ``n_points`` nodes, its Mahalanobis distance
-    to the core exceeds ``distance_threshold``, or its length z-score exceeds
-    ``length_threshold``. Stops early rather than leave fewer than ``min_streamlines``.
-    """
-    bundle = list(streamlines)
-    if len(bundle) < min_streamlines:
-        return bundle
-    for _ in range(max_rounds):
-        distance = core_mahalanobis(resample_bundle(bundle, n_points))
-        lengths = np.asarray(list(length(Streamlines(bundle))))
-        length_z = np.abs(lengths - lengths.mean()) / (lengths.std() or 1.0)
-        keep = (np.all(np.nan_to_num(distance) < distance_threshold, axis=1)
-                & (length_z < length_threshold))
-        if keep.all() or keep.sum() < min_streamlines:
-            break
-        bundle = [s for s, k in zip(bundle, keep) if k]
-    return bundle

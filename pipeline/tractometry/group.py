@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cst import TRACT_NAMES
+from ..io.outputs import file_sha256, provenance, write_json, write_sidecar, write_text
+from ..report import figure_slot, new_figure, render_page
 from . import normative
-from .outputs import file_sha256, provenance, write_json, write_sidecar, write_text
-from .report import figure_slot, new_figure, render_page
-from .tractometry import TRACT_NAMES
 
 GROUP_COLUMNS = ("participant_id", "run", "assessable", "umn_damage", "affected_side", "level",
                  "peak_x", "peak_y", "peak_z", "fa_ai_tract", "fa_ai_plic",
@@ -45,7 +45,7 @@ def group_rows(out_dir, controls=frozenset(), comparisons=None):
     """Rows of the group table, from every ``*_desc-cst_metrics.json`` under ``out_dir``.
 
     ``controls``: labels of the control participants; ``comparisons``: run stem ->
-    :func:`pipeline.normative.compare_with_norms` result, for the normative columns.
+    :func:`pipeline.tractometry.normative.compare_with_norms` result, for the normative columns.
     A run that is not assessable has None (n/a) in :data:`NOT_ASSESSABLE_EMPTY`.
     """
     comparisons = comparisons or {}
@@ -129,9 +129,9 @@ COMPARISON_COLUMNS = ("node", "level", "fa_left", "fa_right", "fa_ai", "t_fa_lef
 def run_group_level(out_dir, bids_dir, thresholds=None):
     """The group level of the BIDS-App: norms, comparisons, group table and group page.
 
-    Controls (``participants.tsv`` ``group`` column, see :mod:`pipeline.normative`)
+    Controls (``participants.tsv`` ``group`` column, see :mod:`pipeline.tractometry.normative`)
     whose runs were assessable build the norms when there are at least
-    :data:`pipeline.normative.MIN_CONTROLS`; every other assessable run is then
+    :data:`pipeline.tractometry.normative.MIN_CONTROLS`; every other assessable run is then
     compared with them. Without enough controls only the group table and page
     are written.
 

@@ -4,7 +4,7 @@ Two detection rules, one verdict each:
 
 ``calibrated`` (default)
     Calibrated to the scan itself. The bootstrap of the profiles
-    (:mod:`pipeline.uncertainty`) gives the scan's own uncertainty of the
+    (:mod:`pipeline.tractometry.uncertainty`) gives the scan's own uncertainty of the
     asymmetry index AI at every node; a model of healthy asymmetry (the
     left-right differences healthy CSTs show beyond that noise, per level,
     learned from healthy real runs: :data:`HEALTHY_ASYMMETRY`) adds what anatomy
@@ -21,7 +21,7 @@ Two detection rules, one verdict each:
     scans of ../shared/data/bids and do not carry over to noisier protocols.
 
 With control participants, the group level compares every other run with their
-per-node norms as well (:mod:`pipeline.normative`).
+per-node norms as well (:mod:`pipeline.tractometry.normative`).
 """
 
 import json
@@ -241,7 +241,7 @@ def deviation_segments(profile, node_levels, node_xyz, *, node_threshold, min_no
     ----------
     profile : (n_nodes,) signed deviation, positive where left FA is the higher:
         the asymmetry index itself, or its single-case t against controls
-        (:mod:`pipeline.normative`).
+        (:mod:`pipeline.tractometry.normative`).
     node_levels, node_xyz : per side, as in :func:`localize_damage`.
     node_threshold, min_nodes, end_nodes : see :func:`asymmetric_segments`.
     segment_mean : float
@@ -302,7 +302,7 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
     assessable : bool
         False when QC found the CST could not be assessed: then no claim is made.
     ai_bootstrap : (B, n_nodes), optional
-        Bootstrap replicates of ``ai_profile`` (:mod:`pipeline.uncertainty`);
+        Bootstrap replicates of ``ai_profile`` (:mod:`pipeline.tractometry.uncertainty`);
         needed by the calibrated rule.
     node_mni_z : dict side → (n_nodes,) MNI heights (mm) of the nodes, optional
         With them, a peak within :data:`BOUNDARY_MARGIN_MM` of a level boundary

@@ -18,9 +18,11 @@ Clin Neuropsychol 1998;12:482-486. doi:10.1076/clin.12.4.482.7241).
 
 import numpy as np
 
-from .clinical import participant_rows
+from ..clinical.participants import participant_rows
+from ..cst import TRACT_NAMES
+from ..io.profiles_table import read_profiles_tsv
 from .localization import DEFAULT_THRESHOLDS, deviation_segments, primary_finding
-from .tractometry import PROFILE_METRICS, TRACT_NAMES, asymmetry_index, read_profiles_tsv
+from .profiles import PROFILE_METRICS, asymmetry_index
 
 CONTROL_GROUPS = {"control", "controls", "hc", "healthy", "healthy_control"}
 #: Fewest controls for norms: an SD from fewer is meaningless.
@@ -49,7 +51,7 @@ def read_profiles(tsv_path):
     Returns
     -------
     dict
-        side -> :func:`pipeline.tractometry.read_profiles_tsv`'s arrays plus ``xyz``
+        side -> :func:`pipeline.io.profiles_table.read_profiles_tsv`'s arrays plus ``xyz``
         ((n_nodes, 3) RAS mm); ``fa_ai``: (n_nodes,) (FA_L - FA_R) / (FA_L + FA_R).
     """
     profiles = read_profiles_tsv(tsv_path)

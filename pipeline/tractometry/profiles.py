@@ -1,7 +1,5 @@
 """Tract profiles (100 nodes, pyAFQ-style) and left-right FA asymmetry."""
 
-import csv
-import math
 
 import numpy as np
 from dipy.stats.analysis import afq_profile
@@ -12,11 +10,6 @@ from scipy.ndimage import map_coordinates
 
 N_NODES = 100
 PROFILE_METRICS = ("fa", "md", "rd", "ad")
-#: The two CSTs, as every module names them: side, BIDS ``hemi-`` label, and the tract
-#: name of the profiles TSV (pyAFQ-style ``tractID``).
-SIDES = ("left", "right")
-HEMI = {"left": "L", "right": "R"}
-TRACT_NAMES = {"left": "CST_L", "right": "CST_R"}
 
 
 def resample_bundle(bundle, n_nodes=N_NODES):
@@ -135,45 +128,3 @@ def roi_mean(image, labels, value):
     """Mean of ``image`` over voxels labelled ``value`` (NaN when the ROI is empty)."""
     roi = labels == value
     return float(image[roi].mean()) if roi.any() else float("nan")
-
-
-def _tsv_float(value):
-    """A TSV cell as a float: NaN for 'n/a', an empty cell or anything not a number."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def read_profiles_tsv(path) -> dict:
-    """Read the profiles TSV (``tract, node, fa, md, rd, ad, x, y, z, level``).
-
-    Returns
-    -------
-    dict side → dict with ``node`` (int array), ``fa, md, rd, ad, x, y, z`` (float
-    arrays, NaN where 'n/a') and ``level`` (list of str or None), sorted by node.
-    Sides absent from the file are absent from the dict.
-    """
-    by_tract = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            by_tract.setdefault((row.get("tract") or "").strip(), []).append(row)
-    profiles = {}
-    for side in SIDES:
-        rows = by_tract.get(TRACT_NAMES[side])
-        if not rows:
-            continue
-        rows.sort(key=lambda r: int(_tsv_float(r.get("node"))
-                                    if math.isfinite(_tsv_float(r.get("node"))) else 0))
-        prof = {"node": np.array([int(_tsv_float(r.get("node")))
-                                  if math.isfinite(_tsv_float(r.get("node"))) else i
-                                  for i, r in enumerate(rows)])}
-        for column in ("fa", "md", "rd", "ad", "x", "y", "z"):
-            prof[column] = np.array([_tsv_float(r.get(column)) for r in rows], dtype=float)
-        levels = []
-        for r in rows:
-            level = (r.get("level") or "").strip()
-            levels.append(None if level in ("", "n/a", "None", "nan") else level)
-        prof["level"] = levels
-        profiles[side] = prof
-    return profiles

@@ -11,7 +11,7 @@ the same scan could have given:
   (the bundle is a sample of the tract).
 
 The spread of the replicates is the scan's own uncertainty of FA and of the
-asymmetry index at every node; :mod:`pipeline.localization` calibrates its
+asymmetry index at every node; :mod:`pipeline.tractometry.localization` calibrates its
 detection on it.
 """
 
@@ -20,8 +20,8 @@ from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import design_matrix, fractional_anisotropy, from_lower_triangular
 from dipy.tracking.streamline import Streamlines, values_from_volume
 
-from .dwi import fsl_bvecs_to_voxel_frame
-from .tractometry import N_NODES, asymmetry_index, gaussian_node_weights, resample_bundle
+from ..io.dwi import fsl_bvecs_to_voxel_frame
+from .profiles import N_NODES, asymmetry_index, gaussian_node_weights, resample_bundle
 
 #: Bootstrap replicates of every profile.
 N_BOOTSTRAP = 200
@@ -89,7 +89,7 @@ def bundle_samples(bundle, fa, affine, n_nodes=N_NODES):
     values : ndarray (S, n_nodes)
         FA interpolated trilinearly at the equally spaced nodes (as ``afq_profile``).
     weights : ndarray (S, n_nodes)
-        :func:`pipeline.tractometry.gaussian_node_weights`.
+        :func:`pipeline.tractometry.profiles.gaussian_node_weights`.
     voxels : ndarray (S, n_nodes, 3), int
         Nearest voxel of every node.
     """
