@@ -16,7 +16,7 @@ from nipype.pipeline import engine as pe
 
 from pipeline.errors import EXIT_BAD_INPUT, InputError
 from pipeline.parallel import dask_backend, parallel_map, require_dask
-from pipeline.tracking.propagation import propagation as tracking
+from pipeline.tracking import propagation as tracking
 from pipeline.tracking.propagation import seeds_in_mask, track_dti_deterministic
 from workflows.base import init_cst_wf
 from workflows.cli import cst_report_parser, parse_args
