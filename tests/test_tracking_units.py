@@ -1,5 +1,6 @@
-"""Unit tests of tractography (pipeline/tracking/propagation.py) and tractometry
-(pipeline/tractometry/profiles.py) on synthetic fields and hand-built streamlines."""
+"""Unit tests of tractography (pipeline/tracking/propagation.py, selection.py) and
+tractometry (pipeline/tractometry/profiles.py) on synthetic fields and hand-built
+streamlines."""
 
 from __future__ import annotations
 
