@@ -4,7 +4,7 @@
 Pairs compared (one real subject, whole-brain white-matter seeding):
 
 =====================================  =====================================
-ours (:mod:`pipeline.tracking`)        MRtrix3 ``tckgen -algorithm``
+ours (:mod:`pipeline.tracking.propagation`)        MRtrix3 ``tckgen -algorithm``
 =====================================  =====================================
 tensor, deterministic (EuDX on V1)     ``Tensor_Det`` (tensor from the DWI)
 CSD, probabilistic                     ``iFOD2`` (on our CSD, same FODs)
@@ -77,8 +77,9 @@ def prepare(bids_dir, subject, work):
     import numpy as np
     from dipy.reconst.shm import convert_sh_descoteaux_tournier
 
-    from pipeline import fodf, preprocess
-    from pipeline.dwi import load_dwi
+    from pipeline.io.dwi import load_dwi
+    from pipeline.preprocessing.mask import brain_mask, mean_b0
+    from pipeline.reconstruction import fodf, tensor
 
     dwi = sorted((bids_dir / f"sub-{subject}" / "dwi").glob(f"sub-{subject}*_dwi.nii*"))[0]
     stem = str(dwi)[: -len(".nii.gz")] if dwi.name.endswith(".gz") else str(dwi)[:-4]
@@ -87,9 +88,9 @@ def prepare(bids_dir, subject, work):
     affine = scan.affine
     timings = {}
     started = time.perf_counter()
-    mask = preprocess.brain_mask(preprocess.mean_b0(data, scan.b0_mask))
-    maps = preprocess.fit_dti(data, scan.bvals, scan.bvecs_fsl, affine, mask,
-                              b0_threshold=scan.b0_threshold)
+    mask = brain_mask(mean_b0(data, scan.b0_mask))
+    maps = tensor.fit_dti(data, scan.bvals, scan.bvecs_fsl, affine, mask,
+                          b0_threshold=scan.b0_threshold)
     timings["tensor_fit_s"] = time.perf_counter() - started
     fa = maps["fa"]
     choice = fodf.choose_model(scan.bvals, scan.bvecs_fsl, scan.b0_threshold, requested="csd")
@@ -127,7 +128,7 @@ def ours_worker(work, mode, n_seeds, n_jobs):
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline import tracking
+    from pipeline.tracking import propagation as tracking
 
     fields = np.load(work / "fields.npz")
     seed_mask, affine = fields["seed_mask"], fields["affine"]

@@ -3,7 +3,7 @@
 
 Reads the healthy runs that ``scripts/validate_lesions.py`` left under ``--validation``
 (``runs/<run>/healthy/<condition>/``: the metrics JSON and the profiles TSV) for the
-subjects of one half of its split, and writes ``pipeline/healthy_asymmetry.json``:
+subjects of one half of its split, and writes ``pipeline/tractometry/healthy_asymmetry.json``:
 
 - ``sd_by_level``: per atlas level, the SD of the asymmetry index that healthy CSTs
   show beyond the scan's own bootstrap noise, sqrt(mean(AI²) − mean(SE²)) over the
@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from validate_lesions import DEFAULT_BIDS, split_of  # noqa: E402
 
-from pipeline.localization import (  # noqa: E402
+from pipeline.cst import SIDES, TRACT_NAMES  # noqa: E402
+from pipeline.tractometry.localization import (  # noqa: E402
     DEFAULT_THRESHOLDS,
     HEALTHY_ASYMMETRY_FILE,
     LEVELS,
@@ -90,7 +91,8 @@ def healthy_runs(validation, half):
             continue
         tsv = next(condition_dir.glob("out/sub-*/dwi/*_desc-profiles_tractometry.tsv"))
         with open(tsv) as handle:
-            rows = [r for r in csv.DictReader(handle, delimiter="\t") if r["tract"] == "CST_L"]
+            rows = [r for r in csv.DictReader(handle, delimiter="\t")
+                    if r["tract"] == TRACT_NAMES["left"]]
         levels = [r["level"] for r in sorted(rows, key=lambda r: int(r["node"]))]
         profiles = next(condition_dir.glob("out/.cst-work/*/*/cst_wf/tract_profiles/"
                                            "profiles.json"), None)
@@ -130,7 +132,7 @@ def findings(runs, model, rate=DEFAULT_THRESHOLDS["false_positive_rate"]):
     found = []
     for run, condition, _, _, _, path in runs:
         profiles = json.loads(Path(path).read_text())
-        xyz = {side: np.asarray(profiles["node_xyz"][side]) for side in ("left", "right")}
+        xyz = {side: np.asarray(profiles["node_xyz"][side]) for side in SIDES}
         result = calibrated_finding(
             _finite(profiles["fa_ai_profile"]), np.asarray(profiles["fa_ai_bootstrap"], float),
             profiles["node_levels"], xyz, healthy_model=model, false_positive_rate=rate,

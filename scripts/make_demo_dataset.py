@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the synthetic CST phantom as a BIDS dataset (see pipeline/phantom.py).
+"""Write the synthetic CST phantom as a BIDS dataset (see pipeline/sims/phantom.py).
 
 Usage: python scripts/make_demo_dataset.py BIDS_DIR [--no-lesion] [--subject X] [--seed N]
        [--lesion-side left|right] [--lesion-level internal_capsule] [--radius-mm 6]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.phantom import make_phantom_dataset  # noqa: E402
+from pipeline.sims.phantom import make_phantom_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:

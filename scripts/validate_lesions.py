@@ -6,7 +6,7 @@ clinical-protocol scans ``../shared/data/bids-clinical`` by default. Every DWI r
 every selected subject is one *run* (``sub-siemens03_dir-AP`` and ``_dir-PA`` are two),
 each processed alone by ``cst-report`` from a one-run BIDS copy.
 
-Conditions (``--degradations``; :mod:`pipeline.degrade`): ``original``; ``3mm``
+Conditions (``--degradations``; :mod:`pipeline.sims.degrade`): ``original``; ``3mm``
 (3 mm isotropic); ``12dir`` (b0s + 12 well-spread directions of the lowest shell);
 ``5mm`` (5 mm slices along the voxel axis closest to world z); ``lowsnr`` (Rician
 noise of √3 × the scan's MP-PCA σ, so the noise doubles; fixed seed per run); and
@@ -21,7 +21,7 @@ listed.
    pons, cerebral peduncle, internal capsule, corona radiata) × severity (``severe``:
    FA −55 %, ``mild``: FA −27 %; ``--severe-fa-drop``/``--mild-fa-drop``), a 6 mm
    sphere centred on that side's profile node at the middle of the level gets a
-   radial-diffusivity lesion (:mod:`pipeline.lesion_model`). The lesion is implanted
+   radial-diffusivity lesion (:mod:`pipeline.sims.lesion_model`). The lesion is implanted
    into the *native* scan and the lesioned scan is then degraded (a real lesion is
    there before the acquisition, so it is blurred by 3 mm or 5 mm voxels, sampled by
    12 directions and measured with the doubled noise like the tissue around it; the
@@ -83,19 +83,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import degrade, localization  # noqa: E402
-from pipeline.bids import find_dwi_runs  # noqa: E402
-from pipeline.dwi import read_fsl_gradients  # noqa: E402
+from pipeline.cst import SIDES  # noqa: E402
 from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
-from pipeline.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
-from pipeline.localization import DEFAULT_THRESHOLDS  # noqa: E402
-from pipeline.normative import read_profiles  # noqa: E402
+from pipeline.io.bids import find_dwi_runs  # noqa: E402
+from pipeline.io.dwi import read_fsl_gradients  # noqa: E402
+from pipeline.sims import degrade  # noqa: E402
+from pipeline.sims.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
+from pipeline.tractometry import localization  # noqa: E402
+from pipeline.tractometry.localization import DEFAULT_THRESHOLDS  # noqa: E402
+from pipeline.tractometry.normative import read_profiles  # noqa: E402
 
 DEFAULT_BIDS = [REPO.parent / "shared" / "data" / "bids",
                 REPO.parent / "shared" / "data" / "bids-clinical"]
 #: The levels a lesion may be placed at: every CST level of the atlas below the cortex.
 LEVELS = tuple(level for level in localization.LEVELS if level != "cortex")
-SIDES = ("left", "right")
 CONDITIONS = ("original",) + degrade.DEGRADATIONS
 #: Default FA drops (issue ranges: severe −50 to −60 %, mild −25 to −30 %).
 SEVERITY_FA_DROP = {"severe": 0.55, "mild": 0.27}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.phantom import make_phantom_dataset
+from pipeline.sims.phantom import make_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BIDS = Path(os.environ.get("CST_SHARED_BIDS", REPO.parent / "shared" / "data" / "bids"))

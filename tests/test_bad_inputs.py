@@ -24,9 +24,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.bids import find_dwi_runs
-from pipeline.dwi import available_memory_bytes, estimated_memory_bytes, load_dwi
 from pipeline.errors import EXIT_BAD_INPUT, InputError
+from pipeline.io.bids import find_dwi_runs
+from pipeline.io.dwi import available_memory_bytes, estimated_memory_bytes, load_dwi
 
 from .conftest import SHARED_BIDS, run_cst_report
 
@@ -452,7 +452,7 @@ def test_available_memory_is_known_on_linux():
 
 
 def test_cli_refuses_a_scan_too_big_for_this_machine(dataset, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("pipeline.dwi.available_memory_bytes", lambda: 2 ** 20)
+    monkeypatch.setattr("pipeline.io.dwi.available_memory_bytes", lambda: 2 ** 20)
     from workflows.cli import cst_report_main
 
     before = _tree_digest(dataset.root)
@@ -605,7 +605,7 @@ def test_scl_slope_and_inter_are_applied(dataset):
     (``get_fdata``, ``np.asarray(img.dataobj)``) all go through nibabel's scaling."""
     from dipy.reconst.dti import TensorModel
 
-    from pipeline.steps import _load, _load_scan
+    from pipeline.steps.files import load_array, load_scan
 
     raw = np.round(np.array(_source_scan()[0]) / 2).astype(np.int16)
     loaded = {}
@@ -615,8 +615,8 @@ def test_scl_slope_and_inter_are_applied(dataset):
         path = dataset.dwi_dir / f"{name}_dwi.nii.gz"
         _write_nifti(path, data, **write)
         load_dwi(path, dataset.bval, dataset.bvec)  # the full check, voxels included
-        scan, series = _load_scan(path, dataset.bval, dataset.bvec, 50.0)
-        np.testing.assert_array_equal(_load(path)[0], series)
+        scan, series = load_scan(path, dataset.bval, dataset.bvec, 50.0)
+        np.testing.assert_array_equal(load_array(path)[0], series)
         box = series[24:40, 24:40, 16:24]
         loaded[name] = (series, TensorModel(scan.gradient_table()).fit(box).fa)
     np.testing.assert_array_equal(loaded["scaled"][0], loaded["plain"][0])
@@ -633,8 +633,9 @@ def test_trailing_singleton_fifth_axis_is_read_as_4d(dataset):
 
 
 def test_header_warnings_reach_the_preprocessing_qc_and_its_notices(dataset, tmp_path):
-    from pipeline import outputs
-    from pipeline.steps import collect_preprocessing_qc, denoise, preprocessing_notices
+    from pipeline.io import outputs
+    from pipeline.steps import collect_preprocessing_qc, denoise
+    from pipeline.tractometry.qc import preprocessing_notices
 
     _write_nifti(dataset.image, _source_scan()[0], affine=_sheared(_source_scan()[1]))
     mask = outputs.save_nifti(tmp_path / "mask.nii.gz", np.ones(_source_scan()[0].shape[:3]),

@@ -1,5 +1,5 @@
-"""Tests of BIDS discovery (pipeline/bids.py) and DWI loading/validation and
-gradient conventions (pipeline/dwi.py)."""
+"""Tests of BIDS discovery (pipeline/io/bids.py) and DWI loading/validation and
+gradient conventions (pipeline/io/dwi.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.bids import find_dwi_runs, normalize_subject_label
-from pipeline.dwi import (
+from pipeline.errors import EXIT_BAD_INPUT, InputError
+from pipeline.io.bids import find_dwi_runs, normalize_subject_label
+from pipeline.io.dwi import (
     MIN_DIRECTIONS,
     fsl_bvecs_to_voxel_frame,
     load_dwi,
     voxel_directions_to_world,
 )
-from pipeline.errors import EXIT_BAD_INPUT, InputError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -395,7 +395,7 @@ def test_outputs_get_the_mode_of_any_new_file(tmp_path, umask, mode):
     import os
     import stat
 
-    from pipeline.outputs import write_json
+    from pipeline.io.outputs import write_json
 
     previous = os.umask(umask)
     try:

@@ -1,5 +1,5 @@
-"""The calibrated detection rule (pipeline/localization.py) and the profiles' bootstrap
-(pipeline/uncertainty.py), on synthetic data with known noise."""
+"""The calibrated detection rule (pipeline/tractometry/localization.py) and the profiles' bootstrap
+(pipeline/tractometry/uncertainty.py), on synthetic data with known noise."""
 
 import numpy as np
 import pytest
@@ -8,13 +8,13 @@ from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.reconst.dti import TensorModel
 from threadpoolctl import threadpool_limits
 
-from pipeline.localization import (
+from pipeline.tractometry.localization import (
     DEFAULT_THRESHOLDS,
     healthy_covariance,
     localize_damage,
     window_means,
 )
-from pipeline.uncertainty import bootstrap_profiles, wild_bootstrap_fa
+from pipeline.tractometry.uncertainty import bootstrap_profiles, wild_bootstrap_fa
 
 N = 100
 LEVEL_SPANS = [(0, 20, "pons"), (20, 40, "cerebral_peduncle"), (40, 65, "internal_capsule"),
@@ -177,7 +177,7 @@ def test_profile_bootstrap_spread_is_the_standard_error_of_the_mean():
 
 def test_peak_near_a_level_boundary_names_both_levels():
     import atlases
-    from pipeline.localization import levels_near_height
+    from pipeline.tractometry.localization import levels_near_height
 
     assert levels_near_height(-30.0, atlases.LEVEL_Z_RANGES) == ["pons"]
     assert levels_near_height(-23.0, atlases.LEVEL_Z_RANGES) == ["pons", "cerebral_peduncle"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from dipy.align.imaffine import AffineMap
 
-from pipeline.combine import combine_runs, rigid_parameters
-from pipeline.dwi import load_dwi
-from pipeline.preprocess import mean_b0
+from pipeline.io.dwi import load_dwi
+from pipeline.preprocessing.combine import combine_runs, rigid_parameters
+from pipeline.preprocessing.mask import mean_b0
 
 from .conftest import SHARED_BIDS, load_metrics, run_cst_report
 
@@ -36,7 +36,7 @@ def test_moved_second_run_is_aligned_and_its_bvecs_rotated_back():
                       domain_grid2world=affine, codomain_grid_shape=data.shape[:3],
                       codomain_grid2world=affine)
     second = np.stack([moved.transform(data[..., v]) for v in range(data.shape[-1])], -1)
-    # FSL b-vectors → world (written out here, independently of pipeline.dwi): undo FSL's x
+    # FSL b-vectors → world (written out here, independently of pipeline.io.dwi): undo FSL's x
     # flip for a positive determinant, then apply the affine's unit axes.
     fsl_flip = np.diag([-1.0 if np.linalg.det(affine[:3, :3]) > 0 else 1.0, 1, 1])
     axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)

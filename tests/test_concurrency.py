@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import EXIT_BUSY
-from pipeline.phantom import make_phantom_dataset
+from pipeline.sims.phantom import make_phantom_dataset
 
 from .conftest import REPO, load_metrics, run_cst_report
 

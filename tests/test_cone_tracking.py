@@ -10,7 +10,8 @@ import pytest
 from dipy.data import default_sphere
 from dipy.direction.pmf import SHCoeffPmfGen
 
-from pipeline import cone_tracking, fodf
+from pipeline.reconstruction import fodf
+from pipeline.tracking import cone
 
 PMF_THRESHOLD = 0.1
 MAX_ANGLE_DEG = 45.0
@@ -28,7 +29,7 @@ def sh_field():
 
 def test_cone_neighbours_are_exactly_the_vertices_within_the_angle_of_either_pole():
     vertices = default_sphere.vertices
-    neighbours, counts = cone_tracking.cone_neighbours(vertices, MAX_ANGLE_DEG)
+    neighbours, counts = cone.cone_neighbours(vertices, MAX_ANGLE_DEG)
     angle = np.rad2deg(np.arccos(np.clip(np.abs(vertices @ vertices.T), 0, 1)))
     for v in range(len(vertices)):
         members = neighbours[v, :counts[v]]
@@ -48,10 +49,10 @@ def _dipy_cone_pmf(pmf, vertex, neighbours, counts, threshold):
 
 def test_cone_odf_equals_dipys_thresholded_pmf_at_voxel_centres(sh_field):
     sphere = default_sphere
-    basis = cone_tracking.odf_basis(sphere, sh_field.shape[-1], fodf.SH_BASIS)
-    neighbours, counts = cone_tracking.cone_neighbours(sphere.vertices, MAX_ANGLE_DEG)
-    blocks = cone_tracking.cone_basis(basis, neighbours, counts)
-    maxima = cone_tracking.odf_maxima(sh_field, basis)
+    basis = cone.odf_basis(sphere, sh_field.shape[-1], fodf.SH_BASIS)
+    neighbours, counts = cone.cone_neighbours(sphere.vertices, MAX_ANGLE_DEG)
+    blocks = cone.cone_basis(basis, neighbours, counts)
+    maxima = cone.odf_maxima(sh_field, basis)
     dipy_pmf = SHCoeffPmfGen(sh_field, sphere, fodf.SH_BASIS, legacy=False)
     values = np.empty(neighbours.shape[1], dtype=np.float32)
     for voxel in [(0, 0, 0), (1, 2, 3), (3, 1, 2)]:
@@ -60,7 +61,7 @@ def test_cone_odf_equals_dipys_thresholded_pmf_at_voxel_centres(sh_field):
         threshold = PMF_THRESHOLD * maxima[voxel]
         coefficients = sh_field[voxel].astype(np.float32)
         for vertex in (0, 100, 250, 361):
-            n = cone_tracking.cone_odf(coefficients, vertex, blocks, counts, threshold, values)
+            n = cone.cone_odf(coefficients, vertex, blocks, counts, threshold, values)
             expected = _dipy_cone_pmf(pmf, vertex, neighbours, counts,
                                       PMF_THRESHOLD * pmf.max())
             assert n == counts[vertex]
@@ -72,8 +73,8 @@ def test_interpolated_maximum_bounds_dipys_between_voxels(sh_field):
     """Off the voxel centres our threshold comes from the interpolated maxima: never
     below DIPY's (the maximum of the interpolated ODF), so no direction DIPY would
     drop is followed."""
-    basis = cone_tracking.odf_basis(default_sphere, sh_field.shape[-1], fodf.SH_BASIS)
-    maxima = cone_tracking.odf_maxima(sh_field, basis)
+    basis = cone.odf_basis(default_sphere, sh_field.shape[-1], fodf.SH_BASIS)
+    maxima = cone.odf_maxima(sh_field, basis)
     dipy_pmf = SHCoeffPmfGen(sh_field, default_sphere, fodf.SH_BASIS, legacy=False)
     rng = np.random.default_rng(3)
     flat_index = np.empty(8, dtype=np.int64)
@@ -81,8 +82,8 @@ def test_interpolated_maximum_bounds_dipys_between_voxels(sh_field):
     shape = np.array(sh_field.shape[:3], dtype=np.int64)
     gaps = []
     for point in rng.uniform(0, 3, size=(50, 3)):
-        assert cone_tracking.trilinear_corners(point, shape, flat_index, weight)
-        ours = cone_tracking.interpolate_scalar(maxima.reshape(-1), flat_index, weight)
+        assert cone.trilinear_corners(point, shape, flat_index, weight)
+        ours = cone.interpolate_scalar(maxima.reshape(-1), flat_index, weight)
         theirs = np.array(dipy_pmf.get_pmf(point)).max()
         assert ours >= theirs * (1 - 1e-5)
         gaps.append(ours / theirs - 1)
@@ -93,37 +94,37 @@ def test_trilinear_corners_follow_dipys_grid_limits():
     shape = np.array([4, 5, 6], dtype=np.int64)
     flat_index = np.empty(8, dtype=np.int64)
     weight = np.empty(8)
-    assert cone_tracking.trilinear_corners(np.array([-0.5, 0.0, 5.49]), shape, flat_index,
-                                           weight)
+    assert cone.trilinear_corners(np.array([-0.5, 0.0, 5.49]), shape, flat_index,
+                                  weight)
     assert weight.sum() == pytest.approx(1.0)
-    assert not cone_tracking.trilinear_corners(np.array([-0.51, 0.0, 0.0]), shape, flat_index,
-                                               weight)
-    assert not cone_tracking.trilinear_corners(np.array([0.0, 4.5, 0.0]), shape, flat_index,
-                                               weight)
+    assert not cone.trilinear_corners(np.array([-0.51, 0.0, 0.0]), shape, flat_index,
+                                      weight)
+    assert not cone.trilinear_corners(np.array([0.0, 4.5, 0.0]), shape, flat_index,
+                                      weight)
     # at a voxel centre all the weight is on that voxel
-    assert cone_tracking.trilinear_corners(np.array([1.0, 2.0, 3.0]), shape, flat_index, weight)
+    assert cone.trilinear_corners(np.array([1.0, 2.0, 3.0]), shape, flat_index, weight)
     assert weight[np.flatnonzero(flat_index == (1 * 5 + 2) * 6 + 3)].sum() == pytest.approx(1.0)
 
 
 def test_the_same_seed_gives_the_same_streamlines_and_another_seed_others(sh_field):
     """Numba's random stream is seeded per call: a call depends only on its arguments."""
-    basis = cone_tracking.odf_basis(default_sphere, sh_field.shape[-1], fodf.SH_BASIS)
-    neighbours, counts = cone_tracking.cone_neighbours(default_sphere.vertices, MAX_ANGLE_DEG)
+    basis = cone.odf_basis(default_sphere, sh_field.shape[-1], fodf.SH_BASIS)
+    neighbours, counts = cone.cone_neighbours(default_sphere.vertices, MAX_ANGLE_DEG)
     sh = np.ascontiguousarray(sh_field, dtype=np.float32)
     affine = np.array([[-2.0, 0, 0, 6], [0, 2, 0, -3], [0, 0, 2, 1], [0, 0, 0, 1]])  # LAS
     seeds_voxels = np.random.default_rng(0).uniform(0.5, 2.5, size=(40, 3))
     arguments = (
         seeds_voxels @ affine[:3, :3].T + affine[:3, 3], affine, sh.reshape(-1, 45),
-        cone_tracking.odf_maxima(sh, basis).reshape(-1), np.full(64, 0.5),
+        cone.odf_maxima(sh, basis).reshape(-1), np.full(64, 0.5),
         np.array([4, 4, 4], dtype=np.int64), 0.2, basis,
-        cone_tracking.cone_basis(basis, neighbours, counts),
+        cone.cone_basis(basis, neighbours, counts),
         np.ascontiguousarray(default_sphere.vertices), neighbours, counts, PMF_THRESHOLD,
         np.full(3, 0.25), 200, 2, False)
-    first = cone_tracking.track_seeds(*arguments, 5)
-    again = cone_tracking.track_seeds(*arguments, 5)
-    other = cone_tracking.track_seeds(*arguments, 6)
+    first = cone.track_seeds(*arguments, 5)
+    again = cone.track_seeds(*arguments, 5)
+    other = cone.track_seeds(*arguments, 6)
     # deterministic: the random stream plays no part
-    deterministic = [cone_tracking.track_seeds(*arguments[:-1], True, seed) for seed in (5, 6)]
+    deterministic = [cone.track_seeds(*arguments[:-1], True, seed) for seed in (5, 6)]
     np.testing.assert_array_equal(deterministic[0][0], deterministic[1][0])
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])

@@ -7,11 +7,12 @@ from dataclasses import fields
 import pytest
 
 from pipeline import steps
-from pipeline.dwi import B0_THRESHOLD
+from pipeline.clinical.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 from pipeline.errors import EXIT_BAD_INPUT, InputError
-from pipeline.localization import DEFAULT_THRESHOLDS
-from pipeline.preprocess import DTI_MAX_BVALUE
-from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
+from pipeline.io.dwi import B0_THRESHOLD
+from pipeline.reconstruction.tensor import DTI_MAX_BVALUE
+from pipeline.tractometry.localization import DEFAULT_THRESHOLDS
+from pipeline.tractometry.qc import DEFAULT_QC_LIMITS
 from workflows.cli import bids_app_parser, cst_report_parser, parse_args
 from workflows.config import Localization, Prognosis, RunConfig, Tracking, read_config, sections
 
@@ -84,7 +85,7 @@ def test_defaults_are_the_sciences_own():
             assert getattr(defaults.tracking, setting.name) == tracking[setting.name].default
     assert defaults.tracking.model == inspect.signature(steps.fit_fodf).parameters["model"].default
     assert defaults.parameters()["tracking"]["min_coverage"] == \
-        steps.DEFAULT_QC_LIMITS["min_roi_coverage"]
+        DEFAULT_QC_LIMITS["min_roi_coverage"]
 
 
 @pytest.mark.parametrize("section, line", [

@@ -1,4 +1,4 @@
-"""Degraded copies (pipeline/degrade.py) on small synthetic images: no pipeline runs."""
+"""Degraded copies (pipeline/sims/degrade.py) on small synthetic images: no pipeline runs."""
 
 import json
 
@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline import degrade
-from pipeline.dwi import count_unique_directions, fsl_bvecs_to_voxel_frame
+from pipeline.io.dwi import count_unique_directions, fsl_bvecs_to_voxel_frame
+from pipeline.sims import degrade
 
 
 def _oblique_affine(zooms, *, flip_x=False):

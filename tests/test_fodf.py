@@ -1,4 +1,5 @@
-"""The tracking model chosen from the acquisition (pipeline/fodf.py, pipeline.steps.fit_fodf)."""
+"""The tracking model chosen from the acquisition (pipeline/reconstruction/fodf.py,
+pipeline.steps.fit_fodf)."""
 
 import json
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 from dipy.data import get_sphere
 
-from pipeline import fodf, steps
+from pipeline import steps
 from pipeline.errors import InputError
+from pipeline.reconstruction import fodf
+from pipeline.tracking.selection import cst_search_box
 
 
 def _table(n_dirs, bvalue=1000.0, n_b0=2, repeats=1):
@@ -76,7 +79,7 @@ def test_search_box_covers_the_rois_with_a_margin():
     rois = np.zeros((40, 40, 40), dtype=np.int16)
     rois[10, 12, 14] = 3
     rois[20, 25, 30] = 1
-    box = steps.cst_search_box(rois, np.diag([2.0, 2.0, 2.0, 1.0]), margin_mm=4.0)
+    box = cst_search_box(rois, np.diag([2.0, 2.0, 2.0, 1.0]), margin_mm=4.0)
     idx = np.argwhere(box)
     assert idx.min(axis=0).tolist() == [8, 10, 12] and idx.max(axis=0).tolist() == [22, 27, 32]
 
@@ -183,8 +186,8 @@ def msmt_phantom(tmp_path_factory):
     from dipy.core.sphere import HemiSphere, disperse_charges
     from dipy.sims.voxel import multi_tensor
 
-    from pipeline import preprocess
-    from pipeline.dwi import read_fsl_gradients, voxel_frame_to_fsl_bvecs
+    from pipeline.io.dwi import read_fsl_gradients, voxel_frame_to_fsl_bvecs
+    from pipeline.reconstruction import tensor
 
     rng = np.random.default_rng(0)
     bvals, bvecs = [np.zeros(6)], [np.zeros((6, 3))]
@@ -219,8 +222,8 @@ def msmt_phantom(tmp_path_factory):
     bvals, bvecs_fsl = read_fsl_gradients(folder / "dwi.bval", folder / "dwi.bvec")
     data = np.asarray(nib.load(paths["dwi"]).dataobj, dtype=np.float32)
     mask = np.ones(MS_SHAPE, dtype=bool)
-    maps = preprocess.fit_dti(data, bvals, bvecs_fsl, MS_AFFINE, mask, b0_threshold=50,
-                              use=bvals <= 1500)
+    maps = tensor.fit_dti(data, bvals, bvecs_fsl, MS_AFFINE, mask, b0_threshold=50,
+                          use=bvals <= 1500)
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), MS_AFFINE), paths["mask"])
     for name in ("fa", "md"):
         nib.save(nib.Nifti1Image(maps[name].astype(np.float32), MS_AFFINE), paths[name])
@@ -338,18 +341,19 @@ def test_fit_fodf_runs_msmt_on_multi_shell_data(msmt_phantom, msmt_fit, tmp_path
     assert qc["n_fitted_voxels"] == fitted.sum() == 144
     sh = np.asarray(nib.load(out["sh"]).dataobj)
     assert not sh[~fitted].any()
-    # voxel by voxel the same fit as pipeline.fodf.fit_csd_msmt's
+    # voxel by voxel the same fit as pipeline.reconstruction.fodf.fit_csd_msmt's
     both = fitted & msmt_fit["fit_mask"]
     assert both.sum() == 16
     np.testing.assert_allclose(sh[both], msmt_fit["fits"][1][0][both], rtol=0, atol=1e-6)
 
 
 def test_fit_fodf_keeps_single_shell_csd_for_single_shell_data(tmp_path, monkeypatch):
-    """--model csd on one shell: pipeline.fodf.fit_csd, as before, never the multi-shell fit."""
+    """--model csd on one shell: pipeline.reconstruction.fodf.fit_csd, as before, never the
+    multi-shell fit."""
     from dipy.core.gradients import gradient_table
     from dipy.sims.voxel import multi_tensor
 
-    from pipeline import preprocess
+    from pipeline.reconstruction import tensor
 
     def no_msmt(*args, **kwargs):
         raise AssertionError("single-shell data went to multi-shell CSD")
@@ -366,7 +370,7 @@ def test_fit_fodf_keeps_single_shell_csd_for_single_shell_data(tmp_path, monkeyp
             gtab, np.array([WM_EVALS] * 2), S0=100, angles=[(90, 0), (90, 90)],
             fractions=[50, 50] if crossing else [100, 0], snr=30, rng=rng)
     mask = np.ones(data.shape[:3], dtype=bool)
-    maps = preprocess.fit_dti(data, bvals, bvecs, affine, mask, b0_threshold=50)
+    maps = tensor.fit_dti(data, bvals, bvecs, affine, mask, b0_threshold=50)
     rois = np.zeros(mask.shape, dtype=np.int16)
     rois[4, 4, 4] = 1
     for name, image in (("dwi", data), ("mask", mask.astype(np.uint8)), ("fa", maps["fa"]),

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from pipeline.dwi import fsl_bvecs_to_voxel_frame, load_dwi
-from pipeline.gradient_check import (
+from pipeline.io.dwi import fsl_bvecs_to_voxel_frame, load_dwi
+from pipeline.preprocessing.gradient_check import (
     AS_GIVEN,
     candidate_corrections,
     check_gradient_table,
     correction_in_voxel_frame,
 )
-from pipeline.preprocess import brain_mask, fit_dti, mean_b0
+from pipeline.preprocessing.mask import brain_mask, mean_b0
+from pipeline.reconstruction.tensor import fit_dti
 
 from .conftest import SHARED_BIDS
 

@@ -23,7 +23,7 @@ import pytest
 from scipy import ndimage
 
 import atlases
-from pipeline import steps
+from pipeline.io.profiles_table import write_profile_tables
 from tests.conftest import PHANTOM_CLINICAL, PHANTOM_STEM, SHARED_BIDS, run_cst_report
 
 DWI = Path("sub-subject01") / "dwi"
@@ -148,8 +148,8 @@ def test_profiles_load_in_afq_insight(lesion_run, lesion_phantom, tmp_path):
     # pipeline writes each run's tables, then concatenated as for a group analysis.
     parts = []
     for direction in ("AP", "PA"):
-        written = steps.write_profile_tables(tsv, tmp_path / direction / tsv.name,
-                                             f"{PHANTOM_STEM}_dir-{direction}")
+        written = write_profile_tables(tsv, tmp_path / direction / tsv.name,
+                                       f"{PHANTOM_STEM}_dir-{direction}")
         parts.append(Path(written[1]).read_text().splitlines())
     both = tmp_path / "both.csv"
     both.write_text("\n".join(parts[0] + parts[1][1:]) + "\n")

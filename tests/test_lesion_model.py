@@ -1,12 +1,12 @@
-"""Radial-diffusivity lesions implanted into a real scan (pipeline.lesion_model)."""
+"""Radial-diffusivity lesions implanted into a real scan (pipeline.sims.lesion_model)."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 from dipy.reconst.dti import fractional_anisotropy
 
-from pipeline.dwi import load_dwi
-from pipeline.lesion_model import implant_lesion, radial_increase_for_fa_drop
+from pipeline.io.dwi import load_dwi
+from pipeline.sims.lesion_model import implant_lesion, radial_increase_for_fa_drop
 
 from .conftest import SHARED_BIDS
 

@@ -1,5 +1,5 @@
-"""Tests of damage localisation (pipeline/localization.py) and the rule-based
-prognosis summary (pipeline/prognosis.py)."""
+"""Tests of damage localisation (pipeline/tractometry/localization.py) and the rule-based
+prognosis summary (pipeline/clinical/prognosis.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.localization import DEFAULT_THRESHOLDS, asymmetric_segments, localize_damage
-from pipeline.prognosis import DISCLAIMER, prognosis_summary
+from pipeline.clinical.prognosis import DISCLAIMER, prognosis_summary
+from pipeline.tractometry.localization import (
+    DEFAULT_THRESHOLDS,
+    asymmetric_segments,
+    localize_damage,
+)
 
 N = 100
 DEFAULTS = dict(node_ai=DEFAULT_THRESHOLDS["node_ai"], min_nodes=DEFAULT_THRESHOLDS["min_nodes"],

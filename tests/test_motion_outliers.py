@@ -18,9 +18,9 @@ from dipy.segment.mask import median_otsu
 from scipy.linalg import polar
 from scipy.spatial.transform import Rotation
 
-from pipeline.dwi import fsl_bvecs_to_voxel_frame, load_dwi, voxel_directions_to_world
-from pipeline.motion import correct_motion, motion_parameters, rotate_bvecs
-from pipeline.outliers import detect_outlier_volumes
+from pipeline.io.dwi import fsl_bvecs_to_voxel_frame, load_dwi, voxel_directions_to_world
+from pipeline.preprocessing.motion import correct_motion, motion_parameters, rotate_bvecs
+from pipeline.preprocessing.outliers import detect_outlier_volumes
 
 from .conftest import SHARED_BIDS
 

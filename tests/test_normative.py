@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import normative
-from pipeline.group import run_group_level
-from pipeline.localization import localize_damage
+from pipeline.tractometry import normative
+from pipeline.tractometry.group import run_group_level
+from pipeline.tractometry.localization import localize_damage
 
 N_NODES = 100
 LEVELS = (["pons"] * 20 + ["cerebral_peduncle"] * 15 + ["internal_capsule"] * 21
@@ -160,7 +160,7 @@ def test_group_outputs_tables_and_page(group, capsys):
 
 def test_not_assessable_run_has_empty_cells_in_the_group_table(group):
     """No finding, no asymmetry and no tract mean of a failed CST reads as a result."""
-    from pipeline.group import NOT_ASSESSABLE_EMPTY
+    from pipeline.tractometry.group import NOT_ASSESSABLE_EMPTY
 
     bids, out = group
     run_group_level(out, bids)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CST phantom (pipeline/phantom.py)."""
+"""Tests of the synthetic CST phantom (pipeline/sims/phantom.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.phantom import fsl_bvecs_to_world, make_phantom_dataset
+from pipeline.sims.phantom import fsl_bvecs_to_world, make_phantom_dataset
 
 LESION = {"side": "left", "level": "internal_capsule", "radius_mm": 6.0, "fa_drop": 0.5}
 
@@ -161,7 +161,7 @@ def test_healthy_symmetric(healthy_ds):
 
 
 def test_multi_shell_phantom_has_each_shell_with_the_directions(tmp_path):
-    from pipeline import fodf
+    from pipeline.reconstruction import fodf
 
     truth = make_phantom_dataset(tmp_path, subject="phant03", lesion=None, seed=2,
                                  n_directions=30, bvalues=(1000.0, 2500.0))

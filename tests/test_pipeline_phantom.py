@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.phantom import make_phantom_dataset
+from pipeline.sims.phantom import make_phantom_dataset
 
 from .conftest import PHANTOM_CLINICAL, assert_same_tractograms, load_metrics, run_cst_report
 from .conftest import PHANTOM_STEM as STEM

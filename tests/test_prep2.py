@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from pipeline.clinical import read_clinical_scores
+from pipeline.clinical.participants import read_clinical_scores
+from pipeline.clinical.prognosis import prep2_prediction, prognosis_summary
 from pipeline.errors import InputError
-from pipeline.prognosis import prep2_prediction, prognosis_summary
 
 NO_DAMAGE = {"assessable": True, "umn_damage": False}
 NOT_ASSESSABLE = {"assessable": False, "umn_damage": None}

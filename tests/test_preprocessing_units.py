@@ -5,7 +5,8 @@ import pytest
 from dipy.denoise.gibbs import gibbs_removal
 from dipy.denoise.localpca import mppca as dipy_mppca
 
-from pipeline.denoise import (
+from pipeline.errors import InputError
+from pipeline.preprocessing.denoise import (
     SLAB_THICKNESS,
     denoise_dwi,
     marchenko_pastur_noise,
@@ -16,9 +17,8 @@ from pipeline.denoise import (
     mppca_peak_bytes,
     mppca_slab_thickness,
 )
-from pipeline.errors import InputError
-from pipeline.gibbs import remove_gibbs_ringing
-from pipeline.preprocess import check_tensor_directions, dti_volumes, fit_dti
+from pipeline.preprocessing.gibbs import remove_gibbs_ringing
+from pipeline.reconstruction.tensor import check_tensor_directions, dti_volumes, fit_dti
 
 
 def _low_rank_series(shape=(18, 16, 14), n_volumes=24, rank=3, sigma=5.0, seed=0):

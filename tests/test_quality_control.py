@@ -4,7 +4,12 @@ import copy
 
 import pytest
 
-from pipeline.steps import DEFAULT_QC_LIMITS, MOTION_NOTICE_LIMITS, motion_notices, quality_control
+from pipeline.tractometry.qc import (
+    DEFAULT_QC_LIMITS,
+    MOTION_NOTICE_LIMITS,
+    motion_notices,
+    quality_control,
+)
 
 GOOD_REGISTRATION = {
     "template_fa_correlation": 0.85, "template_mask_dice": 0.95,

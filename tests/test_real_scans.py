@@ -220,10 +220,10 @@ def test_cst_survives_a_lesion_and_shows_it(level, out_root, tmp_path):
     that go around it). In the pons, the profile must reach down through the lesion
     (before the profiles started at a common height, no node passed a mid-pons lesion).
     """
-    from pipeline.dwi import load_dwi
-    from pipeline.lesion_model import implant_lesion, profile_lesion_site
-    from pipeline.localization import DEFAULT_THRESHOLDS
-    from pipeline.normative import read_profiles
+    from pipeline.io.dwi import load_dwi
+    from pipeline.sims.lesion_model import implant_lesion, profile_lesion_site
+    from pipeline.tractometry.localization import DEFAULT_THRESHOLDS
+    from pipeline.tractometry.normative import read_profiles
 
     subject = "philips02"
     healthy_out = _run(subject, out_root)

@@ -9,7 +9,7 @@ from dipy.align.metrics import CCMetric
 from scipy.ndimage import gaussian_filter, map_coordinates, zoom
 
 import atlases
-from pipeline.registration import SYN_LEVEL_ITERS, SYN_STEP_LENGTH, ThreadedSyN
+from pipeline.reconstruction.registration import SYN_LEVEL_ITERS, SYN_STEP_LENGTH, ThreadedSyN
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from matplotlib.image import imread
 
 from pipeline import report
+from pipeline.io.profiles_table import read_profiles_tsv
 from pipeline.report import drawing, prose, values
 from pipeline.report.figures_anatomy import color_fa_slice
-from pipeline.tractometry import read_profiles_tsv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

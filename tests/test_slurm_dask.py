@@ -14,10 +14,10 @@ import pytest
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-import pipeline.tracking as tracking
 from pipeline.errors import EXIT_BAD_INPUT, InputError
 from pipeline.parallel import dask_backend, parallel_map, require_dask
-from pipeline.tracking import seeds_in_mask, track_dti_deterministic
+from pipeline.tracking import propagation as tracking
+from pipeline.tracking.propagation import seeds_in_mask, track_dti_deterministic
 from workflows.base import init_cst_wf
 from workflows.cli import cst_report_parser, parse_args
 from workflows.config import RunConfig

@@ -1,5 +1,6 @@
-"""Unit tests of tractography (pipeline/tracking.py) and tractometry
-(pipeline/tractometry.py) on synthetic fields and hand-built streamlines."""
+"""Unit tests of tractography (pipeline/tracking/propagation.py, selection.py) and
+tractometry (pipeline/tractometry/profiles.py) on synthetic fields and hand-built
+streamlines."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-import pipeline.tracking as tracking
-from pipeline.tracking import (
+from pipeline.tracking import propagation as tracking
+from pipeline.tracking.propagation import seeds_in_mask, track_dti_deterministic
+from pipeline.tracking.selection import (
     clean_bundle,
     clip_from_height,
     common_start_height,
     heights_along,
     orient_inferior_first,
-    seeds_in_mask,
     select_tract,
-    track_dti_deterministic,
 )
-from pipeline.tractometry import asymmetry_index, core_mahalanobis, tract_profiles
+from pipeline.tractometry.profiles import asymmetry_index, core_mahalanobis, tract_profiles
 
 # LAS storage: voxel +x runs to world −x.
 SHAPE = (20, 20, 40)
@@ -428,15 +428,15 @@ def crossing_field():
     """The tube along world z crossed, over 12 mm, by a stronger bundle along world x.
 
     DW signals are simulated (two tensors, no noise) and deconvolved with
-    :func:`pipeline.fodf.fit_csd`; the tensor's principal direction in the
+    :func:`pipeline.reconstruction.fodf.fit_csd`; the tensor's principal direction in the
     crossing points along x.
     """
     from dipy.core.gradients import gradient_table
     from dipy.data import get_sphere
     from dipy.sims.voxel import multi_tensor
 
-    from pipeline import fodf, preprocess
-    from pipeline.dwi import voxel_frame_to_fsl_bvecs
+    from pipeline.io.dwi import voxel_frame_to_fsl_bvecs
+    from pipeline.reconstruction import fodf, tensor
 
     directions = get_sphere(name="repulsion100").vertices[:60]
     bvals = np.r_[np.zeros(3), np.full(len(directions), 1000.0)]
@@ -457,7 +457,7 @@ def crossing_field():
     data[tube & in_crossing] = crossing
     bvecs_fsl = voxel_frame_to_fsl_bvecs(bvecs_voxel, AFFINE)
     mask = np.ones(SHAPE, dtype=bool)
-    maps = preprocess.fit_dti(data, bvals, bvecs_fsl, AFFINE, mask, b0_threshold=50)
+    maps = tensor.fit_dti(data, bvals, bvecs_fsl, AFFINE, mask, b0_threshold=50)
     sh, info = fodf.fit_csd(data, bvals, bvecs_fsl, AFFINE, mask, maps["fa"], b0_threshold=50,
                             shell=1000, sh_order=6, fit_mask=tube)
     stop_map = np.where(tube, 0.7, 0.05)  # the crossing is not a stopping region
@@ -505,7 +505,7 @@ def test_probabilistic_csd_matches_dipys_probabilistic_tracker(crossing_field):
     from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
     from dipy.tracking.tracker import probabilistic_tracking
 
-    from pipeline import fodf
+    from pipeline.reconstruction import fodf
 
     f = crossing_field
     settings = dict(step_mm=0.5, max_angle_deg=45.0, min_length_mm=20.0, max_length_mm=250.0)
@@ -537,7 +537,7 @@ def test_deterministic_csd_equals_dipys_deterministic_tracker(crossing_field):
     from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
     from dipy.tracking.tracker import deterministic_tracking
 
-    from pipeline import fodf
+    from pipeline.reconstruction import fodf
 
     f = crossing_field
     ours = tracking.track_csd(f["seeds"], f["sh"], f["stop_map"], AFFINE, direction="det",

@@ -10,8 +10,10 @@ import pytest
 from nipype.interfaces.base import isdefined
 
 from pipeline import steps
-from pipeline.bids import combine_by_session, find_dwi_runs
+from pipeline.io.bids import combine_by_session, find_dwi_runs
+from pipeline.io.derivatives import DERIVATIVES
 from pipeline.stage import stage
+from pipeline.tractometry.qc import quality_control
 from workflows.base import StageInterface, init_single_subject_wf, stage_node
 from workflows.cli import cst_report_parser
 from workflows.config import RunConfig
@@ -123,14 +125,14 @@ def test_every_stage_of_the_pipeline_is_in_some_branch(runs, tmp_path):
 
 def test_the_derivatives_are_the_written_files():
     written = list(inspect.signature(steps.write_derivatives).parameters)
-    assert written[:len(steps.DERIVATIVES)] == list(steps.DERIVATIVES)
+    assert written[:len(DERIVATIVES)] == list(DERIVATIVES)
 
 
 def test_stage_node_refuses_what_the_stage_does_not_take():
     with pytest.raises(ValueError, match="takes no njobs"):
         stage_node(steps.remove_gibbs, "gibbs", inputs={"njobs": 2})
     with pytest.raises(TypeError, match="not declared a stage"):
-        stage_node(steps.quality_control, "qc")
+        stage_node(quality_control, "qc")
 
     @stage(outputs=("a",))
     def loose(**kwargs):

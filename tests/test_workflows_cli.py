@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from nipype.pipeline import engine as pe
 
-from pipeline.bids import find_dwi_runs
 from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
+from pipeline.io.bids import find_dwi_runs
 from pipeline.stage import stage
 from workflows.base import init_single_subject_wf, stage_node
 from workflows.cli import (

@@ -8,8 +8,8 @@ from nipype.interfaces.utility.wrappers import FunctionInputSpec
 from nipype.pipeline import engine as pe
 
 from pipeline import steps
-from pipeline.dwi import B0_THRESHOLD
-from pipeline.preprocess import DTI_MAX_BVALUE
+from pipeline.io.dwi import B0_THRESHOLD
+from pipeline.reconstruction.tensor import DTI_MAX_BVALUE
 
 from .execution import EXECUTION_SETTINGS, split_parameters
 
@@ -271,14 +271,14 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     """From the raw series of one run (or several combined runs) to the tensor maps.
 
     Per run: brain mask → denoising → Gibbs removal; several runs are then
-    aligned to the first and concatenated (``pipeline.combine``); then motion/
+    aligned to the first and concatenated (``pipeline.preprocessing.combine``); then motion/
     eddy correction with b-vector rotation → outlier volumes → tensor fit →
     gradient-table check (beside the registration: it turns only the principal
     direction).
 
     Parameters
     ----------
-    runs : list of pipeline.bids.DwiRun
+    runs : list of pipeline.io.bids.DwiRun
         One run, or the runs to combine (the first is the reference).
     parameters : dict
         The run configuration (``preprocessing`` section and ``n_jobs``).
@@ -429,7 +429,7 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
 
     Parameters
     ----------
-    run : pipeline.bids.DwiRun
+    run : pipeline.io.bids.DwiRun
     out_dir : path
         Root of the BIDS-Derivatives output.
     parameters : dict
@@ -437,7 +437,7 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
         is recorded in every output's provenance.
     clinical : dict, optional
         The participant's bedside scores for PREP2
-        (:func:`pipeline.clinical.read_clinical_scores`).
+        (:func:`pipeline.clinical.participants.read_clinical_scores`).
     mem_gb : float, optional
         The memory budget (GiB) the run resolved for itself (not recorded: it depends on
         the machine, not on the results).
@@ -512,7 +512,7 @@ def init_single_subject_wf(runs, *, out_dir, work_dir, parameters, clinical=None
 
     Parameters
     ----------
-    runs : list of pipeline.bids.DwiRun or pipeline.bids.CombinedRuns
+    runs : list of pipeline.io.bids.DwiRun or pipeline.io.bids.CombinedRuns
     out_dir, work_dir : path
     parameters : dict
     clinical : dict, optional

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.clinical import read_clinical_scores
+from pipeline.clinical.participants import read_clinical_scores
 from pipeline.errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_NOT_ASSESSABLE,
@@ -109,9 +109,9 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
     ``plugin`` and ``plugin_args`` choose how the Nipype graph runs (see
     :func:`workflows.execution.run_workflow`).
     """
-    from pipeline.bids import combine_by_session, find_dwi_runs
-    from pipeline.dwi import load_dwi
-    from pipeline.outputs import write_dataset_description
+    from pipeline.io.bids import combine_by_session, find_dwi_runs
+    from pipeline.io.dwi import load_dwi
+    from pipeline.io.outputs import write_dataset_description
     from pipeline.parallel import require_dask
 
     require_dask(parameters.get("dask_scheduler"))
@@ -318,7 +318,7 @@ class _Progress:
 
     def write_timings(self, path):
         """The finished steps as a TSV (step, outcome, seconds; ``n/a`` when unknown)."""
-        from pipeline.outputs import atomic_path
+        from pipeline.io.outputs import atomic_path
 
         rows = ["step\toutcome\tseconds"] + [
             f"{name}\t{outcome}\t{'n/a' if seconds is None else seconds}"
@@ -478,7 +478,7 @@ def bids_app_parser():
 
 
 def run_bids_app(parser, argv):
-    from pipeline.bids import normalize_subject_label
+    from pipeline.io.bids import normalize_subject_label
 
     args = parse_args(parser, argv)
     config = RunConfig.from_args(args)
@@ -491,7 +491,7 @@ def run_bids_app(parser, argv):
         raise InputError("The BIDS directory does not exist.", path=args.bids_dir,
                          fix="Pass the dataset root as the first argument.")
     if args.analysis_level == "group":
-        from pipeline.group import run_group_level
+        from pipeline.tractometry.group import run_group_level
 
         written = run_group_level(args.output_dir, args.bids_dir)
         print(f"group table: {written['table']}")

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import ClassVar, get_args
 
 from pipeline import steps
-from pipeline.denoise import DENOISE_METHODS
-from pipeline.dwi import B0_THRESHOLD
+from pipeline.clinical.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
 from pipeline.errors import InputError
-from pipeline.localization import DEFAULT_THRESHOLDS
-from pipeline.preprocess import DTI_MAX_BVALUE
-from pipeline.prognosis import DEFAULT_PREP2_THRESHOLDS, DEFAULT_PREP_PLIC_AI
+from pipeline.io.dwi import B0_THRESHOLD
+from pipeline.preprocessing.denoise import DENOISE_METHODS
+from pipeline.reconstruction.tensor import DTI_MAX_BVALUE
+from pipeline.tractometry.localization import DEFAULT_THRESHOLDS
+from pipeline.tractometry.qc import DEFAULT_QC_LIMITS
 
 from .execution import (
     PLUGINS,
@@ -238,7 +239,7 @@ class Tracking:
 @dataclass(frozen=True)
 class Localization:
     """``[localization]``: the rule that finds upper-motor-neuron damage along a CST
-    (:data:`pipeline.localization.DEFAULT_THRESHOLDS` holds the rest of it)."""
+    (:data:`pipeline.tractometry.localization.DEFAULT_THRESHOLDS` holds the rest of it)."""
 
     GROUP: ClassVar[str | None] = "detection and prognosis"
 
@@ -321,7 +322,7 @@ class RunConfig:
         not change with the memory free at the time. ``work_dir``, ``keep_work``,
         ``plugin`` and ``plugin_args`` reach no step and are not recorded.
         """
-        qc_limits = steps.DEFAULT_QC_LIMITS
+        qc_limits = DEFAULT_QC_LIMITS
         return {
             "n_jobs": resolve_n_jobs(self.execution.n_jobs),
             "mem_gb": self.execution.mem_gb,

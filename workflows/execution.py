@@ -152,7 +152,7 @@ def available_memory_gb():
     else what the machine has available now (``MemAvailable`` capped by a cgroup limit);
     None when neither is known.
     """
-    from pipeline.dwi import available_memory_bytes
+    from pipeline.io.dwi import available_memory_bytes
 
     per_node = os.environ.get("SLURM_MEM_PER_NODE", "").strip()
     per_cpu = os.environ.get("SLURM_MEM_PER_CPU", "").strip()
@@ -219,20 +219,21 @@ def outputs_up_to_date(run, out_dir, parameters, clinical):
 
     Parameters
     ----------
-    run : pipeline.bids.DwiRun or pipeline.bids.CombinedRuns
+    run : pipeline.io.bids.DwiRun or pipeline.io.bids.CombinedRuns
     out_dir : path
         Root of the BIDS-Derivatives output.
     parameters : dict
         The run configuration of this run.
     clinical : dict or None
-        The participant's bedside scores (:func:`pipeline.clinical.read_clinical_scores`).
+        The participant's bedside scores
+        (:func:`pipeline.clinical.participants.read_clinical_scores`).
 
     Returns
     -------
     bool
     """
-    from pipeline.outputs import file_sha256, software_versions
-    from pipeline.steps import DERIVATIVES
+    from pipeline.io.derivatives import DERIVATIVES
+    from pipeline.io.outputs import file_sha256, software_versions
 
     folder = run.derivatives_dir(out_dir)
     metrics_file = folder / f"{run.stem}_desc-cst_metrics.json"

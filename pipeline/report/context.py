@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..prognosis import DISCLAIMER
-from ..tractometry import SIDES, TRACT_NAMES, read_profiles_tsv
+from ..clinical.prognosis import DISCLAIMER
+from ..cst import SIDES, TRACT_NAMES
+from ..io.profiles_table import read_profiles_tsv
 from .context_qc import qc_context
 from .drawing import COLORS, figure_slot
 from .figures_anatomy import plot_color_fa, plot_glass_brain, plot_tract_slices
@@ -93,7 +94,7 @@ def subject_context(*, metrics, profiles_tsv, fa_file, tract_files, mask_file=No
 
 
 def _load_profiles(profiles_tsv, notes):
-    """The profiles TSV (:func:`pipeline.tractometry.read_profiles_tsv`), {} plus a note
+    """The profiles TSV (:func:`pipeline.io.profiles_table.read_profiles_tsv`), {} plus a note
     when it is not given, missing, unreadable or incomplete."""
     if profiles_tsv is None:
         notes.append("No profiles TSV was given.")

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from ..localization import LEVELS
-from ..tractometry import SIDES
+from ..cst import SIDES
+from ..tractometry.localization import LEVELS
 from .drawing import figure_slot
 from .figures_qc import (
     plot_gradient_check,

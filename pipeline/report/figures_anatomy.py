@@ -7,8 +7,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from ..dwi import voxel_directions_to_world
-from ..tractometry import SIDES, TRACT_NAMES
+from ..cst import SIDES, TRACT_NAMES
+from ..io.dwi import voxel_directions_to_world
 from .drawing import COLORS, PEAK_COLOR, new_figure
 from .inputs import image_volume
 from .slicing import (
@@ -111,7 +111,7 @@ def world_abs_directions(v1_img):
     """|principal direction| in the world RAS frame, (X, Y, Z, 3) float32 on the V1 grid.
 
     The V1 image holds unit vectors in the voxel-axis frame (DIPY's convention);
-    :func:`pipeline.dwi.voxel_directions_to_world` maps them to world RAS+ with the
+    :func:`pipeline.io.dwi.voxel_directions_to_world` maps them to world RAS+ with the
     affine's normalised linear part, so red = left-right, green = anterior-posterior
     and blue = inferior-superior whatever the storage orientation.  The absolute
     value removes the sign ambiguity of an eigenvector (and so can be interpolated).

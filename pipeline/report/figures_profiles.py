@@ -5,7 +5,7 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..tractometry import SIDES, TRACT_NAMES
+from ..cst import SIDES, TRACT_NAMES
 from .drawing import COLORS, LEVEL_COLORS, LEVEL_SHORT, PEAK_COLOR, SEGMENT_COLOR, new_figure
 from .values import as_float
 

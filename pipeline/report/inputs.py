@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..tractometry import SIDES, TRACT_NAMES
+from ..cst import SIDES, TRACT_NAMES
 
 
 def load_image(path, what, notes):

@@ -8,10 +8,11 @@ import math
 
 from markupsafe import Markup, escape
 
-from .. import __version__, prognosis
-from ..localization import BOUNDARY_MARGIN_MM
-from ..tractometry import SIDES
-from ..uncertainty import N_BOOTSTRAP
+from .. import __version__
+from ..clinical import prognosis
+from ..cst import SIDES
+from ..tractometry.localization import BOUNDARY_MARGIN_MM
+from ..tractometry.uncertainty import N_BOOTSTRAP
 from .values import (
     as_float,
     detection_method,
@@ -92,7 +93,7 @@ def level_words(level) -> str:
 def finding_level(loc):
     """Level of the finding's peak: its atlas level, or "cerebral_peduncle /
     internal_capsule boundary" when ``levels_near_boundary`` names two levels (the peak
-    lies within :data:`pipeline.localization.BOUNDARY_MARGIN_MM` of their boundary)."""
+    lies within :data:`pipeline.tractometry.localization.BOUNDARY_MARGIN_MM` of their boundary)."""
     near = [str(level) for level in (loc.get("levels_near_boundary") or []) if level]
     return " / ".join(near) + " boundary" if len(near) >= 2 else loc.get("level")
 

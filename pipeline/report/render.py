@@ -15,7 +15,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from ..outputs import write_text
+from ..io.outputs import write_text
 from .context import subject_context
 from .drawing import draw_figures
 from .values import fmt_value
