@@ -139,13 +139,15 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
 
 @stage(outputs=("dwi",))
 def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
-    """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016).
+    """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016), in place in
+    the loaded series (:func:`pipeline.gibbs.remove_gibbs_ringing`).
 
     Returns dict of paths: ``dwi``.
     """
     img = nib.load(str(dwi_file))
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
-    corrected = gibbs.remove_gibbs_ringing(img.get_fdata(dtype=np.float32), mask, n_jobs=n_jobs)
+    corrected = gibbs.remove_gibbs_ringing(img.get_fdata(dtype=np.float32), mask, n_jobs=n_jobs,
+                                           overwrite=True)
     return {"dwi": str(outputs.save_nifti(Path(out_dir) / "dwi_degibbs.nii", corrected,
                                           img.affine))}
 
