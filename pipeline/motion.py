@@ -39,7 +39,7 @@ from .dwi import (
     voxel_frame_to_fsl_bvecs,
     world_directions_to_voxel,
 )
-from .parallel import parallel_map
+from .parallel import parallel_imap_threads
 
 MODELS = ("rigid", "affine")
 _TRANSFORMS = {"rigid": RigidTransform3D, "affine": AffineTransform3D}
@@ -64,6 +64,10 @@ MIN_STEP_MM = 0.05
 MAX_EVALUATIONS = (30, 40)
 #: Joint-histogram bins of the mutual information (DIPY's default).
 HISTOGRAM_BINS = 32
+#: Working memory of one volume's registration per voxel of the volume (bytes): the
+#: float64 volume, its smoothed head crop and its float64 resampling, and the float32
+#: result.
+MOTION_BYTES_PER_VOXEL = 32
 
 
 @dataclass
@@ -325,14 +329,23 @@ def _level(reference, affine, mask, centre, spacing_mm, initial_step_mm, max_eva
 
 def _register_into(data, indices, affine, head, levels, centre, model, n_jobs, volume_affines,
                    corrected):
-    """Register ``data[..., indices]`` in parallel; fill ``volume_affines`` and ``corrected``."""
+    """Register ``data[..., indices]`` in parallel; fill ``volume_affines`` and ``corrected``
+    as each volume finishes (so that only the volumes in flight are held twice,
+    :func:`motion_working_bytes`)."""
     # No more workers than volumes: a lone second b0 is registered without starting any.
-    results = parallel_map(_register_volume,
-                           [(data, int(i), affine, head, levels, centre, model) for i in indices],
-                           n_jobs=min(n_jobs, len(indices)), threads=True)
+    results = parallel_imap_threads(
+        _register_volume, [(data, int(i), affine, head, levels, centre, model) for i in indices],
+        n_jobs=min(n_jobs, len(indices)))
     for i, (world_affine, resampled) in zip(indices, results):
         volume_affines[i] = world_affine
         corrected[..., i] = resampled
+
+
+def motion_working_bytes(shape, *, n_workers=1):
+    """Working memory (bytes) of :func:`correct_motion` on a series of ``shape``
+    (X, Y, Z, N) beyond the series and its float32 corrected copy: the volumes in flight
+    (two per worker), each with :data:`MOTION_BYTES_PER_VOXEL` per voxel."""
+    return 2 * max(int(n_workers), 1) * MOTION_BYTES_PER_VOXEL * int(np.prod(shape[:3]))
 
 
 def _register_volume(data, index, affine, head, levels, centre, model):

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from .dwi import MIN_DIRECTIONS, count_unique_directions, fsl_bvecs_to_voxel_frame
 from .errors import InputError
-from .parallel import parallel_map
+from .parallel import parallel_imap_threads
 
 #: Shells at or below this b-value (s/mm²) feed the tensor; above it the signal is non-Gaussian.
 DTI_MAX_BVALUE = 1500.0
@@ -134,14 +134,83 @@ def check_tensor_directions(bvals, bvecs, use, *, b0_threshold, path, n_excluded
             fix="Keep the outlier volumes (--outliers report), or re-acquire the scan.")
 
 
-def _fit_tensor_slab(model, data, mask):
-    """Tensor maps of one slab: FA, MD, RD, AD and the principal eigenvector."""
-    fit = model.fit(data, mask=mask)
-    return fit.fa, fit.md, fit.rd, fit.ad, fit.evecs[..., 0]
+#: Brain voxels DIPY fits at once (``TensorModel``'s ``step``, its default).
+TENSOR_FIT_STEP = 10_000
+#: Voxels per work unit of :func:`fit_dti` when no memory budget is given (~0.2 GB at 33
+#: volumes).
+TENSOR_CHUNK_VOXELS = 200_000
+
+
+def tensor_bytes_per_voxel(n_volumes):
+    """Working memory (bytes) per brain voxel of a :func:`fit_dti` work unit of
+    ``n_volumes`` fitted volumes: its float32 signal and DIPY's floored copy (2 × 4 per
+    volume), and 128 for the fitted parameters (12 float64) and the maps derived from
+    them (measured with tracemalloc: 4 per volume + 98)."""
+    return 8 * int(n_volumes) + 128
+
+
+#: Working memory of DIPY's tensor fit per voxel and volume of one fitting step (bytes),
+#: measured with tracemalloc at 33 and 105 volumes: WLS 251 and 241 (its float64
+#: weighted design matrices), OLS 10; rounded up.
+TENSOR_STEP_BYTES_PER_SAMPLE = {"WLS": 256, "OLS": 16}
+
+
+def tensor_step_bytes(n_volumes, fit_method="WLS"):
+    """Working memory (bytes) of one DIPY fitting step of :data:`TENSOR_FIT_STEP` voxels
+    (:data:`TENSOR_STEP_BYTES_PER_SAMPLE`)."""
+    return TENSOR_FIT_STEP * int(n_volumes) * TENSOR_STEP_BYTES_PER_SAMPLE[fit_method]
+
+
+def tensor_chunk_voxels(n_volumes, *, fit_method="WLS", n_workers=1, memory_bytes=None):
+    """Brain voxels per :func:`fit_dti` work unit that fit a memory budget (the maps do not
+    depend on it: DIPY fits voxel by voxel).
+
+    Parameters
+    ----------
+    n_volumes : int
+        Volumes fitted.
+    n_workers : int
+        Work units fitted at the same time; each gets an equal share of the budget.
+    memory_bytes : int, optional
+        Memory all workers together may use beyond the series and the output maps. None:
+        :data:`TENSOR_CHUNK_VOXELS`.
+
+    Returns
+    -------
+    int
+        At most :data:`TENSOR_CHUNK_VOXELS` and at least :data:`TENSOR_FIT_STEP` (so a
+        budget below one step is exceeded, not refused).
+    """
+    if memory_bytes is None:
+        return TENSOR_CHUNK_VOXELS
+    share = memory_bytes / max(int(n_workers), 1) - tensor_step_bytes(n_volumes, fit_method)
+    fitting = int(share // tensor_bytes_per_voxel(n_volumes))
+    return int(np.clip(fitting, TENSOR_FIT_STEP, TENSOR_CHUNK_VOXELS))
+
+
+def tensor_working_bytes(n_brain_voxels, n_volumes, *, fit_method="WLS", n_workers=1,
+                         memory_bytes=None):
+    """Working memory (bytes) of :func:`fit_dti` beyond the series and its float32 output
+    maps (7 per voxel): at most ``n_workers`` work units of :func:`tensor_chunk_voxels`
+    brain voxels and one DIPY step each."""
+    chunk = min(tensor_chunk_voxels(n_volumes, fit_method=fit_method, n_workers=n_workers,
+                                    memory_bytes=memory_bytes), int(n_brain_voxels))
+    n_units = min(max(int(n_workers), 1), max(-(-int(n_brain_voxels) // max(chunk, 1)), 1))
+    return n_units * (chunk * tensor_bytes_per_voxel(n_volumes)
+                      + tensor_step_bytes(n_volumes, fit_method))
+
+
+def _fit_tensor_voxels(model, signal):
+    """Tensor maps of brain voxels (``signal``: (V, N)), float32: FA (clipped to [0, 1]),
+    MD, RD, AD and the principal eigenvector; 0 where the fit gives no number."""
+    fit = model.fit(signal)
+    maps = [np.clip(np.nan_to_num(fit.fa), 0, 1)] + [np.nan_to_num(m) for m in
+                                                    (fit.md, fit.rd, fit.ad, fit.evecs[..., 0])]
+    return [m.astype(np.float32) for m in maps]
 
 
 def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit_method="WLS",
-            n_jobs=1):
+            n_jobs=1, memory_bytes=None):
     """Fit the diffusion tensor and return its scalar maps and principal direction.
 
     Parameters
@@ -155,34 +224,45 @@ def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit
     use : bool ndarray (N,), optional
         Volumes to fit (see :func:`dti_volumes`); default all.
     n_jobs : int
-        Threads, each fitting a slab of slices with about the same number of brain
-        voxels (DIPY's fit is voxel by voxel and its batched SVDs release the GIL;
-        the maps do not depend on ``n_jobs``).
+        Threads, each fitting a work unit of brain voxels (DIPY's fit is voxel by voxel and
+        its batched SVDs release the GIL; the maps do not depend on ``n_jobs``).
+    memory_bytes : int, optional
+        Working-memory budget of the fit, which sizes its work units
+        (:func:`tensor_chunk_voxels`; the maps do not depend on it).
 
     Returns
     -------
     dict of ndarray
         ``fa`` (unitless), ``md``, ``rd``, ``ad`` (mm²/s), ``v1`` (X, Y, Z, 3)
-        principal eigenvector in the voxel frame of the image.
+        principal eigenvector in the voxel frame of the image; float32, 0 outside the mask.
+
+    Notes
+    -----
+    Each work unit copies out only its own brain voxels' signal (the volumes in
+    ``use``), when a worker asks for it, and its float32 maps are written into the
+    output as it finishes: beyond the series and the maps, at most ``n_jobs`` units are
+    in memory (:func:`tensor_working_bytes`).
     """
     use = np.ones(len(bvals), dtype=bool) if use is None else np.asarray(use, dtype=bool)
     gtab = gradient_table(np.asarray(bvals)[use],
                           bvecs=fsl_bvecs_to_voxel_frame(np.asarray(bvecs_fsl)[use], affine),
                           b0_threshold=b0_threshold)
-    model = TensorModel(gtab, fit_method=fit_method)
+    model = TensorModel(gtab, fit_method=fit_method, step=TENSOR_FIT_STEP)
     mask = np.asarray(mask, dtype=bool)
-    # Slab boundaries at equal shares of the brain voxels, counted slice by slice.
-    voxels_before = np.concatenate([[0], np.cumsum(mask.sum(axis=(0, 1)))])
-    bounds = np.unique(np.searchsorted(voxels_before, np.linspace(0, voxels_before[-1],
-                                                                  n_jobs + 1)[1:-1]))
-    bounds = bounds[(bounds > 0) & (bounds < mask.shape[2])]  # no empty slab
-    slabs = [slice(int(a), int(b))
-             for a, b in zip(np.r_[0, bounds], np.r_[bounds, mask.shape[2]])]
-    fitted = parallel_map(_fit_tensor_slab, [(model, data[:, :, z][..., use], mask[:, :, z])
-                                             for z in slabs], n_jobs=n_jobs, threads=True)
-    fa, md, rd, ad, v1 = (np.concatenate(parts, axis=2) for parts in zip(*fitted))
-    maps = {"fa": np.clip(np.nan_to_num(fa), 0, 1), "md": np.nan_to_num(md),
-            "rd": np.nan_to_num(rd), "ad": np.nan_to_num(ad)}
-    maps = {k: np.where(mask, v, 0).astype(np.float32) for k, v in maps.items()}
-    maps["v1"] = np.where(mask[..., None], np.nan_to_num(v1), 0).astype(np.float32)
+    brain = np.nonzero(mask)
+    volumes = np.flatnonzero(use)
+    chunk = tensor_chunk_voxels(len(volumes), fit_method=fit_method, n_workers=n_jobs,
+                                memory_bytes=memory_bytes)
+    # As many units as the budget needs, and at least one per worker
+    n_units = max(-(-len(brain[0]) // chunk), min(int(n_jobs), len(brain[0])), 1)
+    bounds = np.linspace(0, len(brain[0]), n_units + 1).astype(int)
+    units = [tuple(axis[a:b] for axis in brain) for a, b in zip(bounds[:-1], bounds[1:])]
+    signals = ((model, data[i[:, None], j[:, None], k[:, None], volumes])
+               for i, j, k in units)
+    maps = {name: np.zeros(mask.shape, dtype=np.float32) for name in ("fa", "md", "rd", "ad")}
+    maps["v1"] = np.zeros(mask.shape + (3,), dtype=np.float32)
+    for voxels, fitted in zip(units, parallel_imap_threads(_fit_tensor_voxels, signals,
+                                                           n_jobs=n_jobs)):
+        for name, values in zip(("fa", "md", "rd", "ad", "v1"), fitted):
+            maps[name][voxels] = values
     return maps
