@@ -273,8 +273,8 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
     keep = np.ones(len(scan.bvals), dtype=bool)
     keep[excluded] = False
     result = gradient_check.check_gradient_table(
-        data[..., keep], scan.bvals[keep], scan.bvecs_fsl[keep], scan.affine, mask,
-        b0_threshold=b0_threshold)
+        data, scan.bvals, scan.bvecs_fsl, scan.affine, mask, b0_threshold=b0_threshold,
+        volumes=keep)
     qc = {"status": "ok" if result.correction is None else "corrected",
           "correction": result.correction,
           "score_before": round(float(result.score_before), 3),
@@ -303,10 +303,14 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
 
 @stage(outputs=("fa", "md", "rd", "ad", "v1", "qc"))
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
-               b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1):
+               b0_threshold=B0_THRESHOLD, max_bvalue=preprocess.DTI_MAX_BVALUE, n_jobs=1,
+               mem_gb=None):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
 
     Uses b0 and the shells up to ``max_bvalue`` s/mm², without excluded outliers.
+    ``mem_gb``: the step's memory budget; what the series and the maps leave of it sizes
+    the fit's work units (:func:`pipeline.preprocess.tensor_chunk_voxels`; None: default
+    units). The maps do not depend on it.
     Returns dict of paths: the maps, and ``qc`` (JSON: shells and volumes used).
     """
     out_dir = Path(out_dir)
@@ -318,8 +322,13 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
     preprocess.check_tensor_directions(scan.bvals, scan.bvecs_fsl, use,
                                        b0_threshold=b0_threshold, path=dwi_file,
                                        n_excluded=len(excluded))
+    working_bytes = None
+    if mem_gb is not None:
+        resident = data.nbytes + 7 * 4 * mask.size  # the series and the float32 maps
+        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
     maps = preprocess.fit_dti(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
-                              b0_threshold=b0_threshold, use=use, n_jobs=n_jobs)
+                              b0_threshold=b0_threshold, use=use, n_jobs=n_jobs,
+                              memory_bytes=working_bytes)
     paths = {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
              for name, value in maps.items()}
     qc = {"model": "tensor (WLS)", "shells": shells, "n_volumes": int(use.sum()),
