@@ -25,8 +25,9 @@ IMAGES_PER_BATCH = 32
 #: in-plane corrections mixes a few neighbouring pixels.
 MASK_MARGIN = 4
 #: Peak working memory of :func:`_remove_ringing_2d` per pixel of its batch (bytes):
-#: 61 measured with tracemalloc (32 images of 128×128, every pixel needed), rounded up.
-GIBBS_BYTES_PER_PIXEL = 64
+#: 61 measured with tracemalloc (32 images of 128×128 or 96×96, every pixel needed),
+#: rounded up.
+GIBBS_BYTES_PER_PIXEL = 68
 
 
 @njit(cache=True, nogil=True)
@@ -148,13 +149,16 @@ def gibbs_batch_working_bytes(image_shape):
 
 def gibbs_working_bytes(shape, *, slice_axis=2, n_workers=1):
     """Working memory (bytes) of :func:`remove_gibbs_ringing` on a series of ``shape``
-    (X, Y, Z[, N]) beyond its input and output: the batches in flight (at most two per
-    worker, :func:`pipeline.parallel.parallel_imap_threads`, each with its input images),
-    and the mask grown by the margin and its slice-major copy (bool)."""
+    (X, Y, Z[, N]) beyond its input and output: the batches in flight, each with its
+    input images (one worker takes one at a time; several get two each handed out,
+    :func:`pipeline.parallel.parallel_imap_threads`), and the mask grown by the margin
+    and its slice-major copy (bool)."""
     image_shape = [n for axis, n in enumerate(shape[:3]) if axis != slice_axis]
-    batch_input = (4 + 1) * IMAGES_PER_BATCH * int(np.prod(image_shape))  # images, needed
-    in_flight = 2 * max(int(n_workers), 1)
-    return (in_flight * (gibbs_batch_working_bytes(image_shape) + batch_input)
+    # its images, where they are needed, and the corrected images until written back
+    batch_input = (4 + 1 + 4) * IMAGES_PER_BATCH * int(np.prod(image_shape))
+    n_workers = max(int(n_workers), 1)
+    handed_out = 1 if n_workers == 1 else 2 * n_workers
+    return (n_workers * gibbs_batch_working_bytes(image_shape) + handed_out * batch_input
             + 2 * int(np.prod(shape[:3])))
 
 

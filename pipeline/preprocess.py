@@ -160,22 +160,24 @@ TENSOR_CHUNK_VOXELS = 200_000
 
 def tensor_bytes_per_voxel(n_volumes):
     """Working memory (bytes) per brain voxel of a :func:`fit_dti` work unit of
-    ``n_volumes`` fitted volumes: its float32 signal and DIPY's floored copy (2 × 4 per
-    volume), and 128 for the fitted parameters (12 float64) and the maps derived from
-    them (measured with tracemalloc: 4 per volume + 98)."""
-    return 8 * int(n_volumes) + 128
+    ``n_volumes`` fitted volumes: its float32 signal (4 per volume) and, measured with
+    tracemalloc at 13–105 volumes, DIPY's floored copy, the fitted parameters (12 float64)
+    and the maps derived from them (4 per volume + 143)."""
+    return 8 * int(n_volumes) + 144
 
 
-#: Working memory of DIPY's tensor fit per voxel and volume of one fitting step (bytes),
-#: measured with tracemalloc at 33 and 105 volumes: WLS 251 and 241 (its float64
-#: weighted design matrices), OLS 10; rounded up.
-TENSOR_STEP_BYTES_PER_SAMPLE = {"WLS": 256, "OLS": 16}
+#: Working memory of one step of DIPY's tensor fit per voxel (bytes): ``a`` per volume
+#: plus ``b``, for ``(a, b)`` by fit method. WLS (its float64 weighted design matrices):
+#: 240 per volume + 560 measured with tracemalloc at 13, 33, 40 and 105 volumes, rounded
+#: up; OLS: about 10 per volume.
+TENSOR_STEP_BYTES = {"WLS": (248, 600), "OLS": (16, 600)}
 
 
-def tensor_step_bytes(n_volumes, fit_method="WLS"):
-    """Working memory (bytes) of one DIPY fitting step of :data:`TENSOR_FIT_STEP` voxels
-    (:data:`TENSOR_STEP_BYTES_PER_SAMPLE`)."""
-    return TENSOR_FIT_STEP * int(n_volumes) * TENSOR_STEP_BYTES_PER_SAMPLE[fit_method]
+def tensor_step_bytes(n_volumes, n_voxels=TENSOR_FIT_STEP, fit_method="WLS"):
+    """Working memory (bytes) of one DIPY fitting step of ``n_voxels`` voxels (at most
+    :data:`TENSOR_FIT_STEP`; :data:`TENSOR_STEP_BYTES`)."""
+    per_volume, per_voxel = TENSOR_STEP_BYTES[fit_method]
+    return min(int(n_voxels), TENSOR_FIT_STEP) * (per_volume * int(n_volumes) + per_voxel)
 
 
 def tensor_chunk_voxels(n_volumes, *, fit_method="WLS", n_workers=1, memory_bytes=None):
@@ -186,6 +188,7 @@ def tensor_chunk_voxels(n_volumes, *, fit_method="WLS", n_workers=1, memory_byte
     ----------
     n_volumes : int
         Volumes fitted.
+    fit_method : {"WLS", "OLS"}
     n_workers : int
         Work units fitted at the same time; each gets an equal share of the budget.
     memory_bytes : int, optional
@@ -200,21 +203,38 @@ def tensor_chunk_voxels(n_volumes, *, fit_method="WLS", n_workers=1, memory_byte
     """
     if memory_bytes is None:
         return TENSOR_CHUNK_VOXELS
-    share = memory_bytes / max(int(n_workers), 1) - tensor_step_bytes(n_volumes, fit_method)
+    share = memory_bytes / max(int(n_workers), 1) - tensor_step_bytes(
+        n_volumes, fit_method=fit_method)
     fitting = int(share // tensor_bytes_per_voxel(n_volumes))
     return int(np.clip(fitting, TENSOR_FIT_STEP, TENSOR_CHUNK_VOXELS))
+
+
+def tensor_work_units(n_brain_voxels, n_volumes, *, fit_method="WLS", n_workers=1,
+                      memory_bytes=None):
+    """Boundaries (indices into the brain voxels, ascending) of :func:`fit_dti`'s work
+    units: as many equal units as :func:`tensor_chunk_voxels` needs, and at least one per
+    worker."""
+    chunk = tensor_chunk_voxels(n_volumes, fit_method=fit_method, n_workers=n_workers,
+                                memory_bytes=memory_bytes)
+    n_brain_voxels = int(n_brain_voxels)
+    n_units = max(-(-n_brain_voxels // chunk), min(int(n_workers), n_brain_voxels), 1)
+    return np.linspace(0, n_brain_voxels, n_units + 1).astype(int)
 
 
 def tensor_working_bytes(n_brain_voxels, n_volumes, *, fit_method="WLS", n_workers=1,
                          memory_bytes=None):
     """Working memory (bytes) of :func:`fit_dti` beyond the series and its float32 output
-    maps (7 per voxel): at most ``n_workers`` work units of :func:`tensor_chunk_voxels`
-    brain voxels and one DIPY step each."""
-    chunk = min(tensor_chunk_voxels(n_volumes, fit_method=fit_method, n_workers=n_workers,
-                                    memory_bytes=memory_bytes), int(n_brain_voxels))
-    n_units = min(max(int(n_workers), 1), max(-(-int(n_brain_voxels) // max(chunk, 1)), 1))
-    return n_units * (chunk * tensor_bytes_per_voxel(n_volumes)
-                      + tensor_step_bytes(n_volumes, fit_method))
+    maps (7 per voxel): the brain voxels' indices (3 int64 each) and the largest work
+    unit (:func:`tensor_work_units`) with its DIPY step on each worker (several workers
+    are handed a second unit's signal each)."""
+    bounds = tensor_work_units(n_brain_voxels, n_volumes, fit_method=fit_method,
+                               n_workers=n_workers, memory_bytes=memory_bytes)
+    unit = int(np.diff(bounds).max(initial=0))
+    busy = min(max(int(n_workers), 1), len(bounds) - 1)
+    waiting = 0 if busy == 1 else busy * unit * 4 * int(n_volumes)
+    return (3 * 8 * int(n_brain_voxels) + waiting
+            + busy * (unit * tensor_bytes_per_voxel(n_volumes)
+                      + tensor_step_bytes(n_volumes, unit, fit_method)))
 
 
 def _fit_tensor_voxels(model, signal):
@@ -268,11 +288,8 @@ def fit_dti(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold, use=None, fit
     mask = np.asarray(mask, dtype=bool)
     brain = np.nonzero(mask)
     volumes = np.flatnonzero(use)
-    chunk = tensor_chunk_voxels(len(volumes), fit_method=fit_method, n_workers=n_jobs,
-                                memory_bytes=memory_bytes)
-    # As many units as the budget needs, and at least one per worker
-    n_units = max(-(-len(brain[0]) // chunk), min(int(n_jobs), len(brain[0])), 1)
-    bounds = np.linspace(0, len(brain[0]), n_units + 1).astype(int)
+    bounds = tensor_work_units(len(brain[0]), len(volumes), fit_method=fit_method,
+                               n_workers=n_jobs, memory_bytes=memory_bytes)
     units = [tuple(axis[a:b] for axis in brain) for a, b in zip(bounds[:-1], bounds[1:])]
     signals = ((model, data[i[:, None], j[:, None], k[:, None], volumes])
                for i, j, k in units)

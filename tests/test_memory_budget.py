@@ -1,0 +1,112 @@
+"""Memory budget (issue 22): stages that work in chunks give the same result as in one
+piece, and their working-memory formulas are upper bounds of what they allocate, within
+20 % (measured with tracemalloc, which sees every numpy allocation)."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table
+from dipy.reconst.dti import TensorModel
+
+from pipeline import gibbs, preprocess
+from pipeline.memory import estimated_memory_bytes, stage_peak_bytes
+
+RNG = np.random.default_rng(22)
+
+
+def _tensor_series(shape=(40, 40, 20), n_volumes=13):
+    """A synthetic single-shell series (b=1000) with noise, its gradients and a brain
+    mask of ~70 % of the grid (more voxels than one DIPY step)."""
+    bvals = np.r_[0.0, np.full(n_volumes - 1, 1000.0)]
+    bvecs = RNG.normal(size=(n_volumes, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1)[:, None]
+    bvecs[0] = 0
+    diffusivity = RNG.uniform(0.3e-3, 1.5e-3, shape + (1,))
+    data = 1000 * np.exp(-bvals * diffusivity) + RNG.normal(0, 20, shape + (n_volumes,))
+    mask = RNG.random(shape) < 0.7
+    return np.abs(data).astype(np.float32), bvals, bvecs, mask
+
+
+def _traced_peak(function, *args, **kwargs):
+    """Peak bytes allocated while ``function`` runs (beyond what existed before), on its
+    second call: the first loads Numba's compiled kernels and imports, which tracemalloc
+    would count too."""
+    function(*args, **kwargs)
+    tracemalloc.start()
+    try:
+        function(*args, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tensor_maps_do_not_depend_on_the_work_units():
+    """Work units sized from a budget, and workers, change nothing, to the bit; the maps
+    are DIPY's fit of the whole volume in one piece."""
+    data, bvals, bvecs, mask = _tensor_series()
+    assert mask.sum() > 2 * preprocess.TENSOR_FIT_STEP
+    tight = 1  # the smallest units: one DIPY step each
+    assert preprocess.tensor_chunk_voxels(13, memory_bytes=tight) == preprocess.TENSOR_FIT_STEP
+    whole = preprocess.fit_dti(data, bvals, bvecs, np.eye(4), mask, b0_threshold=50)
+    for n_jobs, budget in ((1, tight), (2, tight), (2, None)):
+        chunked = preprocess.fit_dti(data, bvals, bvecs, np.eye(4), mask, b0_threshold=50,
+                                     n_jobs=n_jobs, memory_bytes=budget)
+        for name in whole:
+            np.testing.assert_array_equal(chunked[name], whole[name])
+    # bvecs here are in the voxel frame already (identity affine, x not flipped: see
+    # pipeline.dwi.fsl_bvecs_to_voxel_frame), so compare in the frame fit_dti used
+    fit = TensorModel(gradient_table(bvals, bvecs=bvecs * [-1, 1, 1])).fit(data, mask=mask)
+    np.testing.assert_array_equal(whole["fa"][mask],
+                                  np.clip(np.nan_to_num(fit.fa), 0, 1)[mask].astype(np.float32))
+    assert not whole["fa"][~mask].any()
+
+
+def test_gibbs_batches_change_nothing():
+    """Each image is corrected on its own: batches of 32 made as the workers ask, in place
+    or into a copy, on one or two workers, equal one image at a time."""
+    data = RNG.normal(100, 10, (24, 20, 6, 7)).astype(np.float32)
+    data[6:18, 5:15] += 400  # edges that ring
+    mask = np.zeros(data.shape[:3], dtype=bool)
+    mask[8:16, 6:14, 1:5] = True
+    result = gibbs.remove_gibbs_ringing(data, mask, n_jobs=1)
+    in_place = data.copy()
+    assert gibbs.remove_gibbs_ringing(in_place, mask, n_jobs=2, overwrite=True) is in_place
+    np.testing.assert_array_equal(in_place, result)
+    grown = np.moveaxis(gibbs.binary_dilation(mask, iterations=gibbs.MASK_MARGIN), 2, 0)
+    shifts = np.linspace(*gibbs.SHIFT_RANGE, num=20, dtype=np.float32)
+    for k in np.flatnonzero(grown.any(axis=(1, 2))):
+        for volume in range(data.shape[3]):
+            alone = gibbs._remove_ringing_2d(data[None, :, :, k, volume], grown[None, k],
+                                             shifts, 3)
+            np.testing.assert_array_equal(result[:, :, k, volume], alone[0])
+
+
+@pytest.mark.parametrize("n_volumes", [13, 40])
+def test_tensor_working_memory_is_a_tight_upper_bound(n_volumes):
+    data, bvals, bvecs, mask = _tensor_series(n_volumes=n_volumes)
+    budget = 12 * 2 ** 20  # units of about one DIPY step
+    outputs = 7 * 4 * mask.size  # the float32 maps
+    measured = _traced_peak(preprocess.fit_dti, data, bvals, bvecs, np.eye(4), mask,
+                            b0_threshold=50, memory_bytes=budget) - outputs
+    estimate = preprocess.tensor_working_bytes(int(mask.sum()), n_volumes, memory_bytes=budget)
+    assert measured <= estimate <= 1.2 * measured
+
+
+def test_gibbs_working_memory_is_a_tight_upper_bound():
+    data = RNG.normal(100, 10, (96, 96, 4, 16)).astype(np.float32)
+    measured = _traced_peak(gibbs.remove_gibbs_ringing, data)
+    measured -= data.nbytes  # its output
+    estimate = gibbs.gibbs_working_bytes(data.shape)
+    assert measured <= estimate <= 1.2 * measured
+
+
+def test_the_run_estimate_is_its_largest_stage_and_its_processes():
+    shape = (96, 96, 60, 65)
+    stages = stage_peak_bytes(shape, input_itemsize=2, n_jobs=2)
+    series = 4 * np.prod(shape)
+    assert all(peak >= series for name, peak in stages.items() if name != "track_cst")
+    assert estimated_memory_bytes(shape, input_itemsize=2, n_jobs=2) > max(stages.values())
+    # a budget never raises the estimate: it only makes chunks smaller
+    assert estimated_memory_bytes(shape, input_itemsize=2, n_jobs=2, memory_bytes=2 ** 30) \
+        <= estimated_memory_bytes(shape, input_itemsize=2, n_jobs=2)
