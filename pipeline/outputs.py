@@ -117,7 +117,16 @@ def save_nifti(path, data, affine, *, reference=None, dtype=np.float32):
     pathlib.Path
         ``path``.
     """
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img = _in_space(nib.Nifti1Image(np.asarray(data, dtype=dtype), affine), affine, reference,
+                    dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def _in_space(img, affine, reference, dtype):
+    """``img`` with data type ``dtype`` on disk, its sform and qform holding ``affine`` and
+    its units set, as :func:`save_nifti` describes."""
     img.set_data_dtype(dtype)
     code, time_unit = _SCANNER_CODE, "unknown"
     if reference is not None:
@@ -128,9 +137,36 @@ def save_nifti(path, data, affine, *, reference=None, dtype=np.float32):
     img.set_sform(affine, code=code)
     img.set_qform(affine, code=code)
     img.header.set_xyzt_units(xyz="mm", t=time_unit)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    return img
+
+
+@contextmanager
+def nifti_volume_writer(path, shape, affine, *, reference=None):
+    """Write a float32 4D NIfTI (``.nii``) volume by volume, atomically.
+
+    Yields ``write(index, volume)``, which puts volume ``index`` ((X, Y, Z), cast to
+    float32) at its place in the file: NIfTI stores each volume as one block, so the
+    series is never whole in this process's memory. The file (header included) is the
+    one :func:`save_nifti` writes for the same series; it appears under ``path`` when the
+    block ends without an error.
+    """
+    dtype = np.dtype(np.float32)
+    img = _in_space(nib.Nifti1Image(np.zeros((1, 1, 1, 1), dtype=dtype), affine), affine,
+                    reference, dtype)
+    header = img.header.copy()
+    header.set_data_shape(tuple(int(n) for n in shape))
+    header.set_slope_inter(1.0, 0.0)  # as nibabel stores unscaled float data
+    volume_bytes = int(np.prod(shape[:3])) * dtype.itemsize
+    with atomic_path(path) as tmp, open(tmp, "r+b") as handle:
+        header.write_to(handle)  # sets the data offset too
+        offset = int(header.get_data_offset())
+        handle.truncate(offset + volume_bytes * int(shape[3]))
+
+        def write(index, volume):
+            block = np.asarray(volume, dtype=dtype).tobytes(order="F")
+            os.pwrite(handle.fileno(), block, offset + int(index) * volume_bytes)
+
+        yield write
 
 
 def _affine_code(header):

@@ -196,6 +196,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
                    b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Align every volume to the mean b0 and rotate its b-vector with it.
 
+    The corrected series goes to its file volume by volume, never whole in memory.
     Returns dict of paths: ``dwi``, ``bvec`` (rotated, FSL convention) and
     ``qc`` (JSON: per-volume translation mm / rotation degrees in world RAS+
     axes, framewise displacement).
@@ -203,8 +204,11 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
-    result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
-                                   b0_threshold=b0_threshold, model=model, n_jobs=n_jobs)
+    series_path = out_dir / "dwi_motion.nii"
+    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as write_volume:
+        result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                                       b0_threshold=b0_threshold, model=model, n_jobs=n_jobs,
+                                       write_volume=write_volume)
     params = np.asarray(result.parameters)
     fd = np.asarray(result.framewise_displacement)
     qc = {"model": model, "reference": "mean b0",
@@ -214,7 +218,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
           "max_translation_mm": round(float(np.abs(params[:, :3]).max()), 3),
           "max_rotation_deg": round(float(np.abs(params[:, 3:]).max()), 3),
           "mean_framewise_displacement_mm": round(float(fd.mean()), 3)}
-    return {"dwi": str(_save_series(out_dir / "dwi_motion.nii", result.data, scan)),
+    return {"dwi": str(series_path),
             "bvec": str(_write_bvecs(out_dir / "dwi_motion.bvec", result.bvecs_fsl)),
             "qc": str(outputs.write_json(out_dir / "motion_qc.json", qc))}
 
