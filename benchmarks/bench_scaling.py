@@ -49,8 +49,9 @@ SIZES = {
     "mid": (128, 150, 120, 180),
     "hcp": (145, 174, 145, 288),  # Human Connectome Project (young adult)
 }
-#: Seconds between two samples of the process tree's memory.
-SAMPLE_SECONDS = 0.2
+#: Seconds between two samples of the process tree's memory (MP-PCA's patch batches live
+#: for about a second).
+SAMPLE_SECONDS = 0.05
 
 
 def build_copy(series, shape, noise_sigma, dwi_dir, stem, *, seed=0):
@@ -95,17 +96,20 @@ def tree_rss(process):
 
 
 def run_measured(command):
-    """Run ``command``; return (exit code, wall s, peak RSS of its process tree, bytes)."""
+    """Run ``command``; return (exit code, wall s, peak RSS of its process tree in bytes,
+    the time of the peak as a Unix time)."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     watched = psutil.Process(proc.pid)
-    peak = [0]
+    peak = [0, None]
 
     def sample():
         while proc.poll() is None:
             try:
-                peak[0] = max(peak[0], tree_rss(watched))
+                rss = tree_rss(watched)
+                if rss > peak[0]:
+                    peak[:] = rss, time.time()
             except psutil.Error:
                 pass
             time.sleep(SAMPLE_SECONDS)
@@ -116,7 +120,7 @@ def run_measured(command):
     sampler.join()
     if proc.returncode:
         print(stderr[-2000:], file=sys.stderr)
-    return proc.returncode, time.perf_counter() - started, peak[0]
+    return proc.returncode, time.perf_counter() - started, *peak
 
 
 def step_seconds(out_dir, subject):
@@ -127,6 +131,23 @@ def step_seconds(out_dir, subject):
         return {row["step"].rsplit(".", 1)[-1]: float(row["seconds"])
                 for row in csv.DictReader(handle, delimiter="\t")
                 if row["outcome"] == "computed"}
+
+
+def steps_running_at(out_dir, subject, moment):
+    """The steps running at Unix time ``moment``: from the run log's times at which each
+    step finished and the step seconds, those whose span holds it."""
+    log = sorted((out_dir / f"sub-{subject}" / "log").glob("cst-report_*.log"))[-1]
+    seconds = step_seconds(out_dir, subject)
+    running = []
+    for line in log.read_text().splitlines():
+        if " step " not in line or not line.endswith(": computed"):
+            continue
+        finished = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + \
+            float("0." + line[20:23])
+        name = line.split(" step ", 1)[1].rsplit(":", 1)[0].rsplit(".", 1)[-1]
+        if finished - seconds.get(name, 0.0) - 1 <= moment <= finished + 1:
+            running.append(name)
+    return running
 
 
 def verdict(out_dir, subject):
@@ -190,7 +211,7 @@ def main(argv=None):
                    "--n-jobs", str(args.n_jobs)]
         if args.mem_gb is not None:
             command += ["--mem-gb", str(args.mem_gb)]
-        code, wall, peak = run_measured(command)
+        code, wall, peak, peak_time = run_measured(command)
         result = {"size": name, "shape": list(shape), "samples": int(np.prod(shape)),
                   "exit_code": code, "wall_s": round(wall, 1),
                   "peak_rss_gib": round(peak / 2 ** 30, 3),
@@ -200,16 +221,18 @@ def main(argv=None):
         if code == 0:
             result["verdict"] = verdict(out_dir, subject)
             result["steps_s"] = step_seconds(out_dir, subject)
+            result["peak_during"] = steps_running_at(out_dir, subject, peak_time)
         results.append(result)
         print(json.dumps(result), flush=True)
 
     done = [r for r in results if r["exit_code"] == 0]
-    print("\n| size | shape | wall s | peak RSS GiB | estimate GiB | estimate − peak | "
-          "verdict |\n|---|---|---|---|---|---|---|")
+    print("\n| size | shape | wall s | peak RSS GiB | during | estimate GiB | estimate − peak "
+          "| verdict |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['size']} | {'×'.join(map(str, r['shape']))} | {r['wall_s']} | "
-              f"{r['peak_rss_gib']} | {r['estimate_gib']} | "
-              f"{100 * r['estimate_over_peak']:+.0f} % | {r.get('verdict', 'failed')} |")
+              f"{r['peak_rss_gib']} | {', '.join(r.get('peak_during', []))} | "
+              f"{r['estimate_gib']} | {100 * r['estimate_over_peak']:+.0f} % | "
+              f"{r.get('verdict', 'failed')} |")
     if len(done) >= 2:
         samples = [r["samples"] for r in done]
         exponents = {"wall": growth_exponent(samples, [r["wall_s"] for r in done]),

@@ -17,7 +17,7 @@ from . import denoise, gibbs, motion, preprocess
 #: Resident memory of one Python process of the run with the pipeline's libraries imported
 #: (DIPY, SciPy, Numba, nibabel, Nipype): 261 MiB measured, rounded up. The run has the
 #: ``cst-report`` process and one Nipype worker per job.
-PROCESS_BYTES = 300 * 2 ** 20
+PROCESS_BYTES = 270 * 2 ** 20
 #: float32: every series, map and intermediate image of the pipeline.
 FLOAT32_BYTES = 4
 #: Per voxel of the grid, the maps the tracking step holds (FA, principal direction, mask,
