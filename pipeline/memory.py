@@ -28,8 +28,8 @@ TRACKING_BYTES_PER_VOXEL = 40 + 2 * 45 * FLOAT32_BYTES
 #: Largest share of b0 volumes in a series, for the memory estimate (which reads only the
 #: header): HCP 18 of 288, UK Biobank 5 of 105, the shared scans 1–2 of 13–65.
 MOTION_B0_FRACTION_BOUND = 0.125
-#: Largest share of the grid the CSD fit may take (brain voxels with FA ≥ 0.2 inside the
-#: CST search box: 2–5 % on the shared scans).
+#: Largest share of the grid the CSD fit, and its response estimate, may each take (brain
+#: voxels with FA ≥ 0.2 inside the CST search box: 2–5 % on the shared scans).
 FODF_FIT_FRACTION = 0.25
 
 
@@ -84,8 +84,9 @@ def stage_peak_bytes(shape, *, input_itemsize=FLOAT32_BYTES, n_jobs=1, memory_by
             grid, n_volumes, fit_method="OLS"),
         "fit_tensor": series + maps + preprocess.tensor_working_bytes(
             grid, n_volumes, n_workers=n_jobs, memory_bytes=tensor_budget),
-        # the shell's copy, and the fitted voxels' float64 signal
-        "fit_fodf": 2 * series + int(FODF_FIT_FRACTION * grid) * n_volumes * 8,
+        # the series read through its memory map: the response voxels' and the fitted
+        # voxels' signals, float32 and float64 copies
+        "fit_fodf": series + 2 * int(FODF_FIT_FRACTION * grid) * n_volumes * (4 + 8),
         "track_cst": TRACKING_BYTES_PER_VOXEL * grid,
     }
 
