@@ -9,7 +9,7 @@ import pytest
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from pipeline import gibbs, preprocess
+from pipeline import fodf, gibbs, preprocess
 from pipeline.memory import estimated_memory_bytes, stage_peak_bytes
 
 RNG = np.random.default_rng(22)
@@ -110,3 +110,21 @@ def test_the_run_estimate_is_its_largest_stage_and_its_processes():
     # a budget never raises the estimate: it only makes chunks smaller
     assert estimated_memory_bytes(shape, input_itemsize=2, n_jobs=2, memory_bytes=2 ** 30) \
         <= estimated_memory_bytes(shape, input_itemsize=2, n_jobs=2)
+
+
+def test_csd_on_chosen_volumes_equals_csd_on_their_copy():
+    """Leaving volumes out through ``volumes`` (no copy of the series) fits what a copy of
+    the kept volumes gives, to the bit."""
+    data, bvals, bvecs, mask = _tensor_series(shape=(12, 12, 6), n_volumes=31)
+    maps = preprocess.fit_dti(data, bvals, bvecs, np.eye(4), mask, b0_threshold=50)
+    keep = np.ones(len(bvals), dtype=bool)
+    keep[[4, 11]] = False
+    fit_mask = mask.copy()
+    fit_mask[:, :, 3:] = False
+    common = dict(b0_threshold=50, shell=1000, sh_order=4, fit_mask=fit_mask)
+    copied = fodf.fit_csd(data[..., keep], bvals[keep], bvecs[keep], np.eye(4), mask,
+                          maps["fa"], **common)
+    chosen = fodf.fit_csd(data, bvals, bvecs, np.eye(4), mask, maps["fa"], volumes=keep,
+                          **common)
+    np.testing.assert_array_equal(chosen[0], copied[0])
+    assert chosen[1] == copied[1]
