@@ -25,12 +25,18 @@ FLOAT32_BYTES = 4
 #: spherical-harmonic coefficients of order 8 (45 float32), with the copy of the ODF each
 #: tracking worker gets (bytes).
 TRACKING_BYTES_PER_VOXEL = 40 + 2 * 45 * FLOAT32_BYTES
+#: Memory of the report step's drawing in each of its processes (matplotlib, the figures and
+#: the maps they show), which with ``n_jobs`` ≥ 2 forks ``n_jobs`` processes of its size:
+#: calibrated on sub-philips01 with 2 jobs, where the run peaked in the report at 1.0 GiB
+#: above its three Python processes.
+REPORT_BYTES = 128 * 2 ** 20
 #: Largest share of b0 volumes in a series, for the memory estimate (which reads only the
 #: header): HCP 18 of 288, UK Biobank 5 of 105, the shared scans 1–2 of 13–65.
 MOTION_B0_FRACTION_BOUND = 0.125
-#: Largest share of the grid the CSD fit, and its response estimate, may each take (brain
-#: voxels with FA ≥ 0.2 inside the CST search box: 2–5 % on the shared scans).
-FODF_FIT_FRACTION = 0.25
+#: Largest share of the grid the CSD fit, and its response estimate, may each take: brain
+#: voxels with FA ≥ 0.2 inside the CST search box (2–5 % on the shared scans), and the
+#: single-fibre voxels (FA ≥ 0.7, fewer) or at most 3 × 10,000 tissue voxels (multi-shell).
+FODF_FIT_FRACTION = 0.1
 
 
 def series_bytes(shape):
@@ -39,8 +45,8 @@ def series_bytes(shape):
 
 
 def stage_peak_bytes(shape, *, input_itemsize=FLOAT32_BYTES, n_jobs=1, memory_bytes=None):
-    """Peak memory (bytes) of each heavy stage on a series of ``shape`` (X, Y, Z, N), beyond
-    its Python process (:data:`PROCESS_BYTES`).
+    """Peak memory (bytes) of each heavy stage (and of the report, which forks) on a series
+    of ``shape`` (X, Y, Z, N), beyond its Python process (:data:`PROCESS_BYTES`).
 
     Parameters
     ----------
@@ -88,6 +94,9 @@ def stage_peak_bytes(shape, *, input_itemsize=FLOAT32_BYTES, n_jobs=1, memory_by
         # voxels' signals, float32 and float64 copies
         "fit_fodf": series + 2 * int(FODF_FIT_FRACTION * grid) * n_volumes * (4 + 8),
         "track_cst": TRACKING_BYTES_PER_VOXEL * grid,
+        # its forked figure processes count their parent's pages again
+        "report": (0 if n_jobs < 2 else n_jobs * PROCESS_BYTES)
+        + (1 + (n_jobs if n_jobs >= 2 else 0)) * (REPORT_BYTES + 12 * FLOAT32_BYTES * grid),
     }
 
 
