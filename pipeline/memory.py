@@ -72,15 +72,19 @@ def stage_peak_bytes(shape, *, input_itemsize=FLOAT32_BYTES, n_jobs=1, memory_by
     loading = series + input_itemsize * grid * n_volumes  # the raw samples, then float32
     maps = 7 * FLOAT32_BYTES * grid  # FA, MD, RD, AD, principal direction
     radius = denoise.mppca_patch_radius(n_volumes)
-    # What the denoising step leaves the chunks: the budget less the series and the
-    # denoised box (pipeline.steps.denoise).
-    mppca_budget = None if memory_bytes is None else max(int(memory_bytes) - 2 * series, 0)
+    # What the denoising step leaves the chunks: the budget less the series
+    # (pipeline.steps.denoise).
+    mppca_budget = None if memory_bytes is None else max(int(memory_bytes) - series, 0)
+    mppca_slab = denoise.mppca_slab_thickness(shape, radius, n_workers=n_jobs,
+                                              memory_bytes=mppca_budget)
     tensor_budget = None if memory_bytes is None else max(int(memory_bytes) - series - maps, 0)
     return {
         "brain_mask": max(loading, series + maps + preprocess.tensor_working_bytes(
             grid, n_volumes, fit_method="OLS")),
-        "denoise": max(loading, 2 * series + denoise.mppca_peak_bytes(
-            shape, radius, n_workers=n_jobs, memory_bytes=mppca_budget)),
+        # and the whole planes of one denoised slab on their way to the file
+        "denoise": max(loading, series + denoise.mppca_peak_bytes(
+            shape, radius, n_workers=n_jobs, memory_bytes=mppca_budget)
+            + FLOAT32_BYTES * nx * ny * min(mppca_slab, nz) * n_volumes),
         "remove_gibbs": series + gibbs.gibbs_working_bytes(shape, n_workers=n_jobs),
         # the corrected series goes to its file volume by volume; its b0s are kept until
         # they are averaged into the reference

@@ -154,9 +154,9 @@ def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=B0
         joblib workers over volumes; the result does not depend on it.
     write_volume : callable, optional
         ``write_volume(index, volume)`` takes each corrected float32 volume as it is done
-        (e.g. :func:`pipeline.outputs.nifti_volume_writer`), so that the corrected series
-        is never whole in memory; the result's ``data`` is then None. Default: the
-        corrected series is returned as ``data``.
+        (e.g. the ``volume`` method of :func:`pipeline.outputs.nifti_volume_writer`), so
+        that the corrected series is never whole in memory; the result's ``data`` is then
+        None. Default: the corrected series is returned as ``data``.
 
     Returns
     -------

@@ -54,11 +54,6 @@ def _load_scan(dwi_file, bval_file, bvec_file, b0_threshold):
     return scan, scan.img.get_fdata(dtype=np.float32)
 
 
-def _save_series(path, data, scan):
-    # Uncompressed: these large intermediates are read once, by the next node.
-    return outputs.save_nifti(path, data, scan.affine)
-
-
 def _write_bvecs(path, bvecs_fsl):
     """FSL b-vector file (three rows)."""
     with outputs.atomic_path(path) as tmp:
@@ -100,8 +95,9 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
     ``mem_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
-    series and its denoised box stay in memory; MP-PCA's slabs and patch batches share
-    what is left (:func:`pipeline.denoise.mppca_chunks`). The result does not depend on it.
+    series stays in memory; MP-PCA's slabs and patch batches share what is left
+    (:func:`pipeline.denoise.mppca_slab_thickness`), and each denoised slab goes to the
+    output file as it finishes. The result does not depend on it.
 
     Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume,
     and ``header``: the input image's name and the warnings its header raised on loading,
@@ -111,16 +107,18 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     out_dir = Path(out_dir)
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
-    measured_b0 = preprocess.mean_b0(data, scan.b0_mask)  # before data is denoised in place
+    measured_b0 = preprocess.mean_b0(data, scan.b0_mask)
     working_bytes = None
     if mem_gb is not None:
-        resident = 2 * data.nbytes  # the series and the denoised copy of its brain box
-        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
+        working_bytes = max(int(mem_gb * 2 ** 30) - data.nbytes, 0)
     patch_radius = denoise_module.mppca_patch_radius(data.shape[-1])
-    denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
-                                                 patch_radius=patch_radius, n_jobs=n_jobs,
-                                                 memory_bytes=working_bytes, overwrite=True)
-    del data  # denoised in place
+    series_path = out_dir / "dwi_denoised.nii"
+    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as writer:
+        _, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
+                                              patch_radius=patch_radius, n_jobs=n_jobs,
+                                              memory_bytes=working_bytes, overwrite=True,
+                                              write_slices=writer.slices)
+    del data
     voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
     qc = {"method": method, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
           "mppca_patch_radius": patch_radius if method == "mppca" else None,
@@ -133,7 +131,7 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
         qc["noise_sigma_median"] = round(noise, 3)
         if noise > 0:  # SNR of the mean b0 in the brain, with the estimated noise
             qc["snr_b0"] = round(float(np.median(measured_b0[mask])) / noise, 1)
-    return {"dwi": str(_save_series(out_dir / "dwi_denoised.nii", denoised, scan)),
+    return {"dwi": str(series_path),
             "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
 
 
@@ -205,10 +203,10 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
     scan, data = _load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = _load(mask_file, dtype=np.uint8)[0] > 0
     series_path = out_dir / "dwi_motion.nii"
-    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as write_volume:
+    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as writer:
         result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
                                        b0_threshold=b0_threshold, model=model, n_jobs=n_jobs,
-                                       write_volume=write_volume)
+                                       write_volume=writer.volume)
     params = np.asarray(result.parameters)
     fd = np.asarray(result.framewise_displacement)
     qc = {"model": model, "reference": "mean b0",

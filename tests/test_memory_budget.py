@@ -9,7 +9,7 @@ import pytest
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from pipeline import fodf, gibbs, preprocess
+from pipeline import denoise, fodf, gibbs, outputs, preprocess
 from pipeline.memory import estimated_memory_bytes, stage_peak_bytes
 
 RNG = np.random.default_rng(22)
@@ -128,3 +128,37 @@ def test_csd_on_chosen_volumes_equals_csd_on_their_copy():
                           **common)
     np.testing.assert_array_equal(chosen[0], copied[0])
     assert chosen[1] == copied[1]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_mppca_written_slab_by_slab_equals_the_denoised_series(n_jobs):
+    """Denoising handed out in slabs of whole slices (never the series twice) gives the
+    series denoise_dwi returns, to the bit, and leaves the input as it was."""
+    data, bvals, _, _ = _tensor_series(shape=(20, 18, 24), n_volumes=13)
+    mask = np.zeros(data.shape[:3], dtype=bool)
+    mask[4:16, 3:15, 5:19] = True
+    expected, expected_sigma = denoise.denoise_dwi(data, mask, bvals, n_jobs=n_jobs)
+    written = np.full(data.shape, np.nan, dtype=np.float32)
+
+    def write_slices(z_start, block):
+        written[:, :, z_start:z_start + block.shape[2]] = block
+
+    measured = data.copy()
+    none, sigma = denoise.denoise_dwi(data, mask, bvals, n_jobs=n_jobs,
+                                      memory_bytes=1, write_slices=write_slices)
+    assert none is None
+    np.testing.assert_array_equal(written, expected)
+    np.testing.assert_array_equal(sigma, expected_sigma)
+    np.testing.assert_array_equal(data, measured)
+
+
+def test_nifti_written_by_blocks_is_the_file_save_nifti_writes(tmp_path):
+    affine = np.diag([1.7, -1.7, 2.5, 1.0])
+    affine[:3, 3] = [-100, 110, -60]
+    series = RNG.random((5, 6, 7, 4)).astype(np.float32)
+    outputs.save_nifti(tmp_path / "whole.nii", series, affine)
+    with outputs.nifti_volume_writer(tmp_path / "blocks.nii", series.shape, affine) as writer:
+        writer.volume(3, series[..., 3])
+        writer.slices(0, series[:, :, :4, :3])
+        writer.slices(4, series[:, :, 4:, :3])
+    assert (tmp_path / "blocks.nii").read_bytes() == (tmp_path / "whole.nii").read_bytes()
