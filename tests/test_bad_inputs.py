@@ -26,7 +26,8 @@ import pytest
 
 from pipeline.errors import EXIT_BAD_INPUT, InputError
 from pipeline.io.bids import find_dwi_runs
-from pipeline.io.dwi import available_memory_bytes, estimated_memory_bytes, load_dwi
+from pipeline.io.dwi import available_memory_bytes, load_dwi
+from pipeline.memory import estimated_memory_bytes
 
 from .conftest import SHARED_BIDS, run_cst_report
 
@@ -426,14 +427,17 @@ def test_debug_shows_the_traceback_of_a_refusal(dataset, tmp_path):
 
 
 def test_memory_estimate_refuses_before_reading_voxels(dataset):
-    needed = estimated_memory_bytes((64, 64, 40, 13))
-    assert needed == 64 * 64 * 40 * 13 * 4 * 6
+    itemsize = nib.load(str(dataset.image)).get_data_dtype().itemsize
+    needed = estimated_memory_bytes((64, 64, 40, 13), input_itemsize=itemsize,
+                                    memory_bytes=2 ** 30)
+    assert needed == estimated_memory_bytes((64, 64, 40, 13), input_itemsize=itemsize,
+                                            memory_bytes=needed - 1)  # chunks not at their limit
     with pytest.raises(InputError) as info:
         load_dwi(dataset.image, dataset.bval, dataset.bvec, memory_limit_bytes=needed - 1)
     err = info.value
     assert err.exit_code == EXIT_BAD_INPUT
     assert err.path == dataset.image
-    assert "needs about 0.05 GiB but only 0.05 GiB are available" in err.message
+    assert f"needs about {needed / 2 ** 30:.2f} GiB but only" in err.message
     assert "more memory" in err.fix and "crop" in err.fix
     # refused from the header alone: even a truncated image gets the memory message
     dataset.image.write_bytes(dataset.image.read_bytes()[:4096])

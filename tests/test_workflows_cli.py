@@ -14,7 +14,7 @@ from nipype.pipeline import engine as pe
 from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
 from pipeline.io.bids import find_dwi_runs
 from pipeline.stage import stage
-from workflows.base import init_single_subject_wf, stage_node
+from workflows.base import init_single_subject_wf, stage_node, steps_mem_gb
 from workflows.cli import (
     _Progress,
     bids_app_parser,
@@ -137,7 +137,10 @@ def test_execution_settings_do_not_enter_the_cache_keys(two_run_bids, tmp_path):
     denoise = "sub_01_dir_AP_wf.dwi_preproc_wf.dwi_denoise_wf_0.denoise"
     assert one.get_node(denoise).n_procs == 1 and three.get_node(denoise).n_procs == 3
     assert three.get_node(denoise).inputs.n_jobs == 3  # and the step gets the value
-    assert three.get_node(denoise).mem_gb == 5 and three.get_node(denoise).inputs.mem_gb == 5
+    assert three.get_node(denoise).inputs.mem_gb == 5  # the budget its chunks come from
+    # what it declares: its estimated peak (pipeline.memory), with 3 workers and that budget
+    assert three.get_node(denoise).mem_gb == steps_mem_gb(runs[:1], n_jobs=3, mem_gb=5)[
+        "denoise"] > one.get_node(denoise).mem_gb
     assert three.get_node("sub_01_dir_AP_wf.assess").inputs.execution == {
         "n_jobs": 3, "mem_gb": 5, "dask_scheduler": "tcp://h:8786"}
 

@@ -2,6 +2,8 @@
 
 import inspect
 
+import nibabel as nib
+from nibabel.filebasedimages import ImageFileError
 from nipype.interfaces import utility as niu
 from nipype.interfaces.base import traits
 from nipype.interfaces.utility.wrappers import FunctionInputSpec
@@ -9,6 +11,7 @@ from nipype.pipeline import engine as pe
 
 from pipeline import steps
 from pipeline.io.dwi import B0_THRESHOLD
+from pipeline.memory import PROCESS_BYTES, stage_peak_bytes
 from pipeline.reconstruction.tensor import DTI_MAX_BVALUE
 
 from .execution import EXECUTION_SETTINGS, split_parameters
@@ -118,8 +121,44 @@ def stage_node(step, name, *, inputs=None, **kwargs):
     return node
 
 
+def steps_mem_gb(runs, *, n_jobs, mem_gb=None):
+    """Memory (GiB) each heavy step of ``runs`` declares to the scheduler (the node's
+    ``mem_gb``, by which MultiProc and SLURM place it): its process and its peak
+    (:func:`pipeline.memory.stage_peak_bytes`) on the runs' series, read from the
+    headers; combined runs count as one series with all their volumes.
+
+    Parameters
+    ----------
+    runs : list of pipeline.bids.DwiRun
+    n_jobs : int
+    mem_gb : float, optional
+        The run's memory budget (GiB), which sizes the chunks of some steps.
+
+    Returns
+    -------
+    dict or None
+        Stage name -> GiB; None when a header cannot be read (a graph built from
+        placeholder files: its steps declare Nipype's default, and a run checks its
+        inputs before it builds the graph).
+    """
+    try:
+        images = [nib.load(str(run.dwi)) for run in runs]
+    except (OSError, ImageFileError):
+        return None
+    shape = (*images[0].shape[:3], sum(img.shape[3] for img in images))
+    peaks = stage_peak_bytes(shape, n_jobs=n_jobs,
+                             input_itemsize=max(img.get_data_dtype().itemsize for img in images),
+                             memory_bytes=None if mem_gb is None else int(mem_gb * 2 ** 30))
+    return {stage: (PROCESS_BYTES + peak) / 2 ** 30 for stage, peak in peaks.items()}
+
+
+def _declared(steps_memory, stage):
+    """The ``mem_gb`` keyword of ``stage``'s node (none: Nipype's default)."""
+    return {} if steps_memory is None else {"mem_gb": steps_memory[stage]}
+
+
 def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
-                        name="dwi_denoise_wf"):
+                        steps_memory=None, name="dwi_denoise_wf"):
     """Brain mask, denoising and Gibbs-ringing removal of one run, on its own grid.
 
     Parameters
@@ -132,8 +171,10 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
     n_jobs : int
         Workers for denoising and Gibbs removal.
     mem_gb : float, optional
-        Memory budget (GiB) of the denoising step, which sizes its chunks from it and
-        declares it to the scheduler (None: default chunks).
+        Memory budget (GiB) of the denoising step, which sizes its chunks from it (None:
+        default chunks).
+    steps_memory : dict, optional
+        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
 
     Inputs
     ------
@@ -148,11 +189,12 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["dwi", "b0", "mask", "denoise_qc"]),
                          name="outputnode")
-    mask = stage_node(steps.brain_mask, "brain_mask", inputs={"b0_threshold": b0_threshold})
+    mask = stage_node(steps.brain_mask, "brain_mask", inputs={"b0_threshold": b0_threshold},
+                      **_declared(steps_memory, "brain_mask"))
     noise = stage_node(steps.denoise, "denoise", n_procs=n_jobs,
                        inputs={"method": denoise, "b0_threshold": b0_threshold,
                                "n_jobs": n_jobs, "mem_gb": mem_gb},
-                       **({} if mem_gb is None else {"mem_gb": mem_gb}))
+                       **_declared(steps_memory, "denoise"))
     files = [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]
     wf.connect([
         (inputnode, mask, files),
@@ -163,7 +205,7 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
     ])
     if gibbs:
         ringing = stage_node(steps.remove_gibbs, "remove_gibbs", n_procs=n_jobs,
-                             inputs={"n_jobs": n_jobs})
+                             inputs={"n_jobs": n_jobs}, **_declared(steps_memory, "remove_gibbs"))
         wf.connect([(noise, ringing, [("dwi", "dwi_file")]),
                     (mask, ringing, [("mask", "mask_file")]),
                     (ringing, outputnode, [("dwi", "dwi")])])
@@ -173,7 +215,7 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
 
 
 def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_max_bvalue,
-                        n_jobs, name="dwi_correct_wf"):
+                        n_jobs, mem_gb=None, steps_memory=None, name="dwi_correct_wf"):
     """Motion/eddy correction, outlier volumes, the tensor fit and the gradient check.
 
     Parameters
@@ -189,7 +231,11 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     dti_max_bvalue : float
         Highest shell (s/mm²) the tensor fit uses.
     n_jobs : int
-        Workers for motion correction.
+        Workers for motion correction and the tensor fit.
+    mem_gb : float, optional
+        Memory budget (GiB) of the tensor fit, which sizes its chunks from it.
+    steps_memory : dict, optional
+        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
 
     Inputs
     ------
@@ -214,17 +260,19 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     flag = stage_node(steps.detect_outliers, "detect_outliers",
                       inputs={"b0_threshold": b0_threshold, "action": outliers})
     check = stage_node(steps.check_gradients, "check_gradients",
-                       inputs={"mode": gradient_check, "b0_threshold": b0_threshold})
+                       inputs={"mode": gradient_check, "b0_threshold": b0_threshold},
+                       **_declared(steps_memory, "check_gradients"))
     fit = stage_node(steps.fit_tensor, "fit_tensor", n_procs=n_jobs,
                      inputs={"b0_threshold": b0_threshold, "max_bvalue": dti_max_bvalue,
-                             "n_jobs": n_jobs})
+                             "n_jobs": n_jobs, "mem_gb": mem_gb},
+                     **_declared(steps_memory, "fit_tensor"))
     collect = stage_node(steps.collect_preprocessing_qc, "preprocessing_qc")
     # The series and its b-vectors as they leave motion correction (or skip it).
     series, series_field, bvecs, bvec_field = inputnode, "dwi_file", inputnode, "bvec_file"
     if motion != "none":
         realign = stage_node(steps.correct_motion, "correct_motion", n_procs=n_jobs,
                              inputs={"model": motion, "b0_threshold": b0_threshold,
-                                     "n_jobs": n_jobs})
+                                     "n_jobs": n_jobs}, **_declared(steps_memory, "correct_motion"))
         wf.connect([(inputnode, realign, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
                                           ("bvec_file", "bvec_file"), ("mask", "mask_file")]),
                     (realign, flag, [("qc", "motion_qc_file")]),
@@ -283,7 +331,8 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     parameters : dict
         The run configuration (``preprocessing`` section and ``n_jobs``).
     mem_gb : float, optional
-        The run's memory budget (GiB) for the denoising steps (None: default chunks).
+        The run's memory budget (GiB): the denoising steps and the tensor fit size their
+        chunks from it (None: default chunks).
 
     Outputs
     -------
@@ -294,15 +343,17 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["mask", "fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec",
                 "outliers_qc"]), name="outputnode")
+    steps_memory = steps_mem_gb(runs, n_jobs=n_jobs, mem_gb=mem_gb)
     correct_wf = init_dwi_correct_wf(
         b0_threshold=pre["b0_threshold"], motion=pre["motion"], outliers=pre["outliers"],
         gradient_check=pre["gradient_check"], dti_max_bvalue=pre["dti_max_bvalue"],
-        n_jobs=n_jobs)
+        n_jobs=n_jobs, mem_gb=mem_gb, steps_memory=steps_memory)
     denoise_wfs = []
     for index, run in enumerate(runs):
         denoise_wf = init_dwi_denoise_wf(b0_threshold=pre["b0_threshold"],
                                          denoise=pre["denoise"], gibbs=pre["gibbs"],
                                          n_jobs=n_jobs, mem_gb=mem_gb,
+                                         steps_memory=steps_memory,
                                          name=f"dwi_denoise_wf_{index}")
         denoise_wf.inputs.inputnode.dwi_file = str(run.dwi)
         denoise_wf.inputs.inputnode.bval_file = str(run.bval)
@@ -342,7 +393,7 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
 
 
 def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_threshold=B0_THRESHOLD,
-                dti_max_bvalue=DTI_MAX_BVALUE, name="cst_wf"):
+                dti_max_bvalue=DTI_MAX_BVALUE, steps_memory=None, name="cst_wf"):
     """Template registration, the tracking model, CST tracking and 100-node tract profiles.
 
     Parameters
@@ -367,6 +418,8 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         b-values (s/mm²) at or below this are b0 (for the CSD fit and the bootstrap).
     dti_max_bvalue : float
         The tensor's highest shell (s/mm²), for the bootstrap of the tensor fit.
+    steps_memory : dict, optional
+        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
 
     Inputs
     ------
@@ -391,8 +444,9 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     fodf = stage_node(steps.fit_fodf, "fit_fodf", n_procs=n_jobs,
                       inputs={"model": tracking.get("model", "dti"),
                               "fa_stop": tracking.get("fa_stop", 0.2),
-                              "b0_threshold": b0_threshold, "n_jobs": n_jobs})
-    track = stage_node(steps.track_cst, "track_cst",
+                              "b0_threshold": b0_threshold, "n_jobs": n_jobs},
+                      **_declared(steps_memory, "fit_fodf"))
+    track = stage_node(steps.track_cst, "track_cst", **_declared(steps_memory, "track_cst"),
                        n_procs=1 if dask_scheduler else n_jobs,  # Dask workers do the tracking
                        inputs={**{k: v for k, v in tracking.items() if k != "model"},
                                "n_jobs": n_jobs, "seed": seed,
@@ -449,14 +503,16 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
     written : list of the derivative files
     """
     wf = pe.Workflow(name=name or f"{run.stem.replace('-', '_')}_wf")
-    preproc_wf = init_dwi_preproc_wf(list(getattr(run, "runs", [run])), parameters=parameters,
-                                     mem_gb=mem_gb)
+    runs = list(getattr(run, "runs", [run]))
+    preproc_wf = init_dwi_preproc_wf(runs, parameters=parameters, mem_gb=mem_gb)
     cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
                          n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"],
                          dask_scheduler=parameters.get("dask_scheduler"),
                          b0_threshold=parameters["preprocessing"]["b0_threshold"],
-                         dti_max_bvalue=parameters["preprocessing"]["dti_max_bvalue"])
+                         dti_max_bvalue=parameters["preprocessing"]["dti_max_bvalue"],
+                         steps_memory=steps_mem_gb(runs, n_jobs=parameters["n_jobs"],
+                                                   mem_gb=mem_gb))
 
     source_files = [str(path) for path in run.source_files]
     # Only the settings that decide the results may invalidate the cached assessment.

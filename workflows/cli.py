@@ -120,7 +120,8 @@ def run_subject(subject, bids_dir, out_dir, *, work_dir, parameters, debug=False
     for run in runs:  # every input is checked before any work starts
         load_dwi(run.dwi, run.bval, run.bvec,
                  b0_threshold=parameters["preprocessing"]["b0_threshold"],
-                 memory_limit_bytes=None if budget is None else int(budget * 2 ** 30))
+                 memory_limit_bytes=None if budget is None else int(budget * 2 ** 30),
+                 n_jobs=parameters["n_jobs"])
     clinical = read_clinical_scores(bids_dir, runs[0].subject)
     if parameters["preprocessing"]["combine_runs"]:
         runs = combine_by_session(runs)

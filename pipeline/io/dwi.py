@@ -31,8 +31,6 @@ MIN_DIRECTIONS = 6
 MIN_VOXEL_MM, MAX_VOXEL_MM = 0.3, 10.0
 #: Largest plausible b-value (s/mm²); larger ones are in the wrong unit.
 MAX_BVALUE = 50000.0
-#: Float32 copies of the 4D series the pipeline holds at its peak (for the memory estimate).
-WORKING_COPIES = 6
 #: Largest difference (mm) tolerated between the sform's and the qform's origins, and between
 #: the header's voxel size (pixdim) and the affine's: both are stored as float32, exact to
 #: about 1e-5 mm over a head-sized field of view, so anything larger was written differently.
@@ -175,11 +173,6 @@ def available_memory_bytes():
         except (OSError, ValueError):
             continue
     return min(known) if known else None
-
-
-def estimated_memory_bytes(shape):
-    """Peak memory the pipeline needs for a 4D series of ``shape`` (float32 working copies)."""
-    return int(np.prod([int(n) for n in shape], dtype=np.float64)) * 4 * WORKING_COPIES
 
 
 def _gib(n_bytes):
@@ -406,7 +399,7 @@ def check_header(img, dwi_path):
 
 
 def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=B0_THRESHOLD, check_data=True,
-             memory_limit_bytes=None):
+             memory_limit_bytes=None, n_jobs=1):
     """Load a DWI run and check everything a tensor fit and tracking rely on.
 
     Parameters
@@ -423,10 +416,13 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=B0_THRESHOLD, check
     memory_limit_bytes : int, optional
         Memory the run may use; default: what the machine has available now
         (``MemAvailable``, capped by a cgroup limit).  The estimate (see
-        :func:`estimated_memory_bytes`) is checked from the header, before any
+        :func:`pipeline.memory.estimated_memory_bytes`, for ``n_jobs`` workers and
+        this budget) is checked from the header, before any
         voxel is read, when ``check_data`` is true or a limit is given (the
         pipeline's own reloads, ``check_data=False``, do not repeat it while
         other steps hold memory).
+    n_jobs : int
+        Workers of the run's steps (for the estimate).
 
     Returns
     -------
@@ -445,9 +441,13 @@ def load_dwi(dwi_path, bval_path, bvec_path, *, b0_threshold=B0_THRESHOLD, check
     if img.shape[3] < 2:
         raise InputError(f"The diffusion series has {img.shape[3]} volume(s).", path=dwi_path,
                          fix="Pass the whole DWI series (b0 and diffusion-weighted volumes).")
-    needed = estimated_memory_bytes(img.shape)
+    # Imported here: pipeline.memory imports the stage modules, which import this one.
+    from ..memory import estimated_memory_bytes
+
     available = (memory_limit_bytes if memory_limit_bytes is not None else
                  available_memory_bytes() if check_data else None)
+    needed = estimated_memory_bytes(img.shape, input_itemsize=img.get_data_dtype().itemsize,
+                                    n_jobs=n_jobs, memory_bytes=available)
     if available is not None and needed > available:
         raise InputError(
             f"Processing this image (grid {tuple(img.shape)}) needs about {_gib(needed)} but only "

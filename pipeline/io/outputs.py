@@ -117,7 +117,16 @@ def save_nifti(path, data, affine, *, reference=None, dtype=np.float32):
     pathlib.Path
         ``path``.
     """
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img = _in_space(nib.Nifti1Image(np.asarray(data, dtype=dtype), affine), affine, reference,
+                    dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def _in_space(img, affine, reference, dtype):
+    """``img`` with data type ``dtype`` on disk, its sform and qform holding ``affine`` and
+    its units set, as :func:`save_nifti` describes."""
     img.set_data_dtype(dtype)
     code, time_unit = _SCANNER_CODE, "unknown"
     if reference is not None:
@@ -128,9 +137,54 @@ def save_nifti(path, data, affine, *, reference=None, dtype=np.float32):
     img.set_sform(affine, code=code)
     img.set_qform(affine, code=code)
     img.header.set_xyzt_units(xyz="mm", t=time_unit)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    return img
+
+
+class _NiftiBlocks:
+    """Writes blocks of a float32 4D NIfTI's data in place in its open file
+    (:func:`nifti_volume_writer`)."""
+
+    def __init__(self, handle, offset, shape):
+        self.handle, self.offset, self.shape = handle, offset, tuple(int(n) for n in shape)
+        self.slice_bytes = self.shape[0] * self.shape[1] * 4
+        self.volume_bytes = self.slice_bytes * self.shape[2]
+
+    def volume(self, index, volume):
+        """Volume ``index`` (X, Y, Z)."""
+        self.slices(0, np.asarray(volume)[..., None], first_volume=int(index))
+
+    def slices(self, z_start, block, *, first_volume=0):
+        """Slices ``z_start`` … of the volumes ``first_volume`` … (``block``: (X, Y, t, n)):
+        one contiguous piece of the file per volume."""
+        block = np.asarray(block, dtype=np.float32)
+        for v in range(block.shape[3]):
+            os.pwrite(self.handle.fileno(), block[..., v].tobytes(order="F"),
+                      self.offset + (first_volume + v) * self.volume_bytes
+                      + int(z_start) * self.slice_bytes)
+
+
+@contextmanager
+def nifti_volume_writer(path, shape, affine, *, reference=None):
+    """Write a float32 4D NIfTI (``.nii``) block by block, atomically.
+
+    Yields a writer whose ``volume(index, volume)`` puts a volume (X, Y, Z) and whose
+    ``slices(z_start, block)`` puts whole slices of every volume ((X, Y, t, N)) at their
+    place in the file: NIfTI stores each volume as one block and each slice of it as one
+    piece, so the series is never whole in this process's memory. The file (header
+    included) is the one :func:`save_nifti` writes for the same series; it appears under
+    ``path`` when the block ends without an error.
+    """
+    dtype = np.dtype(np.float32)
+    img = _in_space(nib.Nifti1Image(np.zeros((1, 1, 1, 1), dtype=dtype), affine), affine,
+                    reference, dtype)
+    header = img.header.copy()
+    header.set_data_shape(tuple(int(n) for n in shape))
+    header.set_slope_inter(1.0, 0.0)  # as nibabel stores unscaled float data
+    with atomic_path(path) as tmp, open(tmp, "r+b") as handle:
+        header.write_to(handle)  # sets the data offset too
+        writer = _NiftiBlocks(handle, int(header.get_data_offset()), shape)
+        handle.truncate(writer.offset + writer.volume_bytes * int(shape[3]))
+        yield writer
 
 
 def _affine_code(header):

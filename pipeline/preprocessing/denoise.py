@@ -246,6 +246,22 @@ def mppca(data, mask, *, patch_radius=2, patch_stride=1, slab_thickness=SLAB_THI
     sigma : float32 ndarray (X, Y, Z)
         Noise standard deviation (signal units).
     """
+    denoised = np.empty(data.shape, dtype=np.float32)
+    sigma = np.empty(data.shape[:3], dtype=np.float32)
+    for slices, slab_denoised, slab_sigma in mppca_slabs(
+            data, mask, patch_radius=patch_radius, patch_stride=patch_stride,
+            slab_thickness=slab_thickness, patch_batch=patch_batch, n_jobs=n_jobs):
+        denoised[:, :, slices] = slab_denoised
+        sigma[:, :, slices] = slab_sigma
+    return denoised, sigma
+
+
+def mppca_slabs(data, mask, *, patch_radius=2, patch_stride=1, slab_thickness=SLAB_THICKNESS,
+                patch_batch=None, n_jobs=1):
+    """:func:`mppca` slab by slab: yields ``(slices, denoised, sigma)`` for each slab of
+    slices along the third axis as it finishes (in no particular order), so that the
+    caller can store it and let it go. ``data`` is only read. Parameters as :func:`mppca`.
+    """
     if patch_batch is None:
         patch_batch = mppca_patch_batch(data.shape[-1], patch_radius)
     pad = 2 * patch_radius
@@ -261,13 +277,9 @@ def mppca(data, mask, *, patch_radius=2, patch_stride=1, slab_thickness=SLAB_THI
     # worker processes, 8.7 s serial). Each slab's result is stored as it arrives, so only
     # a few slabs' working arrays are alive at once.
     results = parallel_imap_threads(_mppca_block, jobs, n_jobs=n_jobs)
-    denoised = np.empty(data.shape, dtype=np.float32)
-    sigma = np.empty(data.shape[:3], dtype=np.float32)
     for i, (d, s) in zip(order, results):
         (a, b), (lo, _) = cores[i], spans[i]
-        denoised[:, :, a:b] = d[:, :, a - lo:b - lo]
-        sigma[:, :, a:b] = s[:, :, a - lo:b - lo]
-    return denoised, sigma
+        yield slice(a, b), d[:, :, a - lo:b - lo], s[:, :, a - lo:b - lo]
 
 
 def patch2self(data, bvals):
@@ -294,9 +306,17 @@ def patch2self(data, bvals):
     return denoised
 
 
+def _denoised_slice(estimate, measured, mask):
+    """One slice (X, Y, N) of the denoised series: ``estimate`` clipped at 0 inside
+    ``mask`` (X, Y), the ``measured`` signal outside it and where no patch reached
+    (``estimate`` NaN, at the edge of the box)."""
+    estimate = np.where(np.isfinite(estimate), estimate, measured)
+    return np.where(mask[:, :, None], np.clip(estimate, 0, None), measured)
+
+
 def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=None,
                 patch_stride=PIPELINE_PATCH_STRIDE, n_jobs=1, memory_bytes=None,
-                overwrite=False):
+                overwrite=False, write_slices=None):
     """Denoise a 4D DWI series inside the brain mask.
 
     Parameters
@@ -318,39 +338,80 @@ def denoise_dwi(data, mask, bvals, *, method="mppca", patch_radius=None,
     overwrite : bool
         Denoise a float32 ``data`` in place (saves a copy of the series; the caller
         no longer has the measured signal).
+    write_slices : callable, optional
+        ``write_slices(z_start, block)`` takes the denoised series in blocks of whole
+        slices (float32 (X, Y, t, N), slices ``z_start`` …), e.g. the ``slices`` method
+        of :func:`pipeline.io.outputs.nifti_volume_writer`; ``denoised`` is then None. With
+        MP-PCA, ``data`` is only read and each slab goes as it finishes, so that the
+        series is never held twice.
 
     Returns
     -------
-    denoised : float32 ndarray, same shape as ``data``
+    denoised : float32 ndarray, same shape as ``data``, or None (``write_slices``)
     noise_sigma : float32 ndarray (X, Y, Z) or None
         Noise standard deviation (signal units): MP-PCA's estimate, or for
         Patch2Self the standard deviation of what it removed; None for "none".
     """
     if method not in DENOISE_METHODS:
         raise ValueError(f"unknown denoising method {method!r}; use one of {DENOISE_METHODS}")
+    if write_slices is not None and method == "mppca":
+        return None, _denoise_mppca_by_slabs(
+            np.asarray(data, dtype=np.float32), mask, write_slices, patch_radius=patch_radius,
+            patch_stride=patch_stride, n_jobs=n_jobs, memory_bytes=memory_bytes)
     in_place = overwrite and data.dtype == np.float32
     out = data if in_place else np.array(data, dtype=np.float32, copy=True)
-    if method == "none":
-        return out, None
+    sigma = None
+    if method != "none":
+        box = mask_bounding_box(mask)
+        measured = out[box]  # a view: the result is written back into it
+        sigma = np.zeros(mask.shape, dtype=np.float32)
+        if method == "mppca":
+            if patch_radius is None:
+                patch_radius = mppca_patch_radius(data.shape[-1])
+            slab = mppca_slab_thickness(measured.shape, patch_radius, n_workers=n_jobs,
+                                        memory_bytes=memory_bytes)
+            den, box_sigma = mppca(measured, mask[box], patch_radius=patch_radius,
+                                   patch_stride=patch_stride, slab_thickness=slab,
+                                   n_jobs=n_jobs)
+            sigma[box] = np.nan_to_num(box_sigma)
+        else:
+            den = patch2self(measured, bvals)
+            sigma[box] = np.std(measured - den, axis=-1)
+        # slice by slice, so that the temporaries stay small
+        box_mask = mask[box]
+        for k in range(measured.shape[2]):
+            measured[:, :, k] = _denoised_slice(den[:, :, k], measured[:, :, k],
+                                                box_mask[:, :, k])
+    if write_slices is None:
+        return out, sigma
+    write_slices(0, out)
+    return None, sigma
+
+
+def _denoise_mppca_by_slabs(data, mask, write_slices, *, patch_radius, patch_stride, n_jobs,
+                            memory_bytes):
+    """:func:`denoise_dwi`'s MP-PCA, each slab of the brain box handed to ``write_slices``
+    with the whole planes of its slices as it finishes; the slices outside the box as
+    measured. Returns the noise map."""
     box = mask_bounding_box(mask)
-    measured = out[box]  # a view: the result is written back into it
-    sigma = np.zeros(mask.shape, dtype=np.float32)
-    if method == "mppca":
-        if patch_radius is None:
-            patch_radius = mppca_patch_radius(data.shape[-1])
-        slab = mppca_slab_thickness(measured.shape, patch_radius, n_workers=n_jobs,
-                                    memory_bytes=memory_bytes)
-        den, box_sigma = mppca(measured, mask[box], patch_radius=patch_radius,
-                               patch_stride=patch_stride, slab_thickness=slab, n_jobs=n_jobs)
-        sigma[box] = np.nan_to_num(box_sigma)
-    else:
-        den = patch2self(measured, bvals)
-        sigma[box] = np.std(measured - den, axis=-1)
-    # Keep the measured signal where no patch reached (the edge of the box), and outside
-    # the mask; slice by slice, so that the temporaries stay small.
+    measured = data[box]  # a view, only read
     box_mask = mask[box]
-    for k in range(measured.shape[2]):
-        estimate = np.where(np.isfinite(den[:, :, k]), den[:, :, k], measured[:, :, k])
-        measured[:, :, k] = np.where(box_mask[:, :, k, None], np.clip(estimate, 0, None),
-                                     measured[:, :, k])
-    return out, sigma
+    if patch_radius is None:
+        patch_radius = mppca_patch_radius(data.shape[-1])
+    slab = mppca_slab_thickness(measured.shape, patch_radius, n_workers=n_jobs,
+                                memory_bytes=memory_bytes)
+    first, last = box[2].start, box[2].stop
+    for z in [*range(first), *range(last, data.shape[2])]:
+        write_slices(z, data[:, :, z:z + 1])
+    sigma = np.zeros(mask.shape, dtype=np.float32)
+    for slices, den, box_sigma in mppca_slabs(measured, box_mask, patch_radius=patch_radius,
+                                              patch_stride=patch_stride, slab_thickness=slab,
+                                              n_jobs=n_jobs):
+        block = np.array(data[:, :, first + slices.start:first + slices.stop])
+        in_box = block[box[0], box[1]]  # a view into the block
+        for k in range(in_box.shape[2]):
+            in_box[:, :, k] = _denoised_slice(den[:, :, k], in_box[:, :, k],
+                                              box_mask[:, :, slices.start + k])
+        write_slices(first + slices.start, block)
+        sigma[box][:, :, slices] = np.nan_to_num(box_sigma)
+    return sigma

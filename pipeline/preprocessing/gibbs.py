@@ -15,7 +15,7 @@ from dipy.denoise.gibbs import _weights
 from numba import njit
 from scipy.ndimage import binary_dilation
 
-from ..parallel import parallel_map
+from ..parallel import parallel_imap_threads
 
 #: DIPY samples sub-voxel shifts 0.02–0.9 (in voxels) in each direction.
 SHIFT_RANGE = (0.02, 0.9)
@@ -24,6 +24,10 @@ IMAGES_PER_BATCH = 32
 #: Voxels around the mask whose rows are corrected too: the recombination of the two
 #: in-plane corrections mixes a few neighbouring pixels.
 MASK_MARGIN = 4
+#: Peak working memory of :func:`_remove_ringing_2d` per pixel of its batch (bytes):
+#: 61 measured with tracemalloc (32 images of 128×128 or 96×96, every pixel needed),
+#: rounded up.
+GIBBS_BYTES_PER_PIXEL = 68
 
 
 @njit(cache=True, nogil=True)
@@ -131,8 +135,50 @@ def _remove_ringing_2d(images, needed, shifts, n_points):
     return np.abs(scipy.fft.ifft2(combined, axes=axes)).astype(np.float32)
 
 
+def gibbs_batch_working_bytes(image_shape):
+    """Working memory (bytes) of one batch of :data:`IMAGES_PER_BATCH` images of
+    ``image_shape`` (a, b) in :func:`_remove_ringing_2d`, every pixel needed.
+
+    :data:`GIBBS_BYTES_PER_PIXEL` per pixel: the largest of the moments in it are the 1D
+    corrections (the rows' complex64 spectrum, a shifted spectrum and its inverse, the
+    best values and shifts of both signs) and the recombination (the two images'
+    spectra, weighted in complex128).
+    """
+    return GIBBS_BYTES_PER_PIXEL * IMAGES_PER_BATCH * int(np.prod(image_shape))
+
+
+def gibbs_working_bytes(shape, *, slice_axis=2, n_workers=1):
+    """Working memory (bytes) of :func:`remove_gibbs_ringing` on a series of ``shape``
+    (X, Y, Z[, N]) beyond its input and output: the batches in flight, each with its
+    input images (one worker takes one at a time; several get two each handed out,
+    :func:`pipeline.parallel.parallel_imap_threads`), and the mask grown by the margin
+    and its slice-major copy (bool)."""
+    image_shape = [n for axis, n in enumerate(shape[:3]) if axis != slice_axis]
+    # its images, where they are needed, and the corrected images until written back
+    batch_input = (4 + 1 + 4) * IMAGES_PER_BATCH * int(np.prod(image_shape))
+    n_workers = max(int(n_workers), 1)
+    handed_out = 1 if n_workers == 1 else 2 * n_workers
+    return (n_workers * gibbs_batch_working_bytes(image_shape) + handed_out * batch_input
+            + 2 * int(np.prod(shape[:3])))
+
+
+def _image_batches(in_plane, needed, slices, shifts, n_points):
+    """Argument tuples of :func:`_remove_ringing_2d`, one batch of
+    :data:`IMAGES_PER_BATCH` images at a time, made when the workers ask for them.
+
+    Images run slice-major (every volume of the first kept slice, then the next
+    slice's); each batch copies only its own images out of ``in_plane``.
+    """
+    n_volumes = in_plane.shape[1]
+    n_images = len(slices) * n_volumes
+    for start in range(0, n_images, IMAGES_PER_BATCH):
+        image = np.arange(start, min(start + IMAGES_PER_BATCH, n_images))
+        slice_index, volume = slices[image // n_volumes], image % n_volumes
+        yield in_plane[slice_index, volume], needed[slice_index], shifts, n_points
+
+
 def remove_gibbs_ringing(data, mask=None, *, slice_axis=2, n_shifts=20, n_points=3,
-                         margin=MASK_MARGIN, n_jobs=1):
+                         margin=MASK_MARGIN, n_jobs=1, overwrite=False):
     """Remove Gibbs ringing slice by slice (in the acquisition plane).
 
     Parameters
@@ -152,30 +198,39 @@ def remove_gibbs_ringing(data, mask=None, *, slice_axis=2, n_shifts=20, n_points
     n_points : int
         Neighbours in the total-variation criterion.
     n_jobs : int
-        joblib workers (the result does not depend on it).
+        Worker threads (the result does not depend on it).
+    overwrite : bool
+        Correct a float32 ``data`` in place (saves a copy of the series; the caller
+        no longer has the uncorrected signal).
 
     Returns
     -------
     float32 ndarray, same shape as ``data``.
+
+    Notes
+    -----
+    The images go through in batches of :data:`IMAGES_PER_BATCH`, made as the workers
+    ask for them and written back as they finish, so that beyond the series only a few
+    batches are in memory (:func:`gibbs_working_bytes`: 2 × ``n_jobs`` batches, tens of
+    MB, whatever the series' size). The batches are fixed, so the result does not depend
+    on the number of workers.
     """
-    volumes = np.asarray(data, dtype=np.float32)
+    in_place = overwrite and isinstance(data, np.ndarray) and data.dtype == np.float32
+    volumes = data if in_place else np.array(data, dtype=np.float32, copy=True)
     volumes = volumes if volumes.ndim == 4 else volumes[..., None]
-    in_plane = np.moveaxis(volumes, (slice_axis, 3), (0, 1))  # (slices, N, a, b)
+    in_plane = np.moveaxis(volumes, (slice_axis, 3), (0, 1))  # (slices, N, a, b), a view
     if mask is None:
         needed = np.ones(in_plane.shape[:1] + in_plane.shape[2:], dtype=bool)
     else:
         grown = binary_dilation(np.asarray(mask, dtype=bool), iterations=margin)
-        needed = np.moveaxis(grown, slice_axis, 0)
-    keep = needed.any(axis=(1, 2))  # slices with something to correct
-    n_volumes = in_plane.shape[1]
-    images = in_plane[keep].reshape(-1, *in_plane.shape[2:])
-    needed_images = np.repeat(needed[keep], n_volumes, axis=0)
+        needed = np.ascontiguousarray(np.moveaxis(grown, slice_axis, 0))
+    slices = np.flatnonzero(needed.any(axis=(1, 2)))  # slices with something to correct
     shifts = np.linspace(*SHIFT_RANGE, num=n_shifts, dtype=np.float32)
-    batches = [(images[i:i + IMAGES_PER_BATCH], needed_images[i:i + IMAGES_PER_BATCH], shifts,
-                n_points) for i in range(0, len(images), IMAGES_PER_BATCH)]
-    corrected = parallel_map(_remove_ringing_2d, batches, n_jobs=n_jobs, threads=True)
-    out = in_plane.copy()
-    if corrected:
-        out[keep] = np.concatenate(corrected).reshape(int(keep.sum()), *in_plane.shape[1:])
-    out = np.moveaxis(out, (0, 1), (slice_axis, 3))
-    return out if np.ndim(data) == 4 else out[..., 0]
+    n_volumes = in_plane.shape[1]
+    corrected = parallel_imap_threads(
+        _remove_ringing_2d, _image_batches(in_plane, needed, slices, shifts, n_points),
+        n_jobs=n_jobs)
+    for start, images in zip(range(0, len(slices) * n_volumes, IMAGES_PER_BATCH), corrected):
+        image = np.arange(start, start + len(images))
+        in_plane[slices[image // n_volumes], image % n_volumes] = images
+    return volumes if np.ndim(data) == 4 else volumes[..., 0]

@@ -153,7 +153,7 @@ def mean_streamline_length(streamlines):
 def check_gradient_table(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold=B0_THRESHOLD,
                          max_bvalue_dti=DTI_MAX_BVALUE, min_gain=MIN_GAIN, n_seeds=N_SEEDS,
                          seed_min_fa=0.3, fa_stop=0.2, max_angle_deg=45.0, step_mm=1.0,
-                         random_seed=0):
+                         random_seed=0, volumes=None):
     """Score the 24 axis flips/permutations of a gradient table by fibre coherence.
 
     The score of a candidate is the mean length (mm) of deterministic tensor
@@ -186,6 +186,10 @@ def check_gradient_table(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold=B
         Tracking stops below this FA (unitless) or at a turn sharper than this
         (degrees); step length in mm.
     random_seed : int
+    volumes : bool ndarray (N,), optional
+        The volumes to check with (e.g. without outliers), as if only they were given;
+        default all. ``bvals`` and ``bvecs_fsl`` stay those of the whole series, so that
+        the series is not copied.
 
     Returns
     -------
@@ -194,8 +198,11 @@ def check_gradient_table(data, bvals, bvecs_fsl, affine, mask, *, b0_threshold=B
     bvals = np.asarray(bvals, dtype=float)
     bvecs_fsl = np.asarray(bvecs_fsl, dtype=float)
     mask = np.asarray(mask, dtype=bool)
+    volumes = np.ones(len(bvals), dtype=bool) if volumes is None else np.asarray(volumes, bool)
+    use = np.zeros(len(bvals), dtype=bool)
+    use[volumes] = dti_volumes(bvals[volumes], b0_threshold=b0_threshold,
+                               max_bvalue=max_bvalue_dti)[0]
     # OLS: the principal direction is all the check needs, and OLS is ~5x faster than WLS.
-    use, _ = dti_volumes(bvals, b0_threshold=b0_threshold, max_bvalue=max_bvalue_dti)
     maps = fit_dti(data, bvals, bvecs_fsl, affine, mask, b0_threshold=b0_threshold, use=use,
                    fit_method="OLS")
     fa, v1 = maps["fa"], maps["v1"]

@@ -10,17 +10,31 @@ from scipy import ndimage
 SIGNAL_FRACTION_OF_OTSU = 0.25
 #: How far (mm) from the Otsu mask the template's brain may add voxels.
 TEMPLATE_REACH_MM = 15.0
+#: Voxels along the first axis whose volumes :func:`mean_over_volumes` copies at once.
+MEAN_SLAB = 8
 
+
+def mean_over_volumes(data, volumes):
+    """Mean of ``data[..., volumes]`` (3D float32), slab by slab along the first axis.
+
+    Each voxel's mean is the same float32 reduction as over the whole copy; only
+    :data:`MEAN_SLAB` slices of the selected volumes are copied at a time, not the series.
+    """
+    mean = np.empty(data.shape[:3], dtype=np.float32)
+    for start in range(0, data.shape[0], MEAN_SLAB):
+        slab = slice(start, start + MEAN_SLAB)
+        mean[slab] = data[slab][..., volumes].mean(axis=-1, dtype=np.float32)
+    return mean
 
 
 def mean_b0(data, b0_mask):
     """Mean of the b0 volumes (3D float32)."""
-    return data[..., b0_mask].mean(axis=-1, dtype=np.float32)
+    return mean_over_volumes(data, np.asarray(b0_mask, dtype=bool))
 
 
 def mean_dwi(data, b0_mask):
     """Mean of the diffusion-weighted volumes (3D float32)."""
-    return data[..., ~b0_mask].mean(axis=-1, dtype=np.float32)
+    return mean_over_volumes(data, ~np.asarray(b0_mask, dtype=bool))
 
 
 def axial_axis(affine):

@@ -39,7 +39,7 @@ from ..io.dwi import (
     voxel_frame_to_fsl_bvecs,
     world_directions_to_voxel,
 )
-from ..parallel import parallel_map
+from ..parallel import parallel_imap_threads
 
 MODELS = ("rigid", "affine")
 _TRANSFORMS = {"rigid": RigidTransform3D, "affine": AffineTransform3D}
@@ -64,6 +64,10 @@ MIN_STEP_MM = 0.05
 MAX_EVALUATIONS = (30, 40)
 #: Joint-histogram bins of the mutual information (DIPY's default).
 HISTOGRAM_BINS = 32
+#: Working memory of one volume's registration per voxel of the volume (bytes): the
+#: float64 volume, its smoothed head crop and its float64 resampling, and the float32
+#: result.
+MOTION_BYTES_PER_VOXEL = 32
 
 
 @dataclass
@@ -72,9 +76,9 @@ class MotionCorrection:
 
     Attributes
     ----------
-    data : float32 ndarray (X, Y, Z, N)
+    data : float32 ndarray (X, Y, Z, N) or None
         Every volume resampled (linear interpolation) into the reference pose
-        on the input grid.
+        on the input grid; None when the volumes went to a ``write_volume``.
     bvecs_fsl : ndarray (N, 3)
         b-vectors rotated by each volume's head rotation, FSL/BIDS convention;
         b0 rows are returned unchanged.
@@ -118,7 +122,7 @@ class _Level:
 
 
 def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=B0_THRESHOLD,
-                   model="affine", n_jobs=1):
+                   model="affine", n_jobs=1, write_volume=None):
     """Register every volume of a DWI series to its mean b0 and rotate the b-vectors.
 
     The b0s after the first are registered rigidly to the first b0 (they differ
@@ -148,6 +152,11 @@ def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=B0
         each volume). b0s are always registered rigidly.
     n_jobs : int
         joblib workers over volumes; the result does not depend on it.
+    write_volume : callable, optional
+        ``write_volume(index, volume)`` takes each corrected float32 volume as it is done
+        (e.g. the ``volume`` method of :func:`pipeline.io.outputs.nifti_volume_writer`), so
+        that the corrected series is never whole in memory; the result's ``data`` is then
+        None. Default: the corrected series is returned as ``data``.
 
     Returns
     -------
@@ -173,19 +182,30 @@ def correct_motion(data, bvals, bvecs_fsl, affine, mask=None, *, b0_threshold=B0
 
     n_volumes = data.shape[-1]
     volume_affines = np.tile(np.eye(4), (n_volumes, 1, 1))
-    corrected = np.empty(data.shape, dtype=np.float32)
-    corrected[..., b0_indices[0]] = first_b0
+    corrected = None
+    if write_volume is None:
+        corrected = np.empty(data.shape, dtype=np.float32)
+
+        def write_volume(index, volume):
+            corrected[..., index] = volume
+
+    b0s = {int(b0_indices[0]): first_b0}  # the corrected b0s, for the reference
+    write_volume(b0_indices[0], first_b0)
 
     later_b0s = b0_indices[1:]
     if later_b0s.size:
         levels = _pyramid(first_b0, affine, mask, centre)
-        _register_into(data, later_b0s, affine, head, levels, centre, "rigid", n_jobs,
-                       volume_affines, corrected)
-    reference = corrected[..., b0_indices].mean(axis=-1, dtype=np.float32)
+        for index, volume in _registered(data, later_b0s, affine, head, levels, centre,
+                                         "rigid", n_jobs, volume_affines):
+            b0s[index] = volume
+            write_volume(index, volume)
+    reference = np.stack([b0s[i] for i in b0_indices], axis=-1).mean(axis=-1, dtype=np.float32)
+    del b0s
 
     levels = _pyramid(reference, affine, mask, centre)
-    _register_into(data, np.flatnonzero(~is_b0), affine, head, levels, centre, model, n_jobs,
-                   volume_affines, corrected)
+    for index, volume in _registered(data, np.flatnonzero(~is_b0), affine, head, levels,
+                                     centre, model, n_jobs, volume_affines):
+        write_volume(index, volume)
 
     parameters = np.array([motion_parameters(m) for m in volume_affines])
     return MotionCorrection(
@@ -323,16 +343,25 @@ def _level(reference, affine, mask, centre, spacing_mm, initial_step_mm, max_eva
                   max_evaluations=max_evaluations)
 
 
-def _register_into(data, indices, affine, head, levels, centre, model, n_jobs, volume_affines,
-                   corrected):
-    """Register ``data[..., indices]`` in parallel; fill ``volume_affines`` and ``corrected``."""
+def _registered(data, indices, affine, head, levels, centre, model, n_jobs, volume_affines):
+    """Register ``data[..., indices]`` in parallel, filling ``volume_affines``; yield each
+    (index, resampled float32 volume) as it finishes, in order (so that only the volumes
+    in flight are held, :func:`motion_working_bytes`)."""
     # No more workers than volumes: a lone second b0 is registered without starting any.
-    results = parallel_map(_register_volume,
-                           [(data, int(i), affine, head, levels, centre, model) for i in indices],
-                           n_jobs=min(n_jobs, len(indices)), threads=True)
+    results = parallel_imap_threads(
+        _register_volume, [(data, int(i), affine, head, levels, centre, model) for i in indices],
+        n_jobs=min(n_jobs, len(indices)))
     for i, (world_affine, resampled) in zip(indices, results):
         volume_affines[i] = world_affine
-        corrected[..., i] = resampled
+        yield int(i), resampled
+
+
+def motion_working_bytes(shape, *, n_workers=1):
+    """Working memory (bytes) of :func:`correct_motion` on a series of ``shape``
+    (X, Y, Z, N) beyond the series (and its float32 corrected copy, unless written volume
+    by volume): the volumes in flight (two per worker), each with
+    :data:`MOTION_BYTES_PER_VOXEL` per voxel."""
+    return 2 * max(int(n_workers), 1) * MOTION_BYTES_PER_VOXEL * int(np.prod(shape[:3]))
 
 
 def _register_volume(data, index, affine, head, levels, centre, model):

@@ -191,7 +191,7 @@ def _fit_chunk(signals, gtab, response, sh_order):
 
 
 def fit_csd(data, bvals, bvecs_fsl, affine, mask, fa, *, b0_threshold, shell, sh_order,
-            fit_mask=None, n_jobs=1):
+            fit_mask=None, n_jobs=1, volumes=None):
     """Fibre ODFs by single-shell constrained spherical deconvolution.
 
     Parameters
@@ -205,21 +205,25 @@ def fit_csd(data, bvals, bvecs_fsl, affine, mask, fa, *, b0_threshold, shell, sh
         Voxels to fit (default ``mask``); tracking only needs the white matter.
     n_jobs : int
         Workers; the voxel chunks are fixed, so the result does not depend on it.
+    volumes : bool (N,), optional
+        The volumes to fit with (e.g. without outliers), as if only they were given
+        (default all); ``bvals`` and ``bvecs_fsl`` are the whole series', so that the
+        series is not copied: only the response voxels' and the fitted voxels' signals
+        are.
 
     Returns
     -------
     sh : float32 (X, Y, Z, n_coefficients), voxel frame, :data:`SH_BASIS` (non-legacy)
     info : dict, ``response_evals`` (mm²/s), ``response_s0``, ``n_response_voxels``
     """
-    use = _shell_volumes(bvals, b0_threshold, shell)
+    use = _shell_volumes(bvals, b0_threshold, shell) & _chosen(volumes, len(bvals))
     gtab = gradient_table(np.asarray(bvals)[use],
                           bvecs=fsl_bvecs_to_voxel_frame(np.asarray(bvecs_fsl)[use], affine),
                           b0_threshold=b0_threshold)
-    shell_data = data[..., use]
     single_fibre = response_mask(fa, mask)
-    response, _ = response_from_mask_ssst(gtab, shell_data, single_fibre)
+    response, _ = response_from_mask_ssst(gtab, *_voxel_list(data, use, single_fibre))
     fit_mask = np.asarray(mask if fit_mask is None else fit_mask, dtype=bool)
-    signals = shell_data[fit_mask].astype(np.float64)
+    signals = _voxel_signals(data, fit_mask, use, dtype=np.float64)
     chunks = [signals[i:i + FIT_CHUNK_VOXELS] for i in range(0, len(signals), FIT_CHUNK_VOXELS)]
     fitted = parallel_map(_fit_chunk, [(c, gtab, response, sh_order) for c in chunks],
                           n_jobs=n_jobs)
@@ -230,6 +234,28 @@ def fit_csd(data, bvals, bvecs_fsl, affine, mask, fa, *, b0_threshold, shell, sh
     info = {"response_evals": [float(v) for v in response[0]],
             "response_s0": float(response[1]), "n_response_voxels": int(single_fibre.sum())}
     return sh, info
+
+
+def _chosen(volumes, n_volumes):
+    """``volumes`` as a bool (N,) selection (None: all)."""
+    return np.ones(n_volumes, dtype=bool) if volumes is None else np.asarray(volumes, bool)
+
+
+def _voxel_list(data, use, *masks, dtype=None):
+    """The volumes ``use`` of the voxels in any of ``masks`` as a (V, 1, 1, N') series, and
+    each mask on it (V, 1, 1): what DIPY's response estimates need, without copying the
+    series. They take each mask's voxels in C order, as from the whole grid, so the
+    responses are the same."""
+    union = np.any(masks, axis=0)
+    signal = _voxel_signals(data, union, use, dtype=dtype)
+    return (signal[:, None, None, :], *(m[union][:, None, None] for m in masks))
+
+
+def _voxel_signals(data, voxels, use, *, dtype=None):
+    """The volumes ``use`` of the ``voxels`` (bool mask) of ``data``, (V, N'), C-ordered as
+    a copy of the whole selection would be (DIPY's fits give other last bits on other
+    layouts)."""
+    return np.ascontiguousarray(data[voxels][:, use], dtype=dtype)
 
 
 def _most(values, candidates, n):
@@ -304,7 +330,8 @@ def _fit_msmt_chunk(signals, gtab, response, sh_order):
 
 
 def fit_csd_msmt(data, bvals, bvecs_fsl, affine, mask, fa, md, *, b0_threshold, shells,
-                 sh_order, fit_mask=None, n_jobs=1, min_response_voxels=MIN_RESPONSE_VOXELS):
+                 sh_order, fit_mask=None, n_jobs=1, min_response_voxels=MIN_RESPONSE_VOXELS,
+                 volumes=None):
     """Fibre ODFs by multi-shell multi-tissue CSD (DIPY's ``MultiShellDeconvModel``).
 
     The b0 volumes and those of ``shells`` are used, each volume's b-value set to its
@@ -331,6 +358,11 @@ def fit_csd_msmt(data, bvals, bvecs_fsl, affine, mask, fa, md, *, b0_threshold, 
         does not depend on it.
     min_response_voxels : int
         See :func:`tissue_response_masks`.
+    volumes : bool (N,), optional
+        The volumes to fit with (e.g. without outliers), as if only they were given
+        (default all); ``bvals`` and ``bvecs_fsl`` are the whole series', so that the
+        series is not copied: only the response voxels' and the fitted voxels' signals
+        are.
 
     Returns
     -------
@@ -347,31 +379,29 @@ def fit_csd_msmt(data, bvals, bvecs_fsl, affine, mask, fa, md, *, b0_threshold, 
                          "installed.", fix="pip install cvxpy (a dependency of "
                          "cst-integrity), or track with --model dti.")
     bvals = np.asarray(bvals, dtype=float)
+    chosen = _chosen(volumes, len(bvals))
     nominal = np.zeros(len(bvals))
-    use = bvals <= b0_threshold
+    use = (bvals <= b0_threshold) & chosen
     for shell in shells:
-        on_shell = (np.abs(bvals - shell) <= 100) & (bvals > b0_threshold)
+        on_shell = (np.abs(bvals - shell) <= 100) & (bvals > b0_threshold) & chosen
         nominal[on_shell] = shell
         use |= on_shell
     gtab = gradient_table(nominal[use],
                           bvecs=fsl_bvecs_to_voxel_frame(np.asarray(bvecs_fsl)[use], affine),
                           b0_threshold=b0_threshold)
-    used = data[..., use]
     tissues = tissue_response_masks(fa, md, mask, min_voxels=min_response_voxels)
-    # DIPY's response estimation copies the volume per shell and tissue: give it only the
-    # box around the tissue voxels
-    inside = np.argwhere(np.any(tissues, axis=0))
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(inside.min(axis=0), inside.max(axis=0)))
+    # DIPY's response estimation copies its input per shell and tissue: give it only the
+    # tissue voxels
+    signal, *tissue_masks = _voxel_list(data, use, *tissues, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         rf_wm, rf_gm, rf_csf = mcsd.response_from_mask_msmt(
-            gtab, np.asarray(used[box], dtype=np.float64),
-            *(t[box].astype(np.int64) for t in tissues))
+            gtab, signal, *(t.astype(np.int64) for t in tissue_masks))
     response = mcsd.multi_shell_fiber_response(
         sh_order, bvals=np.r_[0.0, np.asarray(shells, dtype=float)],
         wm_rf=rf_wm, gm_rf=rf_gm, csf_rf=rf_csf)
     fit_mask = np.asarray(mask if fit_mask is None else fit_mask, dtype=bool)
-    signals = used[fit_mask].astype(np.float64)
+    signals = _voxel_signals(data, fit_mask, use, dtype=np.float64)
     chunks = [signals[i:i + MSMT_CHUNK_VOXELS]
               for i in range(0, len(signals), MSMT_CHUNK_VOXELS)]
     fitted = parallel_map(_fit_msmt_chunk, [(c, gtab, response, sh_order) for c in chunks],

@@ -19,11 +19,6 @@ def load_scan(dwi_file, bval_file, bvec_file, b0_threshold):
     return scan, scan.img.get_fdata(dtype=np.float32)
 
 
-def save_series(path, data, scan):
-    # Uncompressed: these large intermediates are read once, by the next node.
-    return outputs.save_nifti(path, data, scan.affine)
-
-
 def write_bvecs(path, bvecs_fsl):
     """FSL b-vector file (three rows)."""
     with outputs.atomic_path(path) as tmp:

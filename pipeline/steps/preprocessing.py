@@ -17,7 +17,7 @@ from ..preprocessing import denoise as denoise_module
 from ..preprocessing import mask as masking
 from ..reconstruction import registration, tensor
 from ..stage import stage
-from .files import load_array, load_scan, save_series, write_bvecs
+from .files import load_array, load_scan, write_bvecs
 
 
 @stage(outputs=("b0", "mask"))
@@ -54,9 +54,9 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     """Thermal-noise removal (MP-PCA, Patch2Self or none).
 
     ``mem_gb``: the step's memory budget (None: MP-PCA's fixed default chunks). The
-    series and its denoised box stay in memory; MP-PCA's slabs and patch batches share
-    what is left (:func:`pipeline.preprocessing.denoise.mppca_chunks`). The result does not
-    depend on it.
+    series stays in memory; MP-PCA's slabs and patch batches share what is left
+    (:func:`pipeline.preprocessing.denoise.mppca_slab_thickness`), and each denoised slab
+    goes to the output file as it finishes. The result does not depend on it.
 
     Returns dict of paths: ``dwi`` and ``qc`` (JSON: method, noise sigma, SNR, mask volume,
     and ``header``: the input image's name and the warnings its header raised on loading,
@@ -66,16 +66,18 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
     out_dir = Path(out_dir)
     scan, data = load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = load_array(mask_file, dtype=np.uint8)[0] > 0
-    measured_b0 = masking.mean_b0(data, scan.b0_mask)  # before data is denoised in place
+    measured_b0 = masking.mean_b0(data, scan.b0_mask)
     working_bytes = None
     if mem_gb is not None:
-        resident = 2 * data.nbytes  # the series and the denoised copy of its brain box
-        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
+        working_bytes = max(int(mem_gb * 2 ** 30) - data.nbytes, 0)
     patch_radius = denoise_module.mppca_patch_radius(data.shape[-1])
-    denoised, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
-                                                 patch_radius=patch_radius, n_jobs=n_jobs,
-                                                 memory_bytes=working_bytes, overwrite=True)
-    del data  # denoised in place
+    series_path = out_dir / "dwi_denoised.nii"
+    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as writer:
+        _, sigma = denoise_module.denoise_dwi(data, mask, scan.bvals, method=method,
+                                              patch_radius=patch_radius, n_jobs=n_jobs,
+                                              memory_bytes=working_bytes, overwrite=True,
+                                              write_slices=writer.slices)
+    del data
     voxel_ml = float(np.prod(scan.img.header.get_zooms()[:3])) / 1000.0
     qc = {"method": method, "brain_mask_ml": round(float(mask.sum()) * voxel_ml, 1),
           "mppca_patch_radius": patch_radius if method == "mppca" else None,
@@ -88,19 +90,21 @@ def denoise(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, method="mppca
         qc["noise_sigma_median"] = round(noise, 3)
         if noise > 0:  # SNR of the mean b0 in the brain, with the estimated noise
             qc["snr_b0"] = round(float(np.median(measured_b0[mask])) / noise, 1)
-    return {"dwi": str(save_series(out_dir / "dwi_denoised.nii", denoised, scan)),
+    return {"dwi": str(series_path),
             "qc": str(outputs.write_json(out_dir / "denoise_qc.json", qc))}
 
 
 @stage(outputs=("dwi",))
 def remove_gibbs(dwi_file, mask_file, *, out_dir, n_jobs=1):
-    """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016).
+    """Gibbs-ringing removal in the acquisition plane (Kellner et al. 2016), in place in
+    the loaded series (:func:`pipeline.preprocessing.gibbs.remove_gibbs_ringing`).
 
     Returns dict of paths: ``dwi``.
     """
     img = nib.load(str(dwi_file))
     mask = load_array(mask_file, dtype=np.uint8)[0] > 0
-    corrected = gibbs.remove_gibbs_ringing(img.get_fdata(dtype=np.float32), mask, n_jobs=n_jobs)
+    corrected = gibbs.remove_gibbs_ringing(img.get_fdata(dtype=np.float32), mask, n_jobs=n_jobs,
+                                           overwrite=True)
     return {"dwi": str(outputs.save_nifti(Path(out_dir) / "dwi_degibbs.nii", corrected,
                                           img.affine))}
 
@@ -149,6 +153,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
                    b0_threshold=B0_THRESHOLD, n_jobs=1):
     """Align every volume to the mean b0 and rotate its b-vector with it.
 
+    The corrected series goes to its file volume by volume, never whole in memory.
     Returns dict of paths: ``dwi``, ``bvec`` (rotated, FSL convention) and
     ``qc`` (JSON: per-volume translation mm / rotation degrees in world RAS+
     axes, framewise displacement).
@@ -156,8 +161,11 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
     out_dir = Path(out_dir)
     scan, data = load_scan(dwi_file, bval_file, bvec_file, b0_threshold)
     mask = load_array(mask_file, dtype=np.uint8)[0] > 0
-    result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
-                                   b0_threshold=b0_threshold, model=model, n_jobs=n_jobs)
+    series_path = out_dir / "dwi_motion.nii"
+    with outputs.nifti_volume_writer(series_path, data.shape, scan.affine) as writer:
+        result = motion.correct_motion(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                                       b0_threshold=b0_threshold, model=model, n_jobs=n_jobs,
+                                       write_volume=writer.volume)
     params = np.asarray(result.parameters)
     fd = np.asarray(result.framewise_displacement)
     qc = {"model": model, "reference": "mean b0",
@@ -167,7 +175,7 @@ def correct_motion(dwi_file, bval_file, bvec_file, mask_file, *, out_dir, model=
           "max_translation_mm": round(float(np.abs(params[:, :3]).max()), 3),
           "max_rotation_deg": round(float(np.abs(params[:, 3:]).max()), 3),
           "mean_framewise_displacement_mm": round(float(fd.mean()), 3)}
-    return {"dwi": str(save_series(out_dir / "dwi_motion.nii", result.data, scan)),
+    return {"dwi": str(series_path),
             "bvec": str(write_bvecs(out_dir / "dwi_motion.bvec", result.bvecs_fsl)),
             "qc": str(outputs.write_json(out_dir / "motion_qc.json", qc))}
 
@@ -226,8 +234,8 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
     keep = np.ones(len(scan.bvals), dtype=bool)
     keep[excluded] = False
     result = gradient_check.check_gradient_table(
-        data[..., keep], scan.bvals[keep], scan.bvecs_fsl[keep], scan.affine, mask,
-        b0_threshold=b0_threshold)
+        data, scan.bvals, scan.bvecs_fsl, scan.affine, mask, b0_threshold=b0_threshold,
+        volumes=keep)
     qc = {"status": "ok" if result.correction is None else "corrected",
           "correction": result.correction,
           "score_before": round(float(result.score_before), 3),
@@ -256,10 +264,14 @@ def check_gradients(dwi_file, bval_file, bvec_file, mask_file, outliers_file, v1
 
 @stage(outputs=("fa", "md", "rd", "ad", "v1", "qc"))
 def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_dir,
-               b0_threshold=B0_THRESHOLD, max_bvalue=tensor.DTI_MAX_BVALUE, n_jobs=1):
+               b0_threshold=B0_THRESHOLD, max_bvalue=tensor.DTI_MAX_BVALUE, n_jobs=1,
+               mem_gb=None):
     """DTI maps (FA, MD, RD, AD) and the principal eigenvector (voxel frame).
 
     Uses b0 and the shells up to ``max_bvalue`` s/mm², without excluded outliers.
+    ``mem_gb``: the step's memory budget; what the series and the maps leave of it sizes
+    the fit's work units (:func:`pipeline.reconstruction.tensor.tensor_chunk_voxels`; None:
+    default units). The maps do not depend on it.
     Returns dict of paths: the maps, and ``qc`` (JSON: shells and volumes used).
     """
     out_dir = Path(out_dir)
@@ -271,8 +283,13 @@ def fit_tensor(dwi_file, bval_file, bvec_file, mask_file, outliers_file, *, out_
     tensor.check_tensor_directions(scan.bvals, scan.bvecs_fsl, use,
                                    b0_threshold=b0_threshold, path=dwi_file,
                                    n_excluded=len(excluded))
+    working_bytes = None
+    if mem_gb is not None:
+        resident = data.nbytes + 7 * 4 * mask.size  # the series and the float32 maps
+        working_bytes = max(int(mem_gb * 2 ** 30) - resident, 0)
     maps = tensor.fit_dti(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
-                          b0_threshold=b0_threshold, use=use, n_jobs=n_jobs)
+                          b0_threshold=b0_threshold, use=use, n_jobs=n_jobs,
+                          memory_bytes=working_bytes)
     paths = {name: str(outputs.save_nifti(out_dir / f"{name}.nii.gz", value, scan.affine))
              for name, value in maps.items()}
     qc = {"model": "tensor (WLS)", "shells": shells, "n_volumes": int(use.sum()),

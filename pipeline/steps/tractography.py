@@ -115,20 +115,20 @@ def fit_fodf(dwi_file, bval_file, bvec_file, mask_file, fa_file, rois_file, outl
         fa, _ = load_array(fa_file)
         rois, _ = load_array(rois_file, dtype=np.int16)
         fit_mask = mask & (fa >= fa_stop) & selection.cst_search_box(rois, scan.affine)
-        data = scan.img.get_fdata(dtype=np.float32)[..., keep]
+        data = scan.img.get_fdata(dtype=np.float32)  # a memory map: the fits read their voxels
         if choice["csd_kind"] == "msmt":
             if md_file is None:
                 raise ValueError("multi-shell CSD needs the tensor's MD (md_file)")
             md, _ = load_array(md_file)
-            sh, info = fodf.fit_csd_msmt(data, bvals, bvecs, scan.affine, mask, fa, md,
-                                         b0_threshold=b0_threshold, shells=choice["shells"],
-                                         sh_order=choice["sh_order"], fit_mask=fit_mask,
-                                         n_jobs=n_jobs)
+            sh, info = fodf.fit_csd_msmt(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask,
+                                         fa, md, b0_threshold=b0_threshold,
+                                         shells=choice["shells"], sh_order=choice["sh_order"],
+                                         fit_mask=fit_mask, n_jobs=n_jobs, volumes=keep)
         else:
-            sh, info = fodf.fit_csd(data, bvals, bvecs, scan.affine, mask, fa,
+            sh, info = fodf.fit_csd(data, scan.bvals, scan.bvecs_fsl, scan.affine, mask, fa,
                                     b0_threshold=b0_threshold, shell=choice["shell_bvalue"],
                                     sh_order=choice["sh_order"], fit_mask=fit_mask,
-                                    n_jobs=n_jobs)
+                                    n_jobs=n_jobs, volumes=keep)
         sh_path = str(outputs.save_nifti(out_dir / "fodf_sh.nii", sh, scan.affine))
         qc.update(info, n_fitted_voxels=int(fit_mask.sum()), sh_basis=fodf.SH_BASIS)
     return {"sh": sh_path, "qc": str(outputs.write_json(out_dir / "fodf_qc.json", qc))}
