@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import EXIT_NOT_ASSESSABLE
 from pipeline.sims.phantom import make_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,24 @@ def lesion_run(lesion_phantom, tmp_path_factory):
     result = run_cst_report("subject01", bids, out, "--n-jobs", "2")
     assert result.returncode == 0, result.stderr
     return out, truth, result
+
+
+@pytest.fixture(scope="session")
+def real_scan_run(tmp_path_factory):
+    """``cst-report --n-jobs 2`` of a shared real scan, run once per session for every test
+    that reads it: ``run(subject, bids=SHARED_BIDS)`` → its output folder (the run ended
+    with an assessment, or as not assessable)."""
+    outputs = {}
+
+    def run(subject, bids=SHARED_BIDS):
+        if (subject, bids) not in outputs:
+            out = tmp_path_factory.mktemp(f"real-{subject}")
+            result = run_cst_report(subject, bids, out, "--n-jobs", "2")
+            assert result.returncode in (0, EXIT_NOT_ASSESSABLE), result.stderr
+            outputs[subject, bids] = out
+        return outputs[subject, bids]
+
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

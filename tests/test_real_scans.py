@@ -22,19 +22,6 @@ HEALTHY_FULL_COVERAGE = ("philips01", "philips02", "siemens01", "toshiba01")
 BRAINSTEM_LEVELS = ("medulla", "pons", "cerebral_peduncle")
 
 
-@pytest.fixture(scope="module")
-def out_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("real")
-
-
-def _run(subject, out_root, bids=SHARED_BIDS):
-    out = out_root / subject
-    if not (out / f"sub-{subject}.html").exists():
-        result = run_cst_report(subject, bids, out, "--n-jobs", "2")
-        assert result.returncode in (0, EXIT_NOT_ASSESSABLE), result.stderr
-    return out
-
-
 def _brain_z_range(out, stem):
     img = nib.load(str(out / stem.split("_")[0] / "dwi" / f"{stem}_desc-brain_mask.nii.gz"))
     ijk = np.argwhere(np.asarray(img.dataobj) > 0)
@@ -43,8 +30,8 @@ def _brain_z_range(out, stem):
 
 
 @pytest.mark.parametrize("subject", HEALTHY_FULL_COVERAGE)
-def test_healthy_scan_both_csts_no_damage(subject, out_root):
-    out = _run(subject, out_root)
+def test_healthy_scan_both_csts_no_damage(subject, real_scan_run):
+    out = real_scan_run(subject)
     stem = f"sub-{subject}"
     metrics = load_metrics(out, stem)
     assert metrics["qc"]["assessable"], metrics["qc"]["warnings"]
@@ -106,8 +93,8 @@ def test_brain_mask_keeps_the_scanned_brainstem(bids, stem, tmp_path):
         assert coverage[roi] >= 0.9, (roi, coverage)
 
 
-def test_scan_without_brainstem_is_not_assessable(out_root):
-    out = out_root / "uih01"
+def test_scan_without_brainstem_is_not_assessable(tmp_path):
+    out = tmp_path / "uih01"
     result = run_cst_report("uih01", SHARED_BIDS, out, "--n-jobs", "2")
     assert result.returncode == EXIT_NOT_ASSESSABLE, result.stderr
     assert "Traceback" not in result.stderr
@@ -127,10 +114,10 @@ def test_scan_without_brainstem_is_not_assessable(out_root):
     assert (out / "sub-uih01.html").is_file()
 
 
-def test_x_flipped_storage_gives_same_cst(out_root, tmp_path):
+def test_x_flipped_storage_gives_same_cst(real_scan_run, tmp_path):
     """Same scan, x storage axis reversed (data flipped, affine adjusted, FSL bvecs unchanged)."""
     subject = "toshiba01"
-    reference = load_metrics(_run(subject, out_root), f"sub-{subject}")
+    reference = load_metrics(real_scan_run(subject), f"sub-{subject}")
     src = SHARED_BIDS / f"sub-{subject}" / "dwi"
     bids = tmp_path / "bids"
     dst = bids / f"sub-{subject}" / "dwi"
@@ -177,11 +164,11 @@ def _copy_with_bvecs(subject, bids, transform):
     return dst / f"sub-{subject}_dwi.bvec"
 
 
-def test_wrong_bvec_sign_is_fixed_and_reported(out_root, tmp_path):
+def test_wrong_bvec_sign_is_fixed_and_reported(real_scan_run, tmp_path):
     """A bvec file with the x sign flipped: detected, corrected, said in metrics and report;
     with --gradient-check error the run stops with an input error naming the fix."""
     subject = "toshiba01"
-    reference = load_metrics(_run(subject, out_root), f"sub-{subject}")
+    reference = load_metrics(real_scan_run(subject), f"sub-{subject}")
     bids = tmp_path / "bids"
     bvec_file = _copy_with_bvecs(subject, bids, lambda b: b * np.array([[-1], [1], [1]]))
     out = tmp_path / "out"
@@ -210,7 +197,7 @@ def test_wrong_bvec_sign_is_fixed_and_reported(out_root, tmp_path):
 
 
 @pytest.mark.parametrize("level", ["corona_radiata", "pons"])
-def test_cst_survives_a_lesion_and_shows_it(level, out_root, tmp_path):
+def test_cst_survives_a_lesion_and_shows_it(level, real_scan_run, tmp_path):
     """FA −60 % in a 6 mm sphere on the left CST of sub-philips02, in the corona radiata
     or in the pons.
 
@@ -226,7 +213,7 @@ def test_cst_survives_a_lesion_and_shows_it(level, out_root, tmp_path):
     from pipeline.tractometry.normative import read_profiles
 
     subject = "philips02"
-    healthy_out = _run(subject, out_root)
+    healthy_out = real_scan_run(subject)
     tsv = f"sub-{subject}/dwi/sub-{subject}_desc-profiles_tractometry.tsv"
     healthy = read_profiles(healthy_out / tsv)
     # The profiles start in the lower pons, so its nodes are the first ones; the calibrated
