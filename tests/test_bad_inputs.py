@@ -462,9 +462,12 @@ def test_cli_refuses_a_scan_too_big_for_this_machine(dataset, tmp_path, capsys, 
     before = _tree_digest(dataset.root)
     with pytest.raises(SystemExit) as exited:
         cst_report_main(_cli_args(SUBJECT, dataset.root, tmp_path))
+    itemsize = nib.load(str(dataset.image)).get_data_dtype().itemsize
+    needed = estimated_memory_bytes((64, 64, 40, 13), input_itemsize=itemsize,
+                                    memory_bytes=2 ** 20)  # one job, the CLI's default
     _check_refusal(exited.value.code, capsys.readouterr().err, IMAGE,
-                   "needs about 0.05 GiB but only <0.01 GiB are available", tmp_path, before,
-                   dataset)
+                   f"needs about {needed / 2 ** 30:.2f} GiB but only <0.01 GiB are available",
+                   tmp_path, before, dataset)
     # the pipeline's own reloads (check_data=False) do not repeat the estimate
     load_dwi(dataset.image, dataset.bval, dataset.bvec, check_data=False)
 
