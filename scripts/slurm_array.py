@@ -11,11 +11,14 @@ so is a refused input (exit 2: rerunning cannot help; fix it, then ``--force``).
 Resubmitted tasks resume from the Nipype cache in the work directory.
 
 Only the Python standard library is needed, so the script also runs on a login
-node where the pipeline itself lives in an Apptainer image.
+node where the pipeline itself lives in an Apptainer image. Where this Python can
+import the pipeline (its environment is active), each task asks by default for
+the memory the pipeline estimates for the largest series it is given
+(:func:`estimated_task_memory`); elsewhere for 8G.
 
 Examples::
 
-    # every participant, 2 cores and 8 GB each, at most 20 at a time
+    # every participant, 2 cores and 8 GiB each, at most 20 at a time
     python3 scripts/slurm_array.py /data/study /data/study/derivatives/cst \\
         --cpus 2 --mem 8G --time 2:00:00 --max-parallel 20
     # the same with the Apptainer image, and one automatic resubmission of failures
@@ -26,6 +29,7 @@ Examples::
 """
 
 import argparse
+import math
 import shlex
 import shutil
 import subprocess
@@ -37,6 +41,12 @@ JOB_NAME = "cst-integrity"
 #: Exit codes of cst-integrity after which a participant is not resubmitted.
 FINISHED = {0: "done", 3: "done (not assessable)"}
 BAD_INPUT = 2
+#: Memory per task without --mem where the pipeline's estimate cannot be made here.
+FALLBACK_MEM = "8G"
+#: What a task asks for beyond the pipeline's estimate, which bounds the run's Python
+#: processes (pipeline/memory.py): SLURM counts the batch shell and the page cache of the
+#: files the run writes against --mem too (bytes).
+MEM_MARGIN_BYTES = 2 ** 30
 
 
 def parse_arguments(argv):
@@ -57,7 +67,10 @@ def parse_arguments(argv):
     resources = parser.add_argument_group("resources per task")
     resources.add_argument("--cpus", type=int, default=2,
                            help="cores (--cpus-per-task; also cst-integrity --n-jobs; default 2)")
-    resources.add_argument("--mem", default="8G", help="memory (--mem; default 8G)")
+    resources.add_argument("--mem", help="memory (--mem; default: the pipeline's estimate for "
+                                         "the largest series submitted, with --cpus workers, "
+                                         "plus 1 GiB, in whole GiB; 8G where this Python "
+                                         "cannot import the pipeline)")
     resources.add_argument("--time", default="02:00:00", help="wall time (--time; default 2 h)")
     resources.add_argument("--partition", help="partition (--partition)")
     resources.add_argument("--account", help="account (--account)")
@@ -117,6 +130,50 @@ def plan(args, labels):
         else:
             submit.append(label)
     return submit, skipped
+
+
+def estimated_task_memory(args, labels):
+    """The ``--mem`` of a task when none is given: the memory cst-integrity estimates for the
+    largest series of the participants ``labels`` (:func:`pipeline.memory.estimated_memory_bytes`,
+    as its up-front check does) with ``--cpus`` workers and the options after ``--``, plus
+    :data:`MEM_MARGIN_BYTES`, rounded up to whole GiB (e.g. ``"3G"``).
+
+    Returns None where there is no estimate: this Python cannot import the pipeline (the
+    script itself needs only the standard library), or no series of ``labels`` is readable
+    (their tasks then stop with cst-integrity's message).
+    """
+    try:
+        from nibabel.filebasedimages import ImageFileError
+
+        from pipeline.errors import InputError
+        from pipeline.io.bids import combine_by_session, find_dwi_runs
+        from pipeline.memory import estimated_memory_bytes
+        from workflows.base import series_header
+        from workflows.cli import bids_app_parser, parse_args
+        from workflows.config import RunConfig
+    except ImportError:
+        return None
+    # The settings the tasks run with (e.g. --combine-runs, --mem-gb, --config).
+    parameters = RunConfig.from_args(parse_args(bids_app_parser(), args.extra)).parameters()
+    budget = None if parameters["mem_gb"] is None else int(parameters["mem_gb"] * 2 ** 30)
+    estimates = []
+    for label in labels:
+        try:
+            runs = find_dwi_runs(args.bids_dir, label)
+        except InputError:
+            continue
+        if parameters["preprocessing"]["combine_runs"]:
+            runs = combine_by_session(runs)
+        for run in runs:
+            try:
+                shape, input_itemsize = series_header(list(getattr(run, "runs", [run])))
+            except (OSError, ImageFileError, IndexError):  # unreadable, or not a 4D series
+                continue
+            estimates.append(estimated_memory_bytes(shape, input_itemsize=input_itemsize,
+                                                    n_jobs=args.cpus, memory_bytes=budget))
+    if not estimates:
+        return None
+    return f"{math.ceil((max(estimates) + MEM_MARGIN_BYTES) / 2 ** 30)}G"
 
 
 def pipeline_command(args):
@@ -211,6 +268,15 @@ def main(argv=None):
     if not submit:
         print("nothing to submit")
         return 0
+    if args.mem is None:
+        args.mem = estimated_task_memory(args, submit)
+        if args.mem is None:
+            args.mem = FALLBACK_MEM
+            print(f"memory per task: {args.mem} (no estimate: this Python cannot import the "
+                  "pipeline, or reads no series; --mem sets it)")
+        else:
+            print(f"memory per task: {args.mem} (the pipeline's estimate for the largest "
+                  "series, with a margin; --mem sets it)")
     running = None if args.dry_run else still_queued(args.state_dir)
     if running:
         sys.exit(f"slurm_array.py: array job {running} of {args.state_dir} is still queued or "

@@ -4,21 +4,24 @@ The tests marked ``slurm`` need a running SLURM cluster (``.ci/slurm_stage.sh``
 brings one up on localhost and runs them); elsewhere they are skipped.
 """
 
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from pipeline.errors import EXIT_BAD_INPUT, InputError
+from pipeline.io.bids import find_dwi_runs
 from pipeline.parallel import dask_backend, parallel_map, require_dask
 from pipeline.tracking import propagation as tracking
 from pipeline.tracking.propagation import seeds_in_mask, track_dti_deterministic
-from workflows.base import init_cst_wf
+from workflows.base import init_cst_wf, init_single_subject_wf, steps_mem_gb
 from workflows.cli import cst_report_parser, parse_args
 from workflows.config import RunConfig
 from workflows.execution import SLURM_POLL_SECONDS, run_workflow
@@ -175,6 +178,69 @@ def test_local_plugins_get_the_pool_size_unless_overridden(tmp_path, monkeypatch
     run_workflow(wf, plugin=plugin, plugin_args=user_args, n_procs=3)
     assert calls == [(plugin, expected)]
     assert wf.get_node("heavy").plugin_args == {}
+
+
+#: The steps that declare their memory (workflows.base.steps_mem_gb) in the default graph.
+DECLARING_MEMORY = {"brain_mask", "denoise", "remove_gibbs", "correct_motion", "check_gradients",
+                    "fit_tensor", "fit_fodf", "track_cst"}
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """One run of sub-01 whose header (16×16×12, 13 volumes, int16) is all the graph reads."""
+    dwi = tmp_path / "bids" / "sub-01" / "dwi"
+    dwi.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 12, 13), np.int16), np.eye(4)),
+             str(dwi / "sub-01_dwi.nii.gz"))
+    for suffix in (".bval", ".bvec"):
+        (dwi / f"sub-01_dwi{suffix}").touch()
+    return find_dwi_runs(tmp_path / "bids", "01")
+
+
+def _submitted_graph(runs, tmp_path, monkeypatch, plugin, plugin_args):
+    """The pipeline's graph with --n-jobs 2, handed to run_workflow (Nipype's run stubbed
+    out); also the cache key of each step before and after."""
+    args = cst_report_parser().parse_args(["01", "--bids-dir", "x", "--out-dir", "y",
+                                           "--n-jobs", "2"])
+    wf = init_single_subject_wf(runs, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                                parameters=RunConfig.from_args(args).parameters())
+    monkeypatch.setattr(wf, "run", lambda plugin, plugin_args: None)
+    nodes = wf._get_all_nodes()
+    keys = [node.inputs.get_hashval()[1] for node in nodes]
+    run_workflow(wf, plugin=plugin, plugin_args=plugin_args, n_procs=2)
+    assert [node.inputs.get_hashval()[1] for node in nodes] == keys  # nothing recomputed
+    return nodes
+
+
+@pytest.mark.parametrize("user_sbatch_args, memory, cores", [
+    ("", True, True),
+    ("--mem=10G --time=01:00:00", False, True),  # the user's memory, for every job
+    ("--mem-per-cpu=4G", False, True),  # SLURM refuses it beside --mem
+    ("-c 4 -p short", True, False),
+    ("--cpus-per-task=4", True, False),
+])
+def test_slurm_jobs_ask_for_the_memory_and_cores_each_step_declares(
+        small_run, tmp_path, monkeypatch, user_sbatch_args, memory, cores):
+    monkeypatch.setenv("LOGNAME", "cst")
+    nodes = _submitted_graph(small_run, tmp_path, monkeypatch, "SLURM",
+                             {"sbatch_args": user_sbatch_args})
+    declared = steps_mem_gb(small_run, n_jobs=2)
+    for node in nodes:
+        expected = []
+        if memory and node.name in DECLARING_MEMORY:
+            expected.append(f"--mem={math.ceil(declared[node.name] * 1024)}M")
+        if cores and node.n_procs > 1:
+            expected.append(f"--cpus-per-task={node.n_procs}")
+        assert node.plugin_args == ({"sbatch_args": " ".join(expected)} if expected else {}), \
+            node.fullname
+    by_name = {node.name: node for node in nodes}
+    assert DECLARING_MEMORY <= set(by_name) and by_name["denoise"].n_procs == 2
+
+
+@pytest.mark.parametrize("plugin", ["MultiProc", "Linear"])
+def test_local_plugins_leave_the_steps_sbatch_free(small_run, tmp_path, monkeypatch, plugin):
+    nodes = _submitted_graph(small_run, tmp_path, monkeypatch, plugin, {})
+    assert all(node.plugin_args == {} for node in nodes)
 
 
 def test_unknown_plugin_is_a_usage_error(tmp_path):

@@ -142,14 +142,37 @@ def steps_mem_gb(runs, *, n_jobs, mem_gb=None):
         inputs before it builds the graph).
     """
     try:
-        images = [nib.load(str(run.dwi)) for run in runs]
+        shape, input_itemsize = series_header(runs)
     except (OSError, ImageFileError):
         return None
-    shape = (*images[0].shape[:3], sum(img.shape[3] for img in images))
-    peaks = stage_peak_bytes(shape, n_jobs=n_jobs,
-                             input_itemsize=max(img.get_data_dtype().itemsize for img in images),
+    peaks = stage_peak_bytes(shape, n_jobs=n_jobs, input_itemsize=input_itemsize,
                              memory_bytes=None if mem_gb is None else int(mem_gb * 2 ** 30))
     return {stage: (PROCESS_BYTES + peak) / 2 ** 30 for stage, peak in peaks.items()}
+
+
+def series_header(runs):
+    """The shape (X, Y, Z, N) and the input's bytes per sample of the series that ``runs``
+    make, read from their headers: combined runs are one series with all their volumes.
+
+    Parameters
+    ----------
+    runs : list of pipeline.bids.DwiRun
+        One run, or the runs combined into one series.
+
+    Returns
+    -------
+    shape : tuple of int
+    input_itemsize : int
+        The largest of the runs' (they are read into one float32 series).
+
+    Raises
+    ------
+    OSError, nibabel.filebasedimages.ImageFileError
+        A header cannot be read.
+    """
+    images = [nib.load(str(run.dwi)) for run in runs]
+    shape = (*images[0].shape[:3], sum(img.shape[3] for img in images))
+    return shape, max(img.get_data_dtype().itemsize for img in images)
 
 
 def _declared(steps_memory, stage):

@@ -153,12 +153,13 @@ class Execution:
     plugin: str = setting(
         "MultiProc", "--plugin", choices=PLUGINS, group=CLUSTER_GROUP,
         help="Nipype plugin that runs the steps: Linear (one by one), MultiProc (--n-jobs "
-             "processes here; default) or SLURM (one sbatch job per step)")
+             "processes here; default) or SLURM (one sbatch job per step, asking for the "
+             "memory and cores the step declares)")
     plugin_args: dict = setting(
         {}, "--plugin-args", parse=parse_plugin_args, metavar="JSON", group=CLUSTER_GROUP,
         example='plugin_args = { "max_jobs" = 20 }',
         help="arguments of the plugin as a JSON object, e.g. "
-             """'{"sbatch_args": "--mem=8G --time=1:00:00", "max_jobs": 20}'""")
+             """'{"sbatch_args": "--time=1:00:00 -p short", "max_jobs": 20}'""")
     dask_scheduler: str | None = setting(
         None, "--dask-scheduler", metavar="ADDRESS", group=CLUSTER_GROUP,
         example='dask_scheduler = "tcp://host:8786"',

@@ -1,9 +1,11 @@
 """How a run is executed: the plugin, the number of workers and the work directory.
 
 SLURM goes through Nipype's SLURM plugin: every node becomes one ``sbatch``
-job, submitted when its inputs are ready, with ``--cpus-per-task`` set to the
-node's ``n_procs``. Everything the jobs read (the Python environment, the
-work and output directories) must be on a filesystem the compute nodes share.
+job, submitted when its inputs are ready, asking for the memory and cores the
+node declares (``--mem`` from its ``mem_gb``, ``--cpus-per-task`` from its
+``n_procs``: :func:`sbatch_resources`). Everything the jobs read (the Python
+environment, the work and output directories) must be on a filesystem the
+compute nodes share.
 
 None of these settings changes a result. The ones that reach the workflow
 (:data:`EXECUTION_SETTINGS`) are therefore kept out of Nipype's cache keys and
@@ -20,9 +22,12 @@ complete and a rerun with the same inputs and settings recomputes nothing.
 import argparse
 import gc
 import getpass
+import inspect
 import json
 import logging
+import math
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -42,6 +47,10 @@ ALL_CORES = -1
 #: Seconds between ``squeue`` polls of the SLURM plugin (Nipype's default). The
 #: 0.05 s used for MultiProc would flood the SLURM controller with queries.
 SLURM_POLL_SECONDS = 2.0
+
+#: ``sbatch`` options that set a job's memory (SLURM takes only one of them) and its cores.
+SBATCH_MEMORY_OPTIONS = frozenset({"--mem", "--mem-per-cpu", "--mem-per-gpu"})
+SBATCH_CORES_OPTIONS = frozenset({"--cpus-per-task", "-c"})
 
 
 def parse_plugin_args(text):
@@ -332,7 +341,7 @@ def run_workflow(wf, *, plugin, plugin_args, n_procs, memory_gb=None, status_cal
         if memory_gb is not None:
             settings["memory_gb"] = memory_gb
     elif plugin == "SLURM":
-        _prepare_for_slurm(wf)
+        _prepare_for_slurm(wf, plugin_args.get("sbatch_args", ""))
     settings.update(plugin_args)
     if status_callback is not None:
         settings["status_callback"] = status_callback
@@ -348,7 +357,60 @@ def run_workflow(wf, *, plugin, plugin_args, n_procs, memory_gb=None, status_cal
         gc.unfreeze()
 
 
-def _prepare_for_slurm(wf):
+def sbatch_resources(node, sbatch_args=""):
+    """The ``sbatch`` options asking for the memory and cores ``node`` declares to Nipype's
+    scheduler: ``--mem`` its ``mem_gb`` (in MiB, rounded up), ``--cpus-per-task`` its
+    ``n_procs``.
+
+    Nipype's SLURM plugin reads neither ``mem_gb`` nor ``n_procs``: it submits every node
+    with the plugin's ``sbatch_args`` and the node's own ``plugin_args["sbatch_args"]``, so
+    without these options each step would get the partition's default memory and cores.
+    They cost the cache nothing: ``plugin_args`` are not among the inputs Nipype hashes.
+
+    Parameters
+    ----------
+    node : nipype.pipeline.engine.Node
+    sbatch_args : str
+        The plugin's ``sbatch_args``, given for every job. The user's choice wins: an option
+        of :data:`SBATCH_MEMORY_OPTIONS` or :data:`SBATCH_CORES_OPTIONS` in it is not
+        requested again, as the node's options come after it on the command line and
+        sbatch takes the last.
+
+    Returns
+    -------
+    str
+        Empty when there is nothing to ask for: ``--mem`` only for a node that declares its
+        memory (Nipype's default ``mem_gb``, 0.2 GB, is a placeholder below one Python
+        process of the run), ``--cpus-per-task`` only for more than SLURM's default core.
+    """
+    from nipype.pipeline.engine import Node
+
+    given = _sbatch_option_names(sbatch_args)
+    options = []
+    if (node.mem_gb != inspect.signature(Node).parameters["mem_gb"].default
+            and not given & SBATCH_MEMORY_OPTIONS):
+        options.append(f"--mem={math.ceil(node.mem_gb * 1024)}M")
+    if node.n_procs > 1 and not given & SBATCH_CORES_OPTIONS:
+        options.append(f"--cpus-per-task={node.n_procs}")
+    return " ".join(options)
+
+
+def _sbatch_option_names(sbatch_args):
+    """The options named in an ``sbatch`` command line: ``"--mem=8G -c4 -p short"`` →
+    ``{"--mem", "-c", "-p"}``."""
+    names = set()
+    for word in shlex.split(sbatch_args):
+        if word.startswith("--"):
+            names.add(word.partition("=")[0])
+        elif word.startswith("-"):
+            names.add(word[:2])  # "-c 4" and "-c4"
+    return names
+
+
+def _prepare_for_slurm(wf, sbatch_args):
+    """Ready ``wf`` for Nipype's SLURM plugin, whose every job gets ``sbatch_args``: each
+    node that has no ``sbatch_args`` of its own asks for its resources
+    (:func:`sbatch_resources`)."""
     # Nipype names each job after $LOGNAME and fails where it is unset (containers, CI).
     if "LOGNAME" not in os.environ:
         try:
@@ -357,6 +419,6 @@ def _prepare_for_slurm(wf):
             os.environ["LOGNAME"] = str(os.getuid())
     wf.config["execution"]["poll_sleep_duration"] = SLURM_POLL_SECONDS
     for node in wf._get_all_nodes():
-        if node.n_procs > 1 and "sbatch_args" not in node.plugin_args:
-            node.plugin_args = {**node.plugin_args,
-                                "sbatch_args": f"--cpus-per-task={node.n_procs}"}
+        resources = sbatch_resources(node, sbatch_args)
+        if resources and "sbatch_args" not in node.plugin_args:
+            node.plugin_args = {**node.plugin_args, "sbatch_args": resources}
