@@ -87,6 +87,52 @@ def lesion_run(lesion_phantom, tmp_path_factory):
     return out, truth, result
 
 
+#: The third phantom of :func:`three_subjects_at_once`: another side and level than the demo's.
+RIGHT_PEDUNCLE_LESION = {"side": "right", "level": "cerebral_peduncle", "radius_mm": 6.0,
+                         "fa_drop": 0.5}
+
+
+@pytest.fixture(scope="session")
+def three_subjects_at_once(lesion_phantom, tmp_path_factory):
+    """Three ``cst-report`` processes started at once, writing into one output folder:
+
+    - ``subject01``: the demo phantom of :func:`lesion_phantom` (a copy of its files), to
+      compare with :func:`lesion_run`'s two jobs;
+    - ``subject02``: a lesion-free phantom (another noise seed);
+    - ``subject03``: a lesion in the right cerebral peduncle.
+
+    Each runs with ``--n-jobs 1``: three processes share the machine's cores.
+
+    One run of each serves the tests of concurrency, of ``n_jobs`` and of the lesion-free
+    phantom (each is a whole pipeline run, the suite's costliest unit).
+    Returns ``(out, {label: CompletedProcess}, {label: ground truth})``.
+    """
+    import shutil
+
+    demo_bids, demo_truth = lesion_phantom
+    bids = tmp_path_factory.mktemp("three") / "bids"
+    shutil.copytree(demo_bids, bids)
+    truths = {"subject01": demo_truth}
+    scratch = tmp_path_factory.mktemp("three-scratch")
+    for label, lesion, seed in (("subject02", None, 1), ("subject03", RIGHT_PEDUNCLE_LESION, 2)):
+        truths[label] = make_phantom_dataset(scratch, subject=label, lesion=lesion, seed=seed)
+        shutil.copytree(scratch / f"sub-{label}", bids / f"sub-{label}")
+    out = tmp_path_factory.mktemp("three-out")
+    processes = {
+        label: subprocess.Popen(
+            [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",
+             label, "--bids-dir", str(bids), "--out-dir", str(out), "--n-jobs", "1"],
+            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        for label in truths}
+    results = {}
+    for label, process in processes.items():
+        stdout, stderr = process.communicate(timeout=1800)
+        results[label] = subprocess.CompletedProcess(process.args, process.returncode,
+                                                     stdout, stderr)
+    return out, results, truths
+
+
 @pytest.fixture(scope="session")
 def real_scan_run(tmp_path_factory):
     """``cst-report --n-jobs 2`` of a shared real scan, run once per session for every test

@@ -1,16 +1,13 @@
-"""Two runs at once: the same subject is refused clearly; different subjects coexist."""
+"""Runs at once: the same subject is refused clearly; different subjects coexist."""
 
 import fcntl
 import json
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.errors import EXIT_BUSY
-from pipeline.sims.phantom import make_phantom_dataset
 
-from .conftest import REPO, load_metrics, run_cst_report
+from .conftest import load_metrics, run_cst_report
 
 
 def test_same_subject_while_another_run_holds_it_is_refused(lesion_phantom, tmp_path):
@@ -28,27 +25,18 @@ def test_same_subject_while_another_run_holds_it_is_refused(lesion_phantom, tmp_
 
 
 @pytest.mark.slow
-def test_two_subjects_into_one_output_folder_at_once(tmp_path):
-    bids = tmp_path / "bids"
-    make_phantom_dataset(bids, subject="subject01", lesion=None, seed=1)
-    make_phantom_dataset(bids, subject="subject02",
-                         lesion={"side": "right", "level": "cerebral_peduncle",
-                                 "radius_mm": 6.0, "fa_drop": 0.5}, seed=2)
-    out = tmp_path / "out"
-    runs = [subprocess.Popen(
-        [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",
-         subject, "--bids-dir", str(bids), "--out-dir", str(out), "--denoise", "none"],
-        cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for subject in ("subject01", "subject02")]
-    for run in runs:
-        _, stderr = run.communicate(timeout=1200)
-        assert run.returncode == 0, stderr
+def test_three_subjects_into_one_output_folder_at_once(three_subjects_at_once):
+    out, results, truths = three_subjects_at_once
+    for label, result in results.items():
+        assert result.returncode == 0, (label, result.stderr)
     json.loads((out / "dataset_description.json").read_text())
-    healthy = load_metrics(out, "sub-subject01")
-    lesioned = load_metrics(out, "sub-subject02")
-    assert healthy["subject"] == "subject01" and healthy["localization"]["umn_damage"] is False
-    assert lesioned["subject"] == "subject02"
-    assert lesioned["localization"]["affected_side"] == "right"
-    assert lesioned["localization"]["level"] == "cerebral_peduncle"
-    for label in ("subject01", "subject02"):
+    for label, truth in truths.items():
+        metrics = load_metrics(out, f"sub-{label}")
+        assert metrics["subject"] == label
+        found = metrics["localization"]
+        if truth["lesion"] is None:
+            assert found["umn_damage"] is False and found["affected_side"] == "none"
+        else:
+            assert found["affected_side"] == truth["lesion"]["side"]
+            assert found["level"] == truth["lesion"]["level"]
         assert len(list((out / f"sub-{label}" / "log").glob("*.log"))) == 1
