@@ -8,10 +8,24 @@
 # and the image size (must stay within 1.5 GB). Containers, images and the scratch
 # folder made here are removed on exit, also on failure.
 #
-# Environment: PYTHON (default .venv/bin/python; writes the demo dataset).
+# Usage: container_stage.sh [all|build|check|clean]. `build` makes the base and the image
+# and keeps them in $CST_CONTAINER_SCRATCH (removed only on failure); `check` runs the
+# image built there, then removes everything; `clean` only removes it. .ci/run builds while the tests run: the build
+# mostly downloads and unpacks, which the tests' computing barely slows down.
+#
+# Environment: PYTHON (default .venv/bin/python; writes the demo dataset),
+# CST_CONTAINER_SCRATCH (the scratch folder; required by build, check and clean).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage_start=$(date +%s)
+PHASE=${1:-all}
+case "$PHASE" in
+  all) SCRATCH=$(mktemp -d /tmp/cst-container-stage.XXXXXX) ;;
+  build | check | clean)
+    SCRATCH=${CST_CONTAINER_SCRATCH:?set CST_CONTAINER_SCRATCH for the $PHASE phase}
+    mkdir -p "$SCRATCH" ;;
+  *) echo "usage: $0 [all|build|check|clean]" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-.venv/bin/python}
 IMAGE=localhost/cst-integrity:ci
 BASE=docker.io/library/debian:bookworm-slim  # the Dockerfile's FROM
@@ -23,7 +37,6 @@ if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null \
   apt-get install -y -qq --no-install-recommends podman debootstrap runc >/dev/null
 fi
 
-SCRATCH=$(mktemp -d /tmp/cst-container-stage.XXXXXX)
 # Own storage (flags, not CONTAINERS_STORAGE_CONF: that made runs hang); runc because crun
 # fails on hosts with hybrid cgroups; ulimits because setrlimit is not permitted there.
 podman_() {
@@ -34,8 +47,10 @@ RUN_OPTIONS=(--rm --ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 
 cleanup() {
   local status=$?
+  # A successful build leaves the image for the check phase.
+  [ "$PHASE" = build ] && [ "$status" -eq 0 ] && exit 0
   set +e
-  [ "$status" -ne 0 ] && echo "container stage FAILED (exit $status)" >&2
+  [ "$status" -ne 0 ] && echo "container stage ($PHASE) FAILED (exit $status)" >&2
   podman_ rm --all --force >/dev/null 2>&1
   # also releases the storage's own mounts, so that the folder can be removed
   podman_ system reset --force >/dev/null 2>&1
@@ -106,8 +121,15 @@ show_help_and_version() {
   podman_ run "${RUN_OPTIONS[@]}" "$IMAGE" --version
 }
 
-timed "base image (debootstrap)" make_base_image
-timed "image build" build_image
+[ "$PHASE" = clean ] && exit 0  # the exit trap removes it all
+if [ "$PHASE" != check ]; then
+  timed "base image (debootstrap)" make_base_image
+  timed "image build" build_image
+fi
+if [ "$PHASE" = build ]; then
+  echo "container stage: image built in $(( $(date +%s) - stage_start )) s"
+  exit 0
+fi
 timed "--help and --version" show_help_and_version
 [ "$(podman_ image inspect "$IMAGE" --format '{{.Config.User}}')" = cst ]
 timed "demo inside the image (input read-only, no network)" run_demo
@@ -115,4 +137,4 @@ timed "demo inside the image (input read-only, no network)" run_demo
 size=$(podman_ image inspect "$IMAGE" --format '{{.Size}}')
 echo "container stage: image size $(( size / 1000000 )) MB (goal <= $(( MAX_IMAGE_BYTES / 1000000 )) MB)"
 [ "$size" -le "$MAX_IMAGE_BYTES" ]
-echo "container stage finished in $(( $(date +%s) - stage_start )) s"
+echo "container stage ($PHASE) finished in $(( $(date +%s) - stage_start )) s"

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # CI stage: the pipeline on a real SLURM cluster (one node on localhost, slurm-wlm + munge).
 #
-# 1. a local run (MultiProc) of two real subjects: the reference;
+# 1. a local run (MultiProc) of two real subjects: the reference. The tests' own runs of
+#    them serve, where they were kept (CST_TEST_RUNS_DIR, set by .ci/run);
 # 2. the same through Nipype's SLURM plugin: every step must be a SLURM job (the job ids
 #    Nipype recorded are found completed in slurmctld's log) and the outputs must equal
 #    the reference (metrics JSON apart from its creation time, streamlines bit for bit,
 #    profiles byte for byte);
-# 3. scripts/slurm_array.py with the reference's work directory (its steps are cached, only
-#    the outputs are written again): a task cancelled at once is resubmitted automatically
+# 3. scripts/slurm_array.py with a work directory of step 1 or 2 (its steps are cached,
+#    only the outputs are written again): a task cancelled at once is resubmitted automatically
 #    (--retries 1), and the outputs equal the reference;
 # 4. the tests marked `slurm` (tracking on a dask-jobqueue SLURMCluster).
 # Every daemon started here is stopped on exit, also on failure.
 #
 # Environment: PYTHON (default .venv/bin/python, with the [test] extra installed),
 # CST_SHARED_BIDS (default ../shared/data/bids; without it the demo phantom is used),
-# CST_CI_SUBJECTS (default "toshiba01 siemens02").
+# CST_CI_SUBJECTS (default "toshiba01 philips02"), CST_TEST_RUNS_DIR (the tests' runs of
+# the real scans, one folder per subject: tests/conftest.py real_scan_run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage_start=$(date +%s)
 PYTHON=${PYTHON:-.venv/bin/python}
 BIN=$(dirname "$PYTHON")
 BIDS=${CST_SHARED_BIDS:-../shared/data/bids}
-# The two cheapest real scans that give a full (assessable) report: ~1 and ~1.5 min each.
-read -r -a SUBJECTS <<<"${CST_CI_SUBJECTS:-toshiba01 siemens02}"
+# Two real scans that give a full (assessable) report, of two vendors, which the tests run
+# too (~40 and ~65 s each).
+read -r -a SUBJECTS <<<"${CST_CI_SUBJECTS:-toshiba01 philips02}"
 N_JOBS=2  # the CI machine's cores
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -160,7 +163,25 @@ slurm_run() {  # one cst-integrity per subject at the same time: their jobs shar
   return "$failed"
 }
 
-timed "local run (MultiProc)" participant "$SCRATCH"/local "$SCRATCH"/work-local "${labels[@]}"
+reference_from_tests() {  # the tests' runs of every subject, if kept: copied as the reference
+  local subject
+  [ -n "${CST_TEST_RUNS_DIR:-}" ] || return 1
+  for subject in "${labels[@]}"; do
+    [ -s "$CST_TEST_RUNS_DIR/$subject/sub-$subject/dwi/sub-${subject}_desc-cst_metrics.json" ] \
+      || return 1
+  done
+  mkdir -p "$SCRATCH"/local
+  for subject in "${labels[@]}"; do
+    cp -r "$CST_TEST_RUNS_DIR/$subject/sub-$subject" "$SCRATCH"/local/
+  done
+}
+if reference_from_tests; then
+  echo "slurm stage: the reference is the tests' local runs (cst-report --n-jobs $N_JOBS) in $CST_TEST_RUNS_DIR"
+  cached_work=$SCRATCH/work-slurm
+else
+  timed "local run (MultiProc)" participant "$SCRATCH"/local "$SCRATCH"/work-local "${labels[@]}"
+  cached_work=$SCRATCH/work-local
+fi
 timed "SLURM plugin run" slurm_run
 
 # Every step went through SLURM: Nipype keeps one slurm-<job id>.out per submitted job,
@@ -178,12 +199,13 @@ grep -E "(Allocate|Started) JobId=" "$SCRATCH"/slurmctld.log | tail -n 3
 "$PYTHON" scripts/compare_outputs.py --results-only "$SCRATCH"/local "$SCRATCH"/slurm
 
 # The array script against the same scheduler: one task per participant. It reuses the
-# local run's work directory (a copy would not do: Nipype's cache keys hold absolute
-# paths) and its --n-jobs (part of the recorded parameters). A task cancelled right after
+# work directory of the local or the SLURM run (a copy would not do: Nipype's cache keys
+# hold absolute paths; the plugin is not part of them) and its --n-jobs (part of the
+# recorded parameters). A task cancelled right after
 # submission must be resubmitted by the follow-up job.
 array_run() {
-  local state=$SCRATCH/work-local/slurm-array array_id subject
-  "$PYTHON" scripts/slurm_array.py "$BIDS" "$SCRATCH"/array --work-dir "$SCRATCH"/work-local \
+  local state=$cached_work/slurm-array array_id subject
+  "$PYTHON" scripts/slurm_array.py "$BIDS" "$SCRATCH"/array --work-dir "$cached_work" \
     --cst-integrity "$BIN"/cst-integrity --cpus "$N_JOBS" --mem 2G --time 00:20:00 \
     --retries 1 --participant-label "${labels[@]}" | tee "$SCRATCH"/array-submit.log
   array_id=$(sed -n 's/^submitted array job \([0-9]*\).*/\1/p' "$SCRATCH"/array-submit.log)

@@ -137,12 +137,22 @@ def three_subjects_at_once(lesion_phantom, tmp_path_factory):
 def real_scan_run(tmp_path_factory):
     """``cst-report --n-jobs 2`` of a shared real scan, run once per session for every test
     that reads it: ``run(subject, bids=SHARED_BIDS)`` → its output folder (the run ended
-    with an assessment, or as not assessable)."""
+    with an assessment, or as not assessable).
+
+    With ``CST_TEST_RUNS_DIR`` set, the runs of ``SHARED_BIDS`` are kept there, in a
+    folder per subject: CI's SLURM stage (``.ci/slurm_stage.sh``) takes them as the local
+    runs its SLURM runs must equal, rather than computing them again.
+    """
     outputs = {}
+    kept = os.environ.get("CST_TEST_RUNS_DIR")
 
     def run(subject, bids=SHARED_BIDS):
         if (subject, bids) not in outputs:
-            out = tmp_path_factory.mktemp(f"real-{subject}")
+            if kept and bids == SHARED_BIDS:
+                out = Path(kept) / subject
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                out = tmp_path_factory.mktemp(f"real-{subject}")
             result = run_cst_report(subject, bids, out, "--n-jobs", "2")
             assert result.returncode in (0, EXIT_NOT_ASSESSABLE), result.stderr
             outputs[subject, bids] = out
