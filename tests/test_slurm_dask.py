@@ -249,12 +249,14 @@ def test_unknown_plugin_is_a_usage_error(tmp_path):
 
 
 def test_dask_scheduler_reaches_the_tracking_node():
-    wf = init_cst_wf(subject="01", tracking={}, n_jobs=4, seed=0,
+    tracking_settings = RunConfig().parameters()["tracking"]
+    wf = init_cst_wf(subject="01", tracking=tracking_settings, n_jobs=4, seed=0,
                      dask_scheduler="tcp://10.0.0.5:8786")
     track = wf.get_node("track_cst")
     assert track.inputs.dask_scheduler == "tcp://10.0.0.5:8786"
     assert track.n_procs == 1  # the Dask workers do the work, not this machine's cores
-    local = init_cst_wf(subject="01", tracking={}, n_jobs=4, seed=0).get_node("track_cst")
+    local = init_cst_wf(subject="01", tracking=tracking_settings, n_jobs=4,
+                        seed=0).get_node("track_cst")
     assert local.inputs.dask_scheduler is None and local.n_procs == 4
 
 

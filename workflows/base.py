@@ -338,7 +338,8 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     return wf
 
 
-def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf"):
+def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, steps_memory=None,
+                        name="dwi_preproc_wf"):
     """From the raw series of one run (or several combined runs) to the tensor maps.
 
     Per run: brain mask → denoising → Gibbs removal; several runs are then
@@ -356,6 +357,9 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     mem_gb : float, optional
         The run's memory budget (GiB): the denoising steps and the tensor fit size their
         chunks from it (None: default chunks).
+    steps_memory : dict, optional
+        Memory (GiB) each step declares to the scheduler; None: :func:`steps_mem_gb` of
+        ``runs``.
 
     Outputs
     -------
@@ -366,7 +370,8 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, name="dwi_preproc_wf")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["mask", "fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec",
                 "outliers_qc"]), name="outputnode")
-    steps_memory = steps_mem_gb(runs, n_jobs=n_jobs, mem_gb=mem_gb)
+    if steps_memory is None:
+        steps_memory = steps_mem_gb(runs, n_jobs=n_jobs, mem_gb=mem_gb)
     correct_wf = init_dwi_correct_wf(
         b0_threshold=pre["b0_threshold"], motion=pre["motion"], outliers=pre["outliers"],
         gradient_check=pre["gradient_check"], dti_max_bvalue=pre["dti_max_bvalue"],
@@ -424,10 +429,11 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     subject : str
         Subject label (written in the profiles table).
     tracking : dict
-        ``model`` ("dti", "csd" or "auto"; :func:`pipeline.steps.fit_fodf`) and
-        keyword arguments of :func:`pipeline.steps.track_cst` (direction, fa_stop,
-        gap_fa, corridor_radius_mm, max_angle_deg, step_mm, seeds_per_voxel,
-        min_coverage).
+        The ``tracking`` section of the run configuration
+        (:meth:`workflows.config.RunConfig.parameters`): ``model`` ("dti", "csd" or
+        "auto"; :func:`pipeline.steps.fit_fodf`) and keyword arguments of
+        :func:`pipeline.steps.track_cst` (direction, fa_stop, gap_fa,
+        corridor_radius_mm, max_angle_deg, step_mm, seeds_per_voxel, min_coverage).
     n_jobs : int
         joblib workers for tracking, threads for SyN's field inversions (neither
         result depends on it).
@@ -465,8 +471,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     # time, so the other core stays with the gradient check, which runs beside it.
     register = stage_node(steps.register_atlas, "register_atlas", inputs={"n_jobs": n_jobs})
     fodf = stage_node(steps.fit_fodf, "fit_fodf", n_procs=n_jobs,
-                      inputs={"model": tracking.get("model", "dti"),
-                              "fa_stop": tracking.get("fa_stop", 0.2),
+                      inputs={"model": tracking["model"], "fa_stop": tracking["fa_stop"],
                               "b0_threshold": b0_threshold, "n_jobs": n_jobs},
                       **_declared(steps_memory, "fit_fodf"))
     track = stage_node(steps.track_cst, "track_cst", **_declared(steps_memory, "track_cst"),
@@ -527,15 +532,16 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
     """
     wf = pe.Workflow(name=name or f"{run.stem.replace('-', '_')}_wf")
     runs = list(getattr(run, "runs", [run]))
-    preproc_wf = init_dwi_preproc_wf(runs, parameters=parameters, mem_gb=mem_gb)
+    steps_memory = steps_mem_gb(runs, n_jobs=parameters["n_jobs"], mem_gb=mem_gb)
+    preproc_wf = init_dwi_preproc_wf(runs, parameters=parameters, mem_gb=mem_gb,
+                                     steps_memory=steps_memory)
     cst_wf = init_cst_wf(subject=run.subject, tracking=parameters["tracking"],
                          n_jobs=parameters["n_jobs"],
                          seed=parameters["seed"],
                          dask_scheduler=parameters.get("dask_scheduler"),
                          b0_threshold=parameters["preprocessing"]["b0_threshold"],
                          dti_max_bvalue=parameters["preprocessing"]["dti_max_bvalue"],
-                         steps_memory=steps_mem_gb(runs, n_jobs=parameters["n_jobs"],
-                                                   mem_gb=mem_gb))
+                         steps_memory=steps_memory)
 
     source_files = [str(path) for path in run.source_files]
     # Only the settings that decide the results may invalidate the cached assessment.
