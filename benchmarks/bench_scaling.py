@@ -16,7 +16,7 @@ growth exponents ``b`` of ``t ∝ samples^b`` (log-log least squares over the si
 Usage (from the repository root)::
 
     python benchmarks/bench_scaling.py --sizes native ukb            # a few minutes
-    python benchmarks/bench_scaling.py --sizes native ukb mid hcp --out scaling.json
+    python benchmarks/bench_scaling.py --sizes native ukb abcd mid hcp --out scaling.json
 
 The copies go to ``--work`` (default a temporary folder; 2.5 GB of int16 for the HCP size).
 """
@@ -46,6 +46,7 @@ from pipeline.sims import degrade  # noqa: E402
 SIZES = {
     "native": None,
     "ukb": (104, 104, 72, 105),  # UK Biobank
+    "abcd": (140, 140, 81, 103),  # ABCD (1.7 mm, three shells' worth of volumes)
     "mid": (128, 150, 120, 180),
     "hcp": (145, 174, 145, 288),  # Human Connectome Project (young adult)
 }
