@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,6 @@ def three_subjects_at_once(lesion_phantom, tmp_path_factory):
     phantom (each is a whole pipeline run, the suite's costliest unit).
     Returns ``(out, {label: CompletedProcess}, {label: ground truth})``.
     """
-    import shutil
-
     demo_bids, demo_truth = lesion_phantom
     bids = tmp_path_factory.mktemp("three") / "bids"
     shutil.copytree(demo_bids, bids)
