@@ -10,8 +10,8 @@
 #
 # Usage: container_stage.sh [all|build|check|clean]. `build` makes the base and the image
 # and keeps them in $CST_CONTAINER_SCRATCH (removed only on failure); `check` runs the
-# image built there, then removes everything; `clean` only removes it. .ci/run builds while the tests run: the build
-# mostly downloads and unpacks, which the tests' computing barely slows down.
+# image built there, then removes everything; `clean` only removes it. .ci/run builds
+# while the tests run: the build mostly downloads and unpacks, beside the tests' computing.
 #
 # Environment: PYTHON (default .venv/bin/python; writes the demo dataset),
 # CST_CONTAINER_SCRATCH (the scratch folder; required by build, check and clean).

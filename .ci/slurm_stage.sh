@@ -8,8 +8,8 @@
 #    the reference (metrics JSON apart from its creation time, streamlines bit for bit,
 #    profiles byte for byte);
 # 3. scripts/slurm_array.py with a work directory of step 1 or 2 (its steps are cached,
-#    only the outputs are written again): a task cancelled at once is resubmitted automatically
-#    (--retries 1), and the outputs equal the reference;
+#    only the outputs are written again): a task cancelled at once is resubmitted
+#    automatically (--retries 1), and the outputs equal the reference;
 # 4. the tests marked `slurm` (tracking on a dask-jobqueue SLURMCluster).
 # Every daemon started here is stopped on exit, also on failure.
 #
