@@ -12,7 +12,9 @@ largest stage plus the Python processes of the run. The up-front check
 (:func:`pipeline.io.dwi.load_dwi`) and the steps' ``mem_gb`` (Nipype's scheduler) use them.
 """
 
+import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
 from .preprocessing import denoise, gibbs, motion
 from .reconstruction import tensor
@@ -119,3 +121,57 @@ def estimated_memory_bytes(shape, *, input_itemsize=FLOAT32_BYTES, n_jobs=1,
     stages = stage_peak_bytes(shape, input_itemsize=input_itemsize, n_jobs=n_jobs,
                               memory_bytes=memory_bytes)
     return (1 + max(int(n_jobs), 1)) * PROCESS_BYTES + max(stages.values())
+
+
+def steps_mem_gb(runs, *, n_jobs, mem_gb=None):
+    """Memory (GiB) each heavy step of ``runs`` declares to the scheduler (the node's
+    ``mem_gb``, by which MultiProc and SLURM place it): its process and its peak
+    (:func:`stage_peak_bytes`) on the runs' series, read from the
+    headers; combined runs count as one series with all their volumes.
+
+    Parameters
+    ----------
+    runs : list of pipeline.io.bids.DwiRun
+    n_jobs : int
+    mem_gb : float, optional
+        The run's memory budget (GiB), which sizes the chunks of some steps.
+
+    Returns
+    -------
+    dict or None
+        Stage name -> GiB; None when a header cannot be read (a graph built from
+        placeholder files: its steps declare Nipype's default, and a run checks its
+        inputs before it builds the graph).
+    """
+    try:
+        shape, input_itemsize = series_header(runs)
+    except (OSError, ImageFileError):
+        return None
+    peaks = stage_peak_bytes(shape, n_jobs=n_jobs, input_itemsize=input_itemsize,
+                             memory_bytes=None if mem_gb is None else int(mem_gb * 2 ** 30))
+    return {stage: (PROCESS_BYTES + peak) / 2 ** 30 for stage, peak in peaks.items()}
+
+
+def series_header(runs):
+    """The shape (X, Y, Z, N) and the input's bytes per sample of the series that ``runs``
+    make, read from their headers: combined runs are one series with all their volumes.
+
+    Parameters
+    ----------
+    runs : list of pipeline.io.bids.DwiRun
+        One run, or the runs combined into one series.
+
+    Returns
+    -------
+    shape : tuple of int
+    input_itemsize : int
+        The largest of the runs' (they are read into one float32 series).
+
+    Raises
+    ------
+    OSError, nibabel.filebasedimages.ImageFileError
+        A header cannot be read.
+    """
+    images = [nib.load(str(run.dwi)) for run in runs]
+    shape = (*images[0].shape[:3], sum(img.shape[3] for img in images))
+    return shape, max(img.get_data_dtype().itemsize for img in images)

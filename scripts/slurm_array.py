@@ -147,8 +147,7 @@ def estimated_task_memory(args, labels):
 
         from pipeline.errors import InputError
         from pipeline.io.bids import combine_by_session, find_dwi_runs
-        from pipeline.memory import estimated_memory_bytes
-        from workflows.base import series_header
+        from pipeline.memory import estimated_memory_bytes, series_header
         from workflows.cli import bids_app_parser, parse_args
         from workflows.config import RunConfig
     except ImportError:

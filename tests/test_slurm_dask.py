@@ -18,10 +18,11 @@ from nipype.pipeline import engine as pe
 
 from pipeline.errors import EXIT_BAD_INPUT, InputError
 from pipeline.io.bids import find_dwi_runs
+from pipeline.memory import steps_mem_gb
 from pipeline.parallel import dask_backend, parallel_map, require_dask
 from pipeline.tracking import propagation as tracking
 from pipeline.tracking.propagation import seeds_in_mask, track_dti_deterministic
-from workflows.base import init_cst_wf, init_single_subject_wf, steps_mem_gb
+from workflows.base import init_cst_wf, init_single_subject_wf
 from workflows.cli import cst_report_parser, parse_args
 from workflows.config import RunConfig
 from workflows.execution import SLURM_POLL_SECONDS, run_workflow
@@ -180,7 +181,7 @@ def test_local_plugins_get_the_pool_size_unless_overridden(tmp_path, monkeypatch
     assert wf.get_node("heavy").plugin_args == {}
 
 
-#: The steps that declare their memory (workflows.base.steps_mem_gb) in the default graph.
+#: The steps that declare their memory (pipeline.memory.steps_mem_gb) in the default graph.
 DECLARING_MEMORY = {"brain_mask", "denoise", "remove_gibbs", "correct_motion", "check_gradients",
                     "fit_tensor", "fit_fodf", "track_cst"}
 

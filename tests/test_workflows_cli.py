@@ -13,8 +13,9 @@ from nipype.pipeline import engine as pe
 
 from pipeline.errors import EXIT_BAD_INPUT, BusyError, InputError
 from pipeline.io.bids import find_dwi_runs
+from pipeline.memory import steps_mem_gb
 from pipeline.stage import stage
-from workflows.base import init_single_subject_wf, stage_node, steps_mem_gb
+from workflows.base import init_single_subject_wf, stage_node
 from workflows.cli import (
     _Progress,
     bids_app_parser,

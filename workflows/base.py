@@ -2,8 +2,6 @@
 
 import inspect
 
-import nibabel as nib
-from nibabel.filebasedimages import ImageFileError
 from nipype.interfaces import utility as niu
 from nipype.interfaces.base import traits
 from nipype.interfaces.utility.wrappers import FunctionInputSpec
@@ -11,7 +9,7 @@ from nipype.pipeline import engine as pe
 
 from pipeline import steps
 from pipeline.io.dwi import B0_THRESHOLD
-from pipeline.memory import PROCESS_BYTES, stage_peak_bytes
+from pipeline.memory import steps_mem_gb
 from pipeline.reconstruction.tensor import DTI_MAX_BVALUE
 
 from .execution import EXECUTION_SETTINGS, split_parameters
@@ -121,60 +119,6 @@ def stage_node(step, name, *, inputs=None, **kwargs):
     return node
 
 
-def steps_mem_gb(runs, *, n_jobs, mem_gb=None):
-    """Memory (GiB) each heavy step of ``runs`` declares to the scheduler (the node's
-    ``mem_gb``, by which MultiProc and SLURM place it): its process and its peak
-    (:func:`pipeline.memory.stage_peak_bytes`) on the runs' series, read from the
-    headers; combined runs count as one series with all their volumes.
-
-    Parameters
-    ----------
-    runs : list of pipeline.bids.DwiRun
-    n_jobs : int
-    mem_gb : float, optional
-        The run's memory budget (GiB), which sizes the chunks of some steps.
-
-    Returns
-    -------
-    dict or None
-        Stage name -> GiB; None when a header cannot be read (a graph built from
-        placeholder files: its steps declare Nipype's default, and a run checks its
-        inputs before it builds the graph).
-    """
-    try:
-        shape, input_itemsize = series_header(runs)
-    except (OSError, ImageFileError):
-        return None
-    peaks = stage_peak_bytes(shape, n_jobs=n_jobs, input_itemsize=input_itemsize,
-                             memory_bytes=None if mem_gb is None else int(mem_gb * 2 ** 30))
-    return {stage: (PROCESS_BYTES + peak) / 2 ** 30 for stage, peak in peaks.items()}
-
-
-def series_header(runs):
-    """The shape (X, Y, Z, N) and the input's bytes per sample of the series that ``runs``
-    make, read from their headers: combined runs are one series with all their volumes.
-
-    Parameters
-    ----------
-    runs : list of pipeline.bids.DwiRun
-        One run, or the runs combined into one series.
-
-    Returns
-    -------
-    shape : tuple of int
-    input_itemsize : int
-        The largest of the runs' (they are read into one float32 series).
-
-    Raises
-    ------
-    OSError, nibabel.filebasedimages.ImageFileError
-        A header cannot be read.
-    """
-    images = [nib.load(str(run.dwi)) for run in runs]
-    shape = (*images[0].shape[:3], sum(img.shape[3] for img in images))
-    return shape, max(img.get_data_dtype().itemsize for img in images)
-
-
 def _declared(steps_memory, stage):
     """The ``mem_gb`` keyword of ``stage``'s node (none: Nipype's default)."""
     return {} if steps_memory is None else {"mem_gb": steps_memory[stage]}
@@ -197,7 +141,7 @@ def init_dwi_denoise_wf(*, b0_threshold, denoise, gibbs, n_jobs, mem_gb=None,
         Memory budget (GiB) of the denoising step, which sizes its chunks from it (None:
         default chunks).
     steps_memory : dict, optional
-        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
+        Memory (GiB) each step declares to the scheduler (:func:`pipeline.memory.steps_mem_gb`).
 
     Inputs
     ------
@@ -258,7 +202,7 @@ def init_dwi_correct_wf(*, b0_threshold, motion, outliers, gradient_check, dti_m
     mem_gb : float, optional
         Memory budget (GiB) of the tensor fit, which sizes its chunks from it.
     steps_memory : dict, optional
-        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
+        Memory (GiB) each step declares to the scheduler (:func:`pipeline.memory.steps_mem_gb`).
 
     Inputs
     ------
@@ -358,8 +302,8 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, steps_memory=None,
         The run's memory budget (GiB): the denoising steps and the tensor fit size their
         chunks from it (None: default chunks).
     steps_memory : dict, optional
-        Memory (GiB) each step declares to the scheduler; None: :func:`steps_mem_gb` of
-        ``runs``.
+        Memory (GiB) each step declares to the scheduler; None:
+        :func:`pipeline.memory.steps_mem_gb` of ``runs``.
 
     Outputs
     -------
@@ -448,7 +392,7 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
     dti_max_bvalue : float
         The tensor's highest shell (s/mm²), for the bootstrap of the tensor fit.
     steps_memory : dict, optional
-        Memory (GiB) each step declares to the scheduler (:func:`steps_mem_gb`).
+        Memory (GiB) each step declares to the scheduler (:func:`pipeline.memory.steps_mem_gb`).
 
     Inputs
     ------
