@@ -27,14 +27,24 @@ def always_parallel(monkeypatch):
     monkeypatch.setattr(pipeline.parallel, "WORKER_START_SECONDS", 0.0)
 
 
+def cst_report_env():
+    """The environment of a ``cst-report`` process started by a test: this one's, as the
+    test may have set it, without Python's warnings."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def cst_report_command(subject, bids_dir, out_dir, *extra):
+    """The command line of ``cst-report``, run by this Python as a user would run it."""
+    return [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",
+            subject, "--bids-dir", str(bids_dir), "--out-dir", str(out_dir), *extra]
+
+
 def run_cst_report(subject, bids_dir, out_dir, *extra, work_dir=None):
     """Run ``cst-report`` in a fresh process, as a user would; return the CompletedProcess."""
-    args = [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",
-            subject, "--bids-dir", str(bids_dir), "--out-dir", str(out_dir), *extra]
     if work_dir is not None:
-        args += ["--work-dir", str(work_dir)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(REPO),
+        extra = (*extra, "--work-dir", str(work_dir))
+    return subprocess.run(cst_report_command(subject, bids_dir, out_dir, *extra),
+                          capture_output=True, text=True, env=cst_report_env(), cwd=str(REPO),
                           timeout=1800)
 
 
@@ -118,11 +128,9 @@ def three_subjects_at_once(lesion_phantom, tmp_path_factory):
         shutil.copytree(scratch / f"sub-{label}", bids / f"sub-{label}")
     out = tmp_path_factory.mktemp("three-out")
     processes = {
-        label: subprocess.Popen(
-            [sys.executable, "-c", "from workflows.cli import cst_report_main; cst_report_main()",
-             label, "--bids-dir", str(bids), "--out-dir", str(out), "--n-jobs", "1"],
-            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        label: subprocess.Popen(cst_report_command(label, bids, out, "--n-jobs", "1"),
+                                cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=cst_report_env())
         for label in truths}
     results = {}
     for label, process in processes.items():

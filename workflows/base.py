@@ -302,8 +302,7 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, steps_memory=None,
         The run's memory budget (GiB): the denoising steps and the tensor fit size their
         chunks from it (None: default chunks).
     steps_memory : dict, optional
-        Memory (GiB) each step declares to the scheduler; None:
-        :func:`pipeline.memory.steps_mem_gb` of ``runs``.
+        Memory (GiB) each step declares to the scheduler (:func:`pipeline.memory.steps_mem_gb`).
 
     Outputs
     -------
@@ -314,8 +313,6 @@ def init_dwi_preproc_wf(runs, *, parameters, mem_gb=None, steps_memory=None,
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["mask", "fa", "md", "rd", "ad", "v1", "qc", "dwi", "bval", "bvec",
                 "outliers_qc"]), name="outputnode")
-    if steps_memory is None:
-        steps_memory = steps_mem_gb(runs, n_jobs=n_jobs, mem_gb=mem_gb)
     correct_wf = init_dwi_correct_wf(
         b0_threshold=pre["b0_threshold"], motion=pre["motion"], outliers=pre["outliers"],
         gradient_check=pre["gradient_check"], dti_max_bvalue=pre["dti_max_bvalue"],
