@@ -19,6 +19,7 @@ CST_ROIS = "tpl-MNI152_res-2_desc-CST_dseg.nii.gz"
 CST_ROIS_TSV = "tpl-MNI152_res-2_desc-CST_dseg.tsv"
 LEVELS = "tpl-MNI152_res-2_desc-levels_dseg.nii.gz"
 LEVELS_TSV = "tpl-MNI152_res-2_desc-levels_dseg.tsv"
+MIRRORED_AI_MODEL = "tpl-MNI152_res-2_desc-mirroredAI_model.nii.gz"
 
 
 def template_fa_path() -> Path:
@@ -39,6 +40,12 @@ def cst_rois_path() -> Path:
 def levels_path() -> Path:
     """Level bands along the neuraxis (int16); see ``LEVEL_LABELS``."""
     return ATLAS_DIR / LEVELS
+
+
+def mirrored_ai_model_path() -> Path:
+    """Healthy mirrored-FA-asymmetry model (float32, 4 volumes; JSON sidecar beside it),
+    learned by ``scripts/fit_mirrored_asymmetry.py``."""
+    return ATLAS_DIR / MIRRORED_AI_MODEL
 
 
 def _read_tsv(name: str) -> list[dict]:
@@ -67,5 +74,6 @@ LEVEL_Z_RANGES: dict[str, tuple[float, float]] = {
 
 __all__ = [
     "ATLAS_DIR", "template_fa_path", "brain_mask_path", "cst_rois_path", "levels_path",
+    "mirrored_ai_model_path",
     "CST_ROI_LABELS", "CST_ROI_LEVELS", "LEVEL_LABELS", "LEVEL_Z_RANGES",
 ]

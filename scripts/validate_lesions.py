@@ -78,17 +78,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import atlases  # noqa: E402
 from pipeline.cst import SIDES  # noqa: E402
 from pipeline.errors import EXIT_NOT_ASSESSABLE, EXIT_OK  # noqa: E402
 from pipeline.io.bids import find_dwi_runs  # noqa: E402
 from pipeline.io.dwi import read_fsl_gradients  # noqa: E402
 from pipeline.sims import degrade  # noqa: E402
 from pipeline.sims.lesion_model import implant_lesion, profile_lesion_site  # noqa: E402
+from pipeline.steps.assessment import mirrored_rule  # noqa: E402
 from pipeline.tractometry import localization  # noqa: E402
 from pipeline.tractometry.localization import DEFAULT_THRESHOLDS  # noqa: E402
 from pipeline.tractometry.normative import read_profiles  # noqa: E402
@@ -255,7 +258,25 @@ def reassessed(metrics, run_dir):
         raise SystemExit(f"--reassess: no profiles.json in the work folder of {run_dir} "
                          f"(run without --no-keep-work)")
     found = localization.localize_profiles(json.loads(kept[0].read_text()))
+    register = kept[0].parents[1] / "register_atlas"
+    if found["thresholds"]["method"] == "calibrated":
+        coords = register / "subject_coords_in_template.nii.gz"
+        found = localization.with_mirrored_finding(found, mirrored_rule(
+            nib.load(register / "fa_in_template.nii.gz").get_fdata(),
+            nib.load(coords).get_fdata() if coords.is_file() else affine_subject_coords(register),
+            found["thresholds"]))
     return {**metrics, "localization": found}
+
+
+def affine_subject_coords(register):
+    """For runs made before ``register_atlas`` kept the subject's position of each template
+    voxel: that position through the registration's affine part alone (a few mm from
+    the warp's)."""
+    template = nib.load(atlases.template_fa_path())
+    qc = json.loads((register / "registration_qc.json").read_text())
+    to_subject = np.asarray(qc["affine_template_to_subject"]) @ template.affine
+    ijk = np.moveaxis(np.indices(template.shape, dtype=np.float64), 0, -1)
+    return nib.affines.apply_affine(to_subject, ijk)
 
 
 def noise_sigma(run, run_root):

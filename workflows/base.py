@@ -398,16 +398,17 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
 
     Outputs
     -------
-    rois, mni_z, template_mask, registration_qc, left, right, tracking_qc, fodf_qc,
-    profiles_tsv, profiles_json
+    rois, mni_z, template_mask, warped_fa, subject_coords, registration_qc, left, right,
+    tracking_qc, fodf_qc, profiles_tsv, profiles_json
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["fa", "md", "rd", "ad", "v1", "mask", "dwi", "bval", "bvec", "outliers_qc"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["rois", "mni_z", "template_mask", "registration_qc", "left", "right",
-                "tracking_qc", "fodf_qc", "profiles_tsv", "profiles_json"]), name="outputnode")
+        fields=["rois", "mni_z", "template_mask", "warped_fa", "subject_coords",
+                "registration_qc", "left", "right", "tracking_qc", "fodf_qc", "profiles_tsv",
+                "profiles_json"]), name="outputnode")
     # One process slot: its second thread runs only SyN's field inversions, a fifth of its
     # time, so the other core stays with the gradient check, which runs beside it.
     register = stage_node(steps.register_atlas, "register_atlas", inputs={"n_jobs": n_jobs})
@@ -440,7 +441,9 @@ def init_cst_wf(*, subject, tracking, n_jobs, seed, dask_scheduler=None, b0_thre
         (register, profiles, [("mni_z", "mni_z_file"), ("rois", "rois_file")]),
         (track, profiles, [("left", "left_trk"), ("right", "right_trk")]),
         (register, outputnode, [("rois", "rois"), ("mni_z", "mni_z"),
-                                ("template_mask", "template_mask"), ("qc", "registration_qc")]),
+                                ("template_mask", "template_mask"), ("warped_fa", "warped_fa"),
+                                ("subject_coords", "subject_coords"),
+                                ("qc", "registration_qc")]),
         (track, outputnode, [("left", "left"), ("right", "right"), ("qc", "tracking_qc")]),
         (profiles, outputnode, [("tsv", "profiles_tsv"), ("json", "profiles_json")]),
     ])
@@ -511,6 +514,8 @@ def init_dwi_run_wf(run, *, out_dir, parameters, clinical=None, mem_gb=None, nam
                               ("outputnode.outliers_qc", "inputnode.outliers_qc")]),
         (cst_wf, assess, [("outputnode.profiles_json", "profiles_json"),
                           ("outputnode.registration_qc", "registration_qc_file"),
+                          ("outputnode.warped_fa", "warped_fa_file"),
+                          ("outputnode.subject_coords", "subject_coords_file"),
                           ("outputnode.tracking_qc", "tracking_qc_file")]),
         (preproc_wf, assess, [("outputnode.qc", "preprocess_qc_file")]),
         (assess, report, [("metrics", "metrics_json")]),

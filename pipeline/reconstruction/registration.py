@@ -155,6 +155,21 @@ def template_z_in_subject(mapping, template_affine, template_shape):
         return np.where(inside > 0.5, height / inside, np.nan).astype(np.float32)
 
 
+def subject_coordinates_in_template(mapping, subject_affine, subject_shape):
+    """The subject's world position (RAS mm) of every template voxel: (X, Y, Z, 3) on
+    the template grid, 0 where the template voxel maps outside the subject grid.
+
+    Each world coordinate is a linear function of the subject's voxel indices, so its
+    linear interpolation through the warp is exact: a point found in template space
+    (a peak of the mirrored asymmetry) is placed where the scan has it.
+    """
+    ijk = np.indices(subject_shape, dtype=np.float64)
+    affine = np.asarray(subject_affine, dtype=np.float64)
+    return np.stack([subject_to_template(mapping, np.tensordot(affine[axis, :3], ijk, axes=1)
+                                         + affine[axis, 3])
+                     for axis in range(3)], axis=-1)
+
+
 def subject_to_template(mapping, image, *, interpolation="linear"):
     """Warp a subject-space image onto the template grid."""
     return mapping.transform(np.asarray(image, dtype=np.float64), interpolation=interpolation)

@@ -115,6 +115,11 @@ def _load_profiles(profiles_tsv, notes):
     return profiles
 
 
+#: The detection rules (``localization.detected_by``) in words.
+DETECTION_RULE_NAMES = {"profile": "tract profile asymmetry",
+                        "mirrored_asymmetry": "mirrored FA asymmetry (voxel-wise)"}
+
+
 def verdict_context(metrics) -> dict:
     """The verdict box: :func:`~pipeline.report.prose.verdict` with its facts, the QC
     notices and the table of detected segments."""
@@ -128,6 +133,9 @@ def verdict_context(metrics) -> dict:
             facts.append(("Peak node", loc.get("peak_node")))
         if v.get("confidence"):
             facts.append(("Confidence", v["confidence"]))
+        if loc.get("detected_by"):
+            facts.append(("Found by", ", ".join(DETECTION_RULE_NAMES.get(rule, rule)
+                                                for rule in loc["detected_by"])))
     elif v["status"] == "no":
         facts = [("UMN damage shown", "no"), ("Affected side", "none")]
     else:

@@ -132,10 +132,14 @@ def detectable_drop(metrics) -> dict | None:
     at = (f" at the calibrated threshold |t| = {threshold:.1f} (a "
           f"{rate_words(statistic.get('false_positive_rate'))} chance of a finding on a "
           f"healthy scan)" if math.isfinite(threshold) else "")
+    mirror = loc.get("mirrored_asymmetry") if isinstance(loc.get("mirrored_asymmetry"),
+                                                         dict) else {}
+    focal = mirror.get("detectable_fa_drop") or {}
     levels = list(LEVELS) + [k for k in drops if k not in LEVELS]
-    return {"at": at, "window": window,
+    return {"at": at, "window": window, "focal": bool(focal),
             "rows": [(str(level).replace("_", " "),
-                      fmt_pct(drops[level]) if level in drops else None) for level in levels]}
+                      fmt_pct(drops[level]) if level in drops else None,
+                      fmt_pct(focal[level]) if level in focal else None) for level in levels]}
 
 
 def registration_qc(qc) -> dict | None:

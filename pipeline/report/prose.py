@@ -116,6 +116,22 @@ def calibrated_test_words(statistic) -> str:
             f"healthy scan of this quality; {fmt_p(statistic.get('p_value'))})")
 
 
+def mirrored_test_words(mirror) -> str:
+    """The mirrored-asymmetry rule's test in words, '' when it was not run: "the mirrored
+    FA asymmetry in the CST volume reached |z| = 3.1 against a threshold of 5.4
+    (calibrated to a 1 % chance ...; p = 0.20)"."""
+    if not isinstance(mirror, dict):
+        return ""
+    value, threshold = as_float(mirror.get("value")), as_float(mirror.get("threshold"))
+    if not (math.isfinite(value) and math.isfinite(threshold)):
+        return ""
+    digits = 1 if f"{value:.1f}" != f"{threshold:.1f}" else 2
+    return (f"the mirrored FA asymmetry in the CST volume reached |z| = {value:.{digits}f} "
+            f"against a threshold of {threshold:.{digits}f} (calibrated to a "
+            f"{rate_words(mirror.get('false_positive_rate'))} chance of a finding on a "
+            f"healthy scan; {fmt_p(mirror.get('p_value'))})")
+
+
 def verdict(metrics) -> dict:
     """Plain-words verdict from the metrics.
 
@@ -156,7 +172,15 @@ def verdict(metrics) -> dict:
         return out
     thr = lookup(loc, "thresholds") or {}
     method = detection_method(thr)
-    test = calibrated_test_words(loc.get("statistic")) if method == "calibrated" else ""
+    profile_test = calibrated_test_words(loc.get("statistic")) if method == "calibrated" else ""
+    mirror_test = mirrored_test_words(loc.get("mirrored_asymmetry"))
+    detected_by = loc.get("detected_by") or []
+    if loc.get("umn_damage") and detected_by == ["mirrored_asymmetry"]:
+        test = mirror_test
+    elif loc.get("umn_damage"):
+        test = profile_test
+    else:
+        test = "; ".join(words for words in (profile_test, mirror_test) if words)
     if loc.get("umn_damage"):
         side = loc.get("affected_side") or "unknown"
         peak = loc.get("peak_ras_mm")
@@ -383,6 +407,21 @@ def methods_text(metrics) -> Markup:
             f"detectable FA drop at a level is the relative drop of one side's FA, over the "
             f"best-measured window of the narrowest width lying wholly in that level, whose "
             f"AI would reach the threshold.")
+        mirror = lookup(metrics, "localization", "mirrored_asymmetry")
+        if isinstance(mirror, dict):
+            sentences.append(
+                "A second test, independent of the streamlines, looked for a focal drop of "
+                "FA voxel by voxel: in template space, the FA of every voxel of the CST volume "
+                "was compared with that of its mirror image across the midline (AI per voxel, "
+                "in the spirit of differential tractography, Yeh et al. 2019), less the mean "
+                "and over the SD of healthy scans at that voxel, the SD scaled by this scan's "
+                "own mirrored asymmetry in the white matter outside the CST; the mean z over "
+                "6 mm boxes gave the statistic, and its threshold is the quantile of its "
+                "healthy distribution (a Gumbel law fitted on healthy volunteers, each judged "
+                "by a model learned without them) for a "
+                f"{escape(rate_words(mirror.get('false_positive_rate')))} chance of a finding "
+                "on a healthy scan. A finding of either test is reported; the tract profile's "
+                "takes precedence.")
     else:
         sentences.append(
             f"Upper-motor-neuron damage was localised from the FA asymmetry index AI = "

@@ -7,28 +7,35 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+import atlases
+
 from ..clinical import prognosis
 from ..cst import HEMI, SIDES
 from ..io import outputs
 from ..io.derivatives import DERIVATIVES, SIDECAR_FIELDS, write_roi_labels
 from ..io.profiles_table import write_profile_tables
 from ..stage import stage
-from ..tractometry import localization
+from ..tractometry import localization, mirrored
 from ..tractometry.qc import (
     DEFAULT_QC_LIMITS,
     motion_notices,
     preprocessing_notices,
     quality_control,
 )
+from .files import load_array
 
 
 @stage(output="metrics")
-def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file, *,
-           out_dir, subject, entities, input_files, parameters, thresholds=None,
+def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_file,
+           warped_fa_file, subject_coords_file, *, out_dir, subject, entities, input_files,
+           parameters, thresholds=None,
            qc_limits=None, prep_plic_ai=prognosis.DEFAULT_PREP_PLIC_AI, clinical=None,
            prep2_thresholds=None, execution=None):
     """Localisation, prognosis, QC and provenance → the metrics JSON (public contract).
 
+    ``warped_fa_file``, ``subject_coords_file``: the FA on the template grid and the
+    scan's position of each template voxel (``register_atlas``), for the
+    mirrored-asymmetry rule.
     ``clinical``: the participant's bedside scores for PREP2
     (:func:`pipeline.clinical.participants.read_clinical_scores`), recorded under ``clinical``.
     ``parameters``: the settings recorded in the provenance; ``execution``: the settings
@@ -43,6 +50,10 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
     limits = {**DEFAULT_QC_LIMITS, **(qc_limits or {})}
     assessable, reasons = quality_control(reg_qc, trk_qc, profiles["cst"], limits)
     loc = localization.localize_profiles(profiles, thresholds=thresholds, assessable=assessable)
+    if assessable and loc["thresholds"]["method"] == "calibrated":
+        loc = localization.with_mirrored_finding(loc, mirrored_rule(
+            load_array(warped_fa_file, np.float64)[0],
+            load_array(subject_coords_file, np.float64)[0], loc["thresholds"]))
     fa_ai_plic = profiles["fa_ai_plic"]
     prog = prognosis.prognosis_summary(loc, np.nan if fa_ai_plic is None else fa_ai_plic,
                                        prep_plic_ai=prep_plic_ai, qc_reasons=reasons,
@@ -95,6 +106,16 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
                                          parameters={**(execution or {}), **parameters}),
     }
     return str(outputs.write_json(Path(out_dir) / "metrics.json", metrics))
+
+
+def mirrored_rule(fa_template, subject_coords, thresholds):
+    """:func:`pipeline.tractometry.mirrored.mirrored_finding` with the bundled model and
+    level bands, at the rate ``thresholds["mirrored_false_positive_rate"]``."""
+    levels, _ = load_array(atlases.levels_path(), np.int16)
+    return mirrored.mirrored_finding(
+        fa_template, subject_coords, mirrored.load_model(),
+        false_positive_rate=thresholds["mirrored_false_positive_rate"],
+        levels=(levels, atlases.LEVEL_LABELS))
 
 
 @stage(output="html")

@@ -21,7 +21,7 @@ from ..tractometry import profiles, uncertainty
 from .files import load_array
 
 
-@stage(outputs=("rois", "mni_z", "template_mask", "qc"))
+@stage(outputs=("rois", "mni_z", "template_mask", "warped_fa", "subject_coords", "qc"))
 def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     """Register FA to the MNI FA template; bring the CST ROIs and MNI heights to the subject.
 
@@ -30,7 +30,10 @@ def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
     Returns dict of paths: ``rois`` (subject grid, int16), ``mni_z`` (the MNI z
     coordinate, mm, of every subject voxel, from which the level bands follow;
     NaN outside the template grid), ``template_mask`` (the template brain mask on the subject
-    grid, for QC) and ``qc`` (JSON: template correlation, per-ROI coverage).
+    grid, for QC), ``warped_fa`` (the FA on the template grid) with ``subject_coords``
+    (the subject's world position of every template voxel) for the mirrored-asymmetry
+    rule (:mod:`pipeline.tractometry.mirrored`), and ``qc`` (JSON: template
+    correlation, per-ROI coverage).
     """
     out_dir = Path(out_dir)
     fa, fa_img = load_array(fa_file)
@@ -67,6 +70,10 @@ def register_atlas(fa_file, mask_file, *, out_dir, n_jobs=1):
                                         template_img.affine),
         "template_mask": outputs.save_nifti(out_dir / "template_mask_in_subject.nii.gz",
                                             template_in_subject, fa_img.affine, dtype=np.uint8),
+        "subject_coords": outputs.save_nifti(
+            out_dir / "subject_coords_in_template.nii.gz",
+            registration.subject_coordinates_in_template(mapping, fa_img.affine, fa.shape),
+            template_img.affine),
         "qc": outputs.write_json(out_dir / "registration_qc.json", qc),
     }
     return {k: str(v) for k, v in paths.items()}

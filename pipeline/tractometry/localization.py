@@ -20,6 +20,13 @@ Two detection rules, one verdict each:
     ``end_nodes`` left out at each end. Its thresholds were set on the research
     scans of ../shared/data/bids and do not carry over to noisier protocols.
 
+With ``calibrated``, a second rule looks for a focal drop of FA voxel by voxel,
+independently of the streamlines: the mirrored FA asymmetry inside the CST volume
+(:mod:`pipeline.tractometry.mirrored`), calibrated at its own
+``mirrored_false_positive_rate``. A finding of either rule is a finding (the
+verdict's false-positive rate is at most the sum of both); the profile rule's takes
+precedence, and ``detected_by`` names the rules that found damage.
+
 With control participants, the group level compares every other run with their
 per-node norms as well (:mod:`pipeline.tractometry.normative`).
 """
@@ -30,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 import atlases
+
+from . import mirrored
 
 #: Defaults, all overridable from the command line.
 DEFAULT_THRESHOLDS = {
@@ -48,6 +57,8 @@ DEFAULT_THRESHOLDS = {
     # node: its healthy-asymmetry model and bootstrap carry that spread instead.
     "end_nodes": 10,
     "tract_ai": 0.05,  # |whole-tract AI| reported as notable (both rules)
+    # calibrated: the mirrored-asymmetry rule's own rate of findings on healthy scans
+    "mirrored_false_positive_rate": 0.01,
 }
 
 LEVELS = ("medulla", "pons", "cerebral_peduncle", "internal_capsule", "corona_radiata", "cortex")
@@ -66,6 +77,7 @@ def load_healthy_asymmetry(path=HEALTHY_ASYMMETRY_FILE):
 # Part of the settings, so that a refitted model is recorded in every output's
 # provenance and invalidates the cached assessment.
 DEFAULT_THRESHOLDS["healthy_model"] = load_healthy_asymmetry()
+DEFAULT_THRESHOLDS["mirrored_model"] = mirrored.load_model_summary()
 
 
 def window_means(profiles, width):
@@ -322,7 +334,8 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
     result = {"assessable": bool(assessable), "umn_damage": False, "affected_side": "none",
               "level": None, "peak_ras_mm": None, "peak_node": None, "confidence": None,
               "segments": [], "thresholds": thresholds, "statistic": None,
-              "detectable_fa_drop": None, "levels_near_boundary": None}
+              "detectable_fa_drop": None, "levels_near_boundary": None,
+              "detected_by": None, "mirrored_asymmetry": None}
     if not assessable:
         # No claim either way: whether there is damage, and where, is unknown (JSON null),
         # which "umn_damage": false / "affected_side": "none" would misstate as normal.
@@ -337,6 +350,7 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
                                       end_nodes=thresholds["end_nodes"])
         result["segments"] = segments
         result.update(primary_finding(segments) or {})
+        result["detected_by"] = ["profile"] if result["umn_damage"] else []
         return _with_boundary_levels(result, node_mni_z)
     if ai_bootstrap is None:
         raise ValueError("the calibrated rule needs the bootstrap replicates of the profile")
@@ -345,6 +359,7 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
                                      false_positive_rate=thresholds["false_positive_rate"],
                                      window_nodes=thresholds["window_nodes"],
                                      null_draws=thresholds["null_draws"]))
+    result["detected_by"] = ["profile"] if result["umn_damage"] else []
     return _with_boundary_levels(result, node_mni_z)
 
 
@@ -417,3 +432,28 @@ def calibrated_finding(ai_profile, ai_bootstrap, node_levels, node_xyz, *, healt
                peak_ras_mm=primary["peak_ras_mm"], peak_node=primary["peak_node"],
                confidence=_confidence_from_p(p_value, false_positive_rate), segments=segments)
     return out
+
+
+def with_mirrored_finding(result, mirrored_result):
+    """Add the mirrored-asymmetry rule's result to a calibrated localisation.
+
+    ``result`` gains ``mirrored_asymmetry`` (:func:`pipeline.tractometry.mirrored.
+    mirrored_finding`) and ``detected_by`` (the rules that found damage:
+    ``"profile"``, ``"mirrored_asymmetry"``). When only the mirrored rule found
+    damage, its side, level and peak are the verdict's (``peak_node`` stays None:
+    the peak is a voxel, not a profile node).
+    """
+    result = {**result, "mirrored_asymmetry": mirrored_result}
+    detected_by = list(result["detected_by"])
+    if mirrored_result["umn_damage"]:
+        detected_by.append("mirrored_asymmetry")
+        if not result["umn_damage"]:
+            result.update(
+                umn_damage=True, affected_side=mirrored_result["affected_side"],
+                level=mirrored_result["level"], peak_ras_mm=mirrored_result["peak_ras_mm"],
+                peak_node=None, confidence=_confidence_from_p(
+                    mirrored_result["p_value"], mirrored_result["false_positive_rate"]),
+                levels_near_boundary=levels_near_height(
+                    mirrored_result["peak_mni_mm"][2], atlases.LEVEL_Z_RANGES))
+    result["detected_by"] = detected_by
+    return result
