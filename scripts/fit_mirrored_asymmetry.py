@@ -11,7 +11,8 @@ plus its JSON sidecar (:mod:`pipeline.tractometry.mirrored`):
   template by each run's affine registration, made symmetric, left half kept;
 - the healthy mean and SD of the mirrored AI at each of its voxels;
 - the white matter outside it (template FA > 0.25) that calibrates each scan;
-- the Gumbel law of the statistic on held-out volunteers (leave-one-volunteer-out).
+- the Gumbel law of the statistic on held-out volunteers (leave-one-volunteer-out);
+- the limit on the spread of z over the CST volume beyond which the test does not apply.
 
 Usage::
 
@@ -109,19 +110,23 @@ def main(argv=None):
     volunteer_of = volunteers(args.bids or DEFAULT_BIDS)
     run_volunteers = [volunteer_of.get(run.split("_")[0].removeprefix("sub-"), run)
                       for run, *_ in runs]
-    maxima = mirrored.held_out_maxima(ai_maps, scales, volume, run_volunteers,
-                                      mirrored.BOX_VOXELS)
-    loc, scale = mirrored.fit_gumbel(maxima)
-    mean, sd, reference = mirrored.fit_healthy(ai_maps, scales, volume)
+    model = mirrored.fit_model(ai_maps, scales, volume, white_matter, run_volunteers,
+                               template.affine)
+    maxima, spreads = model["held_out_maxima"], model["healthy_z_spread"]
 
-    data = np.stack([volume, mean, sd, white_matter], axis=-1).astype(np.float32)
+    data = np.stack([model[name] for name in mirrored.MODEL_VOLUMES],
+                    axis=-1).astype(np.float32)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, template.affine), args.out)
     sidecar = {
         "volumes": list(mirrored.MODEL_VOLUMES),
-        "reference_scale": round(reference, 5),
-        "gumbel_loc": round(loc, 4), "gumbel_scale": round(scale, 4),
+        "reference_scale": round(model["reference_scale"], 5),
+        "gumbel_loc": round(model["gumbel_loc"], 4),
+        "gumbel_scale": round(model["gumbel_scale"], 4),
         "box_voxels": mirrored.BOX_VOXELS,
+        "z_spread_limit": round(model["z_spread_limit"], 3),
+        "healthy_z_spread": {"median": round(float(np.median(spreads)), 3),
+                             "max": round(float(max(spreads)), 3)},
         "held_out_maxima": {"median": round(float(np.median(maxima)), 3),
                             "max": round(float(np.max(maxima)), 3), "n": len(maxima)},
         "cst_volume_voxels": int(volume.sum()),

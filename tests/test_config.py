@@ -25,7 +25,8 @@ EVERY_FLAG = ["--n-jobs", "3", "--mem-gb", "2.5", "--seed", "7", "--work-dir", "
               "--dti-max-bvalue", "1200", "--combine-runs", "--model", "csd", "--direction",
               "det", "--fa-stop", "0.15", "--gap-fa", "0.05", "--corridor-radius", "6",
               "--max-angle", "30", "--step-mm", "0.25", "--seeds-per-voxel", "4",
-              "--detection", "fixed-ai", "--false-positive-rate", "0.05", "--node-ai", "0.2",
+              "--detection", "fixed-ai", "--false-positive-rate", "0.05",
+              "--mirrored-false-positive-rate", "0.02", "--node-ai", "0.2",
               "--min-nodes", "5", "--segment-mean-ai", "0.15", "--prep-plic-ai", "0.3",
               "--prep2-safe", "4", "--prep2-safe-any-age", "7", "--prep2-age", "70",
               "--prep2-nihss", "6"]

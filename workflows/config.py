@@ -253,6 +253,12 @@ class Localization:
         DEFAULT_THRESHOLDS["false_positive_rate"], "--false-positive-rate",
         check=check_false_positive_rate, metavar="RATE",
         help="calibrated detection: chance of a finding on a healthy scan (default %(default)g)")
+    mirrored_false_positive_rate: float = setting(
+        DEFAULT_THRESHOLDS["mirrored_false_positive_rate"], "--mirrored-false-positive-rate",
+        check=check_false_positive_rate, metavar="RATE",
+        help="calibrated detection: chance of a finding on a healthy scan for the second, "
+             "voxel-wise test (mirrored FA asymmetry in the CST volume; default %(default)g); "
+             "a finding of either test is a finding")
     node_ai: float = setting(
         DEFAULT_THRESHOLDS["node_ai"], "--node-ai",
         help="fixed-ai: |AI| at a profile node counted as asymmetric (default %(default)g)")

@@ -92,7 +92,8 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
             "preprocessing": {"denoise": noise["method"], "brain_mask_ml": noise["brain_mask_ml"],
                               "noise_sigma_median": noise["noise_sigma_median"],
                               "snr_b0": noise["snr_b0"], "tensor": pre_qc["tensor"]},
-            "notices": preprocessing_notices(pre_qc) + motion_notices(pre_qc["motion"]),
+            "notices": (preprocessing_notices(pre_qc) + motion_notices(pre_qc["motion"])
+                        + mirrored_notices(loc)),
             "noise": noise,
             "motion": pre_qc["motion"],
             "outliers": pre_qc["outliers"],
@@ -106,6 +107,14 @@ def assess(profiles_json, registration_qc_file, tracking_qc_file, preprocess_qc_
                                          parameters={**(execution or {}), **parameters}),
     }
     return str(outputs.write_json(Path(out_dir) / "metrics.json", metrics))
+
+
+def mirrored_notices(loc):
+    """A notice when the mirrored-asymmetry test could not be applied (and why)."""
+    mirror = loc.get("mirrored_asymmetry") or {}
+    return ([f"The voxel-wise mirrored-asymmetry test made no statement: "
+             f"{mirror['not_applicable']}; the tract-profile test alone was applied."]
+            if mirror.get("not_applicable") else [])
 
 
 def mirrored_rule(fa_template, subject_coords, thresholds):

@@ -123,6 +123,17 @@ def detectable_fa_drop(z, model, scale, threshold, levels):
     return drops
 
 
+def z_spread(z):
+    """Robust SD (1.4826 × MAD) of the local mean z over the CST volume.
+
+    Near 0.5 on healthy brains and hardly raised by a focal lesion (a few percent of
+    the volume); large where registration did not bring the two hemispheres into
+    correspondence (an abnormal brain, a phantom), where the test does not apply.
+    """
+    values = z[np.isfinite(z)]
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
 def gumbel_survival(x, loc, scale):
     """P(X ≥ x) for a Gumbel (maximum) law."""
     return float(-np.expm1(-np.exp(-(x - loc) / scale)))
@@ -176,9 +187,11 @@ def mirrored_finding(fa_template, subject_coords, model, *, false_positive_rate,
     Returns
     -------
     dict: ``name``, ``value`` (largest |local mean z|), ``threshold``, ``p_value``,
-    ``false_positive_rate``, ``scan_scale``, ``umn_damage``, ``detectable_fa_drop``
-    (:func:`detectable_fa_drop`) and, when found,
-    ``affected_side``, ``level``, ``peak_mni_mm`` and ``peak_ras_mm``.
+    ``false_positive_rate``, ``scan_scale``, ``z_spread`` (:func:`z_spread`),
+    ``umn_damage``, ``detectable_fa_drop`` (:func:`detectable_fa_drop`) and, when found,
+    ``affected_side``, ``level``, ``peak_mni_mm`` and ``peak_ras_mm``. When ``z_spread``
+    exceeds the model's ``z_spread_limit``, ``umn_damage`` is None and
+    ``not_applicable`` says why.
     """
     check_midline(model["affine"], np.shape(fa_template))
     ai = mirrored_ai(fa_template)
@@ -192,6 +205,14 @@ def mirrored_finding(fa_template, subject_coords, model, *, false_positive_rate,
               "umn_damage": False}
     z = z_map(ai, model, scale) if np.isfinite(scale) else np.full(np.shape(ai), np.nan)
     if not np.isfinite(z).any():
+        return result
+    spread = z_spread(z)
+    result["z_spread"] = round(spread, 3)
+    if spread > model["z_spread_limit"]:
+        # No statement either way: the mirror image of a voxel is not its homologue here.
+        result.update(umn_damage=None, not_applicable=(
+            f"the two hemispheres do not correspond after registration (spread of z over "
+            f"the CST volume {spread:.2f} > {model['z_spread_limit']:.2f})"))
         return result
     result["detectable_fa_drop"] = detectable_fa_drop(z, model, scale, threshold, levels)
     peak = np.unravel_index(np.nanargmax(np.abs(z)), z.shape)
@@ -271,3 +292,25 @@ def fit_gumbel(maxima):
 
     loc, scale = gumbel_r.fit(np.asarray(maxima, dtype=float))
     return float(loc), float(scale)
+
+
+#: The test's validity limit on the spread of z: this many times the widest healthy run's.
+Z_SPREAD_FACTOR = 2.0
+
+
+def fit_model(ai_maps, scales, volume, white_matter, volunteers, affine):
+    """The whole model from healthy runs: :func:`fit_healthy`, the Gumbel law of
+    :func:`held_out_maxima`, and the validity limit on :func:`z_spread` (twice the
+    widest healthy run's: a focal lesion adds little, a phantom or a grossly abnormal
+    brain more). Returns the dict :func:`load_model` gives, with ``held_out_maxima``
+    and ``healthy_z_spread`` (their arrays) besides."""
+    maxima = held_out_maxima(ai_maps, scales, volume, volunteers, BOX_VOXELS)
+    loc, scale = fit_gumbel(maxima)
+    mean, sd, reference = fit_healthy(ai_maps, scales, volume)
+    model = {"cst_volume": volume, "mean_ai": mean, "sd_ai": sd, "white_matter": white_matter,
+             "reference_scale": reference, "box_voxels": BOX_VOXELS, "affine": affine,
+             "gumbel_loc": loc, "gumbel_scale": scale, "held_out_maxima": maxima}
+    spreads = np.array([z_spread(z_map(ai, model, s)) for ai, s in zip(ai_maps, scales)])
+    model.update(z_spread_limit=Z_SPREAD_FACTOR * float(spreads.max()),
+                 healthy_z_spread=spreads)
+    return model
