@@ -389,6 +389,9 @@ def score(truth, localization):
     else:
         row.update(side_ok=False, level_ok=False, peak_ok=False)
     row["success"] = row["found"] and row["side_ok"] and row["level_ok"] and row["peak_ok"]
+    # The profile test's finding is the verdict whenever it has one (localization module).
+    row["detected_by"] = list(localization.get("detected_by") or [])
+    row["success_profile_test"] = row["success"] and "profile" in row["detected_by"]
     return row
 
 
@@ -399,8 +402,9 @@ def _count(rows, key):
 def lesion_table(rows, groups):
     """Markdown: one row per (severity, group), the group from ``groups`` (name → conditions)."""
     lines = [f"| severity | data | lesions | found | side correct | level correct | peak ≤ "
-             f"{PEAK_TOLERANCE_MM:g} mm | all four | peak error median / max (mm) | "
-             f"not assessable |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{PEAK_TOLERANCE_MM:g} mm | all four | all four, profile test alone | "
+             f"peak error median / max (mm) | not assessable |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for severity in dict.fromkeys(r["severity"] for r in rows):
         for group, conditions in groups.items():
             mine = [r for r in rows if r["severity"] == severity and r["condition"] in conditions]
@@ -412,7 +416,8 @@ def lesion_table(rows, groups):
             lines.append(f"| {severity} (FA −{drop} %) | {group} | {len(mine)} | "
                          f"{_count(mine, 'found')} | {_count(mine, 'side_ok')} | "
                          f"{_count(mine, 'level_ok')} | {_count(mine, 'peak_ok')} | "
-                         f"{_count(mine, 'success')} | {error} | "
+                         f"{_count(mine, 'success')} | {_count(mine, 'success_profile_test')} | "
+                         f"{error} | "
                          f"{sum(not r['assessable'] for r in mine)} |")
     return "\n".join(lines)
 
