@@ -75,14 +75,25 @@ def mirrored_ai(fa_template):
         return np.where(valid, (fa - mirrored) / (fa + mirrored), np.nan)
 
 
-def scan_scale(ai, white_matter):
-    """Robust spread (1.4826 × MAD) of the mirrored AI in ``white_matter`` (bool): how
-    far this scan's two hemispheres differ where no lesion is looked for."""
-    values = ai[white_matter]
+def robust_sd(values):
+    """1.4826 × the median absolute deviation of the finite ``values`` (the SD of a
+    normal sample, unmoved by a few outliers such as a lesion's voxels)."""
+    values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
-    if values.size < 100:
-        return np.nan
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def scan_scale(ai, white_matter):
+    """:func:`robust_sd` of the mirrored AI in ``white_matter`` (bool): how far this
+    scan's two hemispheres differ where no lesion is looked for (NaN with under 100
+    voxels to judge it by)."""
+    values = ai[white_matter]
+    return robust_sd(values) if np.isfinite(values).sum() >= 100 else np.nan
+
+
+def scan_sd(model, scale):
+    """The healthy SD of the AI at each voxel, for a scan of this ``scale``."""
+    return model["sd_ai"] * (scale / model["reference_scale"])
 
 
 def local_mean(values, inside, box_voxels):
@@ -100,9 +111,8 @@ def z_map(ai, model, scale):
     """Local mean z of the left half of the CST volume (template grid, NaN elsewhere):
     (AI − healthy mean) / (healthy SD × this scan's scale / the healthy runs' scale)."""
     volume = model["cst_volume"]
-    sd = model["sd_ai"] * (scale / model["reference_scale"])
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(volume, (ai - model["mean_ai"]) / sd, np.nan)
+        z = np.where(volume, (ai - model["mean_ai"]) / scan_sd(model, scale), np.nan)
     return local_mean(z, volume, model["box_voxels"])
 
 
@@ -112,7 +122,7 @@ def detectable_fa_drop(z, model, scale, threshold, levels):
     scan could judge (``z`` finite), and a drop d gives |AI| = d / (2 − d). Levels
     with no such voxel are left out: a negative result excludes nothing there."""
     label_array, names = levels
-    sd = model["sd_ai"] * (scale / model["reference_scale"])
+    sd = scan_sd(model, scale)
     judged = np.isfinite(z)
     drops = {}
     for label, name in names.items():
@@ -124,14 +134,13 @@ def detectable_fa_drop(z, model, scale, threshold, levels):
 
 
 def z_spread(z):
-    """Robust SD (1.4826 × MAD) of the local mean z over the CST volume.
+    """:func:`robust_sd` of the local mean z over the CST volume.
 
     Near 0.5 on healthy brains and hardly raised by a focal lesion (a few percent of
     the volume); large where registration did not bring the two hemispheres into
     correspondence (an abnormal brain, a phantom), where the test does not apply.
     """
-    values = z[np.isfinite(z)]
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+    return robust_sd(z)
 
 
 def gumbel_survival(x, loc, scale):
