@@ -326,7 +326,9 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
     peak_node, confidence, segments, thresholds``, and for the calibrated rule
     ``statistic`` (value, threshold, p_value, false_positive_rate) and
     ``detectable_fa_drop`` (level → smallest detectable relative drop of one
-    side's FA profile), and ``levels_near_boundary``. The primary finding is the
+    side's FA profile), ``levels_near_boundary``, ``detected_by`` (``["profile"]``
+    with a finding, else ``[]``) and ``mirrored_asymmetry`` (None: the stage adds it
+    with :func:`with_mirrored_finding`). The primary finding is the
     segment with the largest summed |AI| (fixed rule) or |t| (calibrated); the side
     with the lower FA is the affected side.
     """
@@ -350,15 +352,14 @@ def localize_damage(ai_profile, node_levels, node_xyz, *, thresholds=None, asses
                                       end_nodes=thresholds["end_nodes"])
         result["segments"] = segments
         result.update(primary_finding(segments) or {})
-        result["detected_by"] = ["profile"] if result["umn_damage"] else []
-        return _with_boundary_levels(result, node_mni_z)
-    if ai_bootstrap is None:
+    elif ai_bootstrap is None:
         raise ValueError("the calibrated rule needs the bootstrap replicates of the profile")
-    result.update(calibrated_finding(ai_profile, ai_bootstrap, node_levels, node_xyz,
-                                     healthy_model=thresholds["healthy_model"],
-                                     false_positive_rate=thresholds["false_positive_rate"],
-                                     window_nodes=thresholds["window_nodes"],
-                                     null_draws=thresholds["null_draws"]))
+    else:
+        result.update(calibrated_finding(ai_profile, ai_bootstrap, node_levels, node_xyz,
+                                         healthy_model=thresholds["healthy_model"],
+                                         false_positive_rate=thresholds["false_positive_rate"],
+                                         window_nodes=thresholds["window_nodes"],
+                                         null_draws=thresholds["null_draws"]))
     result["detected_by"] = ["profile"] if result["umn_damage"] else []
     return _with_boundary_levels(result, node_mni_z)
 
