@@ -297,7 +297,7 @@ def held_out_maxima(ai_maps, scales, volume, volunteers, box_voxels):
 
 def fit_gumbel(maxima):
     """Location and scale of the Gumbel law fitted to ``maxima`` (maximum likelihood)."""
-    from scipy.stats import gumbel_r
+    from scipy.stats import gumbel_r  # slow to import, and only fitting needs it
 
     loc, scale = gumbel_r.fit(np.asarray(maxima, dtype=float))
     return float(loc), float(scale)
