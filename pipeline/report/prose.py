@@ -98,11 +98,10 @@ def finding_level(loc):
     return " / ".join(near) + " boundary" if len(near) >= 2 else loc.get("level")
 
 
-def calibrated_test_words(statistic) -> str:
-    """The calibrated rule's test in words, '' when ``localization.statistic`` is not
-    recorded: "the largest window asymmetry was |t| = 2.8 against a threshold of 3.5
-    (calibrated to a 1 % chance of a finding on a healthy scan of this quality;
-    p = 0.10)"."""
+def _test_words(statistic, measured, symbol, healthy) -> str:
+    """One test's statistic in words: "<measured> <symbol> = 2.8 against a threshold of
+    3.5 (calibrated to a 1 % chance of a finding on <healthy>; p = 0.10)"; '' when
+    ``statistic`` has no finite value and threshold."""
     if not isinstance(statistic, dict):
         return ""
     value, threshold = as_float(statistic.get("value")), as_float(statistic.get("threshold"))
@@ -110,26 +109,26 @@ def calibrated_test_words(statistic) -> str:
         return ""
     # One decimal, two where one would make the statistic and the threshold look equal.
     digits = 1 if f"{value:.1f}" != f"{threshold:.1f}" else 2
-    return (f"the largest window asymmetry was |t| = {value:.{digits}f} against a threshold "
+    return (f"{measured} {symbol} = {value:.{digits}f} against a threshold "
             f"of {threshold:.{digits}f} (calibrated to a "
-            f"{rate_words(statistic.get('false_positive_rate'))} chance of a finding on a "
-            f"healthy scan of this quality; {fmt_p(statistic.get('p_value'))})")
+            f"{rate_words(statistic.get('false_positive_rate'))} chance of a finding on "
+            f"{healthy}; {fmt_p(statistic.get('p_value'))})")
+
+
+def calibrated_test_words(statistic) -> str:
+    """The calibrated rule's test in words (``localization.statistic``): "the largest
+    window asymmetry was |t| = 2.8 against a threshold of 3.5 (calibrated to a 1 %
+    chance of a finding on a healthy scan of this quality; p = 0.10)"."""
+    return _test_words(statistic, "the largest window asymmetry was", "|t|",
+                       "a healthy scan of this quality")
 
 
 def mirrored_test_words(mirror) -> str:
-    """The mirrored-asymmetry rule's test in words, '' when it was not run: "the mirrored
-    FA asymmetry in the CST volume reached |z| = 3.1 against a threshold of 5.4
-    (calibrated to a 1 % chance ...; p = 0.20)"."""
-    if not isinstance(mirror, dict):
-        return ""
-    value, threshold = as_float(mirror.get("value")), as_float(mirror.get("threshold"))
-    if not (math.isfinite(value) and math.isfinite(threshold)):
-        return ""
-    digits = 1 if f"{value:.1f}" != f"{threshold:.1f}" else 2
-    return (f"the mirrored FA asymmetry in the CST volume reached |z| = {value:.{digits}f} "
-            f"against a threshold of {threshold:.{digits}f} (calibrated to a "
-            f"{rate_words(mirror.get('false_positive_rate'))} chance of a finding on a "
-            f"healthy scan; {fmt_p(mirror.get('p_value'))})")
+    """The mirrored-asymmetry rule's test in words (``localization.mirrored_asymmetry``):
+    "the mirrored FA asymmetry in the CST volume reached |z| = 3.1 against a threshold
+    of 5.4 (calibrated to a 1 % chance of a finding on a healthy scan; p = 0.20)"."""
+    return _test_words(mirror, "the mirrored FA asymmetry in the CST volume reached", "|z|",
+                       "a healthy scan")
 
 
 def verdict(metrics) -> dict:
